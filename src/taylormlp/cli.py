@@ -1,0 +1,202 @@
+"""The `taylormlp` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import TaylorMLPError
+
+SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
+                    "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _slowdown(text: str) -> float:
+    value = float(text)
+    if not 1.0 < value <= 50.0:
+        raise argparse.ArgumentTypeError(f"must be above 1 and at most 50, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .release import DTYPES
+    from .sources import BUILTIN_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="taylormlp",
+        description="Release language models as TaylorMLP series coefficients: token-exact, throttled, audited.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    builtins = ", ".join(BUILTIN_MODELS)
+
+    p = sub.add_parser("protect", help="convert a model's MLPs into series coefficients and write a release",
+                       description="Calibrate, convert every MLP to TaylorMLP form and write a release directory.")
+    p.add_argument("source", help=f"model: a Hugging Face model directory, a .gguf file, or a built-in name ({builtins})")
+    p.add_argument("--out", required=True, type=Path, help="release directory to create")
+    p.add_argument("--preset", choices=["default", "paper"], default="default",
+                   help="'paper': Taylor basis, midpoint expansion, narrowest channels first (Wang et al. 2024); "
+                        "'default': Chebyshev basis, channels ranked by output error (higher coverage). Default: default")
+    p.add_argument("--order", type=_positive_int, help="series order N (default 8); more orders = slower release")
+    p.add_argument("--slowdown", type=_slowdown,
+                   help="target decode slowdown against the original on this machine; picks --order by measuring")
+    p.add_argument("--basis", choices=["taylor", "chebyshev"], help="override the preset's basis")
+    p.add_argument("--coverage", type=_unit_float,
+                   help="share of MLP channels to protect (0..1); default: the largest that stays token-exact "
+                        "on the validation prompts")
+    p.add_argument("--calibration", type=Path,
+                   help="UTF-8 text file used as calibration prose instead of the built-in corpus "
+                        "(paragraphs separated by blank lines)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the release (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the ±1 sign obfuscation (default 0)")
+    p.add_argument("--no-chat", action="store_true", help="do not calibrate through the chat template")
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
+
+    g = sub.add_parser("generate", help="generate text with a release (greedy)",
+                       description="Greedy generation with a release directory (or, for comparison, a base model).")
+    g.add_argument("release", help="release directory (or a base model SOURCE with --base)")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--base", action="store_true", help="treat RELEASE as an unprotected base model source")
+
+    i = sub.add_parser("inspect", help="describe a release (coverage, order, sizes)",
+                       description="Verify a release against its manifest and describe it.")
+    i.add_argument("release", type=Path, help="release directory")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--leak-check", metavar="SOURCE",
+                   help="scan every stored tensor for protected down-projection columns or biases of SOURCE")
+
+    d = sub.add_parser("demo", help="protect SmolLM2 and show original vs protected generations side by side")
+    d.add_argument("--out", type=Path, default=Path("releases/smollm2-paper"), help="release directory to use/create")
+    d.add_argument("--preset", choices=["default", "paper"], default="paper", help="preset (default paper)")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens per prompt (default 48)")
+    d.add_argument("--force", action="store_true", help="re-protect even if --out exists")
+
+    b = sub.add_parser("bench", help="latency, memory and size of the original and releases",
+                       description="Prefill and decode latency, peak memory and size, interleaved runs.")
+    b.add_argument("source", help="the original model SOURCE")
+    b.add_argument("releases", nargs="+", type=Path, help="release directories")
+    b.add_argument("--tokens", type=_positive_int, default=32, help="decode tokens per run (default 32)")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="interleaved repeats (default 3)")
+    b.add_argument("--json", type=Path, help="write results as JSON here")
+    b.add_argument("--plot", type=Path, help="write a PNG plot here")
+
+    a = sub.add_parser("audit", help="attack a release the known ways and report what an attacker recovers")
+    a.add_argument("release", type=Path, help="release directory")
+    a.add_argument("--original", help="original model SOURCE, used only to score the attacks")
+    a.add_argument("--json", type=Path, help="write the report as JSON here")
+    a.add_argument("--attacks", default="coefficient_ratio,regression,factorization,finetune,distill",
+                   help="comma-separated subset of attacks to run")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler = globals()[f"cmd_{args.command}"]
+        return handler(args) or 0
+    except TaylorMLPError as exc:
+        print(f"taylormlp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_protect(args) -> int:
+    from .pipeline import protect_to_release
+
+    summary = protect_to_release(
+        args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
+        slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
+        chat=False if args.no_chat else None, force=args.force)
+    print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
+          f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
+    if summary.get("slowdown"):
+        print(f"measured decode slowdown {summary['slowdown']['measured']:.2f}x (target {summary['slowdown']['target']}x)")
+    print(SECURITY_POINTER)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import generate_text, load_any
+
+    model, tokenizer = load_any(args.release, base=args.base)
+    start = time.perf_counter()
+    text, n = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    print(text)
+    print(f"[{n} tokens in {elapsed:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .pipeline import inspect_release
+
+    info = inspect_release(args.release, leak_source=args.leak_check)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 1 if info.get("leak_check", {}).get("leaks") else 0
+    print(f"release {args.release}")
+    for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
+                "size_bytes"):
+        print(f"  {key:16} {info[key]}")
+    print("  layer  protected  rest")
+    for row in info["layers"]:
+        print(f"  {row['layer']:5}  {row['protected']:9}  {row['rest']:4}")
+    if "leak_check" in info:
+        lc = info["leak_check"]
+        print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")
+        for row in lc["tensors"]:
+            print(f"  {row['name']:60} {row['kind']}")
+        for leak in lc["leaks"]:
+            print(f"  LEAK: {leak}")
+        return 1 if lc["leaks"] else 0
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, preset=args.preset, max_new_tokens=args.max_new_tokens, force=args.force)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
+              plot_path=args.plot)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .audit import run_audit
+
+    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""protect(): turn a transformers causal LM's MLPs into TaylorMLP modules, in place.
+
+For layer ℓ and protected channel j (activation coordinates a = z + b, calibrated interval [lo_j, hi_j]):
+
+    mid_j = (lo_j + hi_j)/2,  h_j = (hi_j - lo_j)/2,  t = (a - mid_j)/h_j
+    act(a) ≈ Σ_n c_{j,n} φ_n(t)                         (series.series_coefficients)
+    Θ_{·,n,j} = W_{·,j} · c_{j,n} · s_jⁿ                 (s_j = ±1 sign obfuscation)
+    released gate row = s_j V_j,  released z0_j = s_j (mid_j - b_j)
+
+The bias b_j lives only inside c_{j,n} (through mid_j) and z0_j; the output bias c is folded into Θ_0
+(c / P added to every protected channel's order-0 column).  W and the biases of protected channels are
+not stored anywhere in the module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import runtime, series
+from .calibration import Ranges, calibration_prompts, collect_ranges, format_prompt, greedy_sequences, stdlib_prose, \
+    tokenize_chunks
+from .errors import TaylorMLPError
+from .progress import bar, log
+
+PRESETS = {
+    # the paper: Taylor series around the midpoint, narrowest channels first
+    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0),
+    # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
+    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.05),
+}
+
+
+@dataclass
+class ProtectOptions:
+    preset: str = "default"
+    basis: str | None = None
+    order: int | None = None
+    coverage: float | None = None  # None: as large as possible while token-exact on validation
+    selection: str | None = None
+    margin: float | None = None  # widen each calibrated interval by this share of its width on each side
+    seed: int = 0
+    continuation_tokens: int = 48
+    max_length: int = 256
+    prose_chars: int = 60_000
+    search_steps: int = 9
+    safety: float = 1.0  # multiply the searched coverage by this (< 1 keeps a margin for unseen prompts)
+
+    def resolved(self) -> "ProtectOptions":
+        if self.preset not in PRESETS:
+            raise TaylorMLPError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        out = ProtectOptions(**asdict(self))
+        for key, value in PRESETS[self.preset].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        if out.basis not in runtime.BASES:
+            raise TaylorMLPError(f"--basis must be one of {', '.join(runtime.BASES)}, got {out.basis!r}")
+        if not 1 <= out.order <= series.MAX_ORDER:
+            raise TaylorMLPError(f"--order must be between 1 and {series.MAX_ORDER}, got {out.order}")
+        if out.coverage is not None and not 0.0 <= out.coverage <= 1.0:
+            raise TaylorMLPError(f"--coverage must be between 0 and 1, got {out.coverage}")
+        if out.selection not in ("width", "error"):
+            raise TaylorMLPError(f"selection must be 'width' or 'error', got {out.selection!r}")
+        if not 0.0 <= out.margin <= 1.0:
+            raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin}")
+        return out
+
+
+# ---------------------------------------------------------------- reading an MLP's weights
+
+
+@dataclass
+class MLPWeights:
+    """float64 copies: V [I, d] (gate), b [I] or None, U [I, d] or None (up), W [d, I] (down), c [d] or None."""
+
+    V: torch.Tensor
+    b: torch.Tensor | None
+    U: torch.Tensor | None
+    W: torch.Tensor
+    c: torch.Tensor | None
+
+
+def mlp_weights(mlp, arch: dict, layer_index: int) -> MLPWeights:
+    gate, down = getattr(mlp, arch["gate"]), getattr(mlp, arch["down"])
+    up = getattr(mlp, arch["up"]) if arch["up"] else None
+    if arch["family"] == "gated" and (gate.bias is not None or down.bias is not None):
+        raise TaylorMLPError("gated MLPs with biases (mlp_bias=True) are not supported yet")
+    w = MLPWeights(
+        V=runtime.linear_weight(gate).detach().double(),
+        b=gate.bias.detach().double() if gate.bias is not None else None,
+        U=runtime.linear_weight(up).detach().double() if up is not None else None,
+        W=runtime.linear_weight(down).detach().double(),
+        c=down.bias.detach().double() if down.bias is not None else None,
+    )
+    for name, tensor in asdict(w).items():
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise TaylorMLPError(f"layer {layer_index}: MLP weight {name} contains NaN or Inf; the model is corrupt")
+    return w
+
+
+# ---------------------------------------------------------------- one layer
+
+
+def build_taylor_mlp(w: MLPWeights, family: str, act: str, lo: np.ndarray, hi: np.ndarray, coeffs: np.ndarray,
+                     protected: np.ndarray, signs: np.ndarray, order: int, basis: str,
+                     dtype: torch.dtype) -> runtime.TaylorMLP:
+    """A TaylorMLP for one layer; `protected` is a boolean mask over channels, coeffs [I, N+1] over t."""
+    sel = np.flatnonzero(protected)
+    rest = np.flatnonzero(~protected)
+    hidden = w.W.shape[0]
+    P = len(sel)
+    module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act,
+                               rest_bias=w.b is not None, rest_out_bias=(w.c is not None and P == 0))
+    sel_t, rest_t = torch.from_numpy(sel), torch.from_numpy(rest)
+    with torch.no_grad():
+        if P:
+            s = torch.from_numpy(signs[sel]).double()  # ±1
+            mid = torch.from_numpy((lo[sel] + hi[sel]) / 2.0)
+            h = torch.from_numpy((hi[sel] - lo[sel]) / 2.0)
+            z0 = mid - (w.b[sel_t] if w.b is not None else 0.0)  # public coordinate z = V x
+            module.gate.weight.copy_(s[:, None] * w.V[sel_t])
+            if module.up is not None:
+                module.up.weight.copy_(w.U[sel_t])
+            module.z0.copy_(s * z0)
+            module.h.copy_(h)
+            c = torch.from_numpy(coeffs[sel])  # [P, N+1]
+            s_pow = s[:, None] ** torch.arange(order + 1, dtype=torch.float64)  # s_jⁿ
+            W_sel = w.W[:, sel_t]  # [d, P]
+            theta = W_sel[:, None, :] * (c * s_pow).T[None, :, :]  # Θ[d, n, j] = W_{·,j} c_{j,n} s_jⁿ
+            if w.c is not None:
+                theta[:, 0, :] += w.c[:, None] / P  # output bias folded into the order-0 term
+            module.theta.copy_(theta.reshape(hidden, (order + 1) * P))
+        if module.rest is not None:
+            module.rest.gate.weight.copy_(w.V[rest_t])
+            if w.b is not None:
+                module.rest.gate.bias.copy_(w.b[rest_t])
+            if module.rest.up is not None:
+                module.rest.up.weight.copy_(w.U[rest_t])
+            module.rest.down.weight.copy_(w.W[:, rest_t])
+            if module.rest.down.bias is not None:
+                module.rest.down.bias.copy_(w.c)
+    return module.to(dtype)
+
+
+# ---------------------------------------------------------------- calibration and validation data
+
+
+@dataclass
+class CalibrationData:
+    calibration: list[torch.Tensor]
+    validation: list[dict]  # {"ids", "prompt_len", "logits"}: the original's logits on the continuation
+    sources: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def prepare_calibration(model, tokenizer, texts: list[str] | None, opts: ProtectOptions, chat: bool,
+                        validation_every: int = 5) -> CalibrationData:
+    """Prose chunks plus prompts with the model's own greedy continuations; every k-th prompt is validation."""
+    if texts is None:
+        texts = stdlib_prose(opts.prose_chars)
+        prose_name = "python-stdlib-docstrings"
+    else:
+        prose_name = "user-corpus"
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise TaylorMLPError("the calibration text is empty; give a file with real text (--calibration FILE)")
+    chunks = tokenize_chunks(tokenizer, texts, opts.max_length)
+    if not chunks:
+        raise TaylorMLPError("the calibration text is too short: it tokenizes to fewer than 2 tokens")
+    prompts = calibration_prompts()
+    formatted = [format_prompt(tokenizer, p, True) for p in prompts["chat"]] if chat else []
+    formatted += prompts["raw"]
+    seqs = greedy_sequences(model, tokenizer, formatted, opts.continuation_tokens, desc="original continuations")
+    calib, valid = list(chunks), []
+    for i, seq in enumerate(seqs):
+        if i % validation_every == validation_every - 1:
+            valid.append(seq)
+        else:
+            calib.append(seq["ids"])
+    for seq in valid:
+        ids = seq["ids"].reshape(1, -1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+        seq["logits"] = logits[seq["prompt_len"] - 1:-1].float()
+    sources = {prose_name: len(chunks), "prompts+continuations": len(seqs) - len(valid), "validation": len(valid)}
+    return CalibrationData(calib, valid, sources)
+
+
+@torch.no_grad()
+def validate(model, validation: list[dict]) -> dict:
+    """Teacher-forced check on the original's greedy continuations: all argmaxes equal ⇔ identical greedy text."""
+    matched = total = seqs_exact = 0
+    max_err = 0.0
+    for seq in validation:
+        ids = seq["ids"].reshape(1, -1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+        logits = logits[seq["prompt_len"] - 1:-1].float()
+        same = logits.argmax(-1) == seq["logits"].argmax(-1)
+        matched += int(same.sum())
+        total += same.numel()
+        seqs_exact += int(bool(same.all()))
+        max_err = max(max_err, float((logits - seq["logits"]).abs().max()))
+    return {"tokens_matched": matched, "tokens": total, "sequences_exact": seqs_exact,
+            "sequences": len(validation), "max_logit_error": max_err, "exact": matched == total}
+
+
+# ---------------------------------------------------------------- the whole model
+
+
+class Protector:
+    """Holds the original MLPs, the candidate coefficients and the channel ranking; builds any coverage."""
+
+    def __init__(self, model, ranges: Ranges, opts: ProtectOptions):
+        self.model, self.opts = model, opts
+        self.arch = runtime.architecture(model.config)
+        self.act = runtime.activation_name(model.config)
+        try:
+            series.canonical_activation(self.act)
+        except ValueError as exc:
+            raise TaylorMLPError(str(exc)) from exc
+        self.layers = runtime.decoder_layers(model)
+        self.originals = [layer.mlp for layer in self.layers]
+        self.dtype = next(model.parameters()).dtype
+        self.weights = [mlp_weights(m, self.arch, i) for i, m in enumerate(self.originals)]
+        rng = np.random.default_rng(opts.seed)
+        self.lo, self.hi, self.coeffs, self.scores, self.signs = [], [], [], [], []
+        for i, w in enumerate(bar(self.weights, desc="series coefficients", unit="layer")):
+            lo, hi = ranges.lo[i], ranges.hi[i]
+            width = np.maximum(hi - lo, 1e-3)
+            mid = (lo + hi) / 2.0
+            lo, hi = mid - width * (0.5 + opts.margin), mid + width * (0.5 + opts.margin)
+            coeffs = series.series_coefficients(opts.basis, self.act, lo, hi, opts.order)
+            self.lo.append(lo)
+            self.hi.append(hi)
+            self.coeffs.append(coeffs)
+            self.signs.append(rng.choice(np.array([-1.0, 1.0]), size=len(lo)))
+            if opts.selection == "width":
+                self.scores.append(hi - lo)
+            else:  # worst approximation error on the interval, weighted by the channel's output norm
+                self.scores.append(approximation_error(opts.basis, self.act, lo, hi, coeffs)
+                                   * w.W.norm(dim=0).numpy())
+        flat = np.concatenate(self.scores)
+        self.order_index = np.argsort(flat, kind="stable")  # easiest channels first
+        self.sizes = [len(s) for s in self.scores]
+        self.total = int(flat.size)
+
+    def masks(self, coverage: float) -> list[np.ndarray]:
+        k = int(round(coverage * self.total))
+        chosen = np.zeros(self.total, dtype=bool)
+        chosen[self.order_index[:k]] = True
+        return np.split(chosen, np.cumsum(self.sizes)[:-1])
+
+    def apply(self, coverage: float) -> list[np.ndarray]:
+        masks = self.masks(coverage)
+        family = self.arch["family"]
+        for i, (layer, mask) in enumerate(zip(self.layers, masks)):
+            layer.mlp = build_taylor_mlp(self.weights[i], family, self.act, self.lo[i], self.hi[i], self.coeffs[i],
+                                         mask, self.signs[i], self.opts.order, self.opts.basis, self.dtype)
+        return masks
+
+    def restore(self) -> None:
+        for layer, mlp in zip(self.layers, self.originals):
+            layer.mlp = mlp
+
+
+def approximation_error(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, coeffs: np.ndarray,
+                        points: int = 65) -> np.ndarray:
+    """max over a grid of |series(t) - act(a)| on each channel's interval (float64)."""
+    t = np.cos(np.linspace(0.0, math.pi, points))
+    phi = series.basis_values(basis, t, coeffs.shape[-1] - 1)  # [points, N+1]
+    approx = coeffs @ phi.T  # [I, points]
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    exact = series.activation(act, mid[:, None] + half[:, None] * t[None, :])
+    err = np.abs(approx - exact).max(-1)
+    return np.where(np.isfinite(err), err, np.inf)
+
+
+def build_spec(model, protector: Protector, masks: list[np.ndarray], opts: ProtectOptions, extra: dict) -> dict:
+    layers = []
+    for w, mask in zip(protector.weights, masks):
+        P = int(mask.sum())
+        layers.append({"protected": P, "rest": int(mask.size - P), "rest_out_bias": bool(w.c is not None and P == 0)})
+    total = sum(m.size for m in masks)
+    return {
+        "format_version": runtime.FORMAT_VERSION,
+        "family": protector.arch["family"],
+        "hidden_size": int(protector.weights[0].W.shape[0]),
+        "activation": protector.act,
+        "order": int(opts.order),
+        "basis": opts.basis,
+        "preset": opts.preset,
+        "selection": opts.selection,
+        "margin": float(opts.margin),
+        "rest_bias": protector.weights[0].b is not None,
+        "coverage": float(sum(int(m.sum()) for m in masks) / total),
+        "layers": layers,
+        **extra,
+    }
+
+
+def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
+              chat: bool | None = None) -> tuple[CalibrationData, Ranges]:
+    """Calibration sequences, validation sequences and the per-channel ranges they produce."""
+    if tokenizer is None:
+        raise TaylorMLPError("protect() needs the tokenizer to calibrate on text")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    data = prepare_calibration(model, tokenizer, texts, opts, chat)
+    ranges = collect_ranges(model, data.calibration)
+    ranges.sources = data.sources
+    return data, ranges
+
+
+def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None, options: ProtectOptions | None = None,
+            chat: bool | None = None, prepared: tuple[CalibrationData, Ranges] | None = None, **kwargs) -> dict:
+    """Replace every MLP of `model` by a TaylorMLP in place and return the release spec (also set on
+    ``model.config.taylormlp``).  `calibration` is a list of texts (default: the built-in corpus) or ready
+    Ranges (then no validation is possible and `coverage` must be given); `prepared` reuses `calibrate()`."""
+    opts = (options or ProtectOptions(**kwargs)).resolved()
+    try:
+        runtime.architecture(model.config)
+    except ValueError as exc:
+        raise TaylorMLPError(str(exc)) from exc
+    model.eval()
+    if prepared is not None:
+        data, ranges = prepared
+    elif isinstance(calibration, Ranges):
+        if opts.coverage is None:
+            raise TaylorMLPError("with precomputed ranges there is no validation data: give coverage explicitly")
+        data, ranges = None, calibration
+    else:
+        data, ranges = calibrate(model, tokenizer, calibration, opts, chat)
+    protector = Protector(model, ranges, opts)
+    search = []
+    coverage = opts.coverage if opts.coverage is not None else search_coverage(protector, data, search)
+    return finish(protector, coverage, data, ranges, search)
+
+
+def finish(protector: "Protector", coverage: float, data: CalibrationData | None, ranges: Ranges,
+           search: list | None = None) -> dict:
+    """Install the TaylorMLPs for `coverage`, validate, and record the spec on the model config."""
+    opts, model = protector.opts, protector.model
+    masks = protector.apply(coverage)
+    extra = {"calibration": ranges.summary(), "seed": opts.seed}
+    if data is not None and data.validation:
+        extra["validation"] = validate(model, data.validation)
+    extra["coverage_search"] = search or []
+    spec = build_spec(model, protector, masks, opts, extra)
+    model.config.taylormlp = spec
+    return spec
+
+
+def search_coverage(protector: Protector, data: CalibrationData, trace: list) -> float:
+    """Largest coverage (bisection on the channel ranking) that keeps validation token-exact."""
+    if not data.validation:
+        raise TaylorMLPError("no validation prompts: cannot choose coverage automatically; pass --coverage")
+    good, bad = 0.0, 1.0
+    protector.apply(1.0)
+    result = validate(protector.model, data.validation)
+    trace.append({"coverage": 1.0, **result})
+    if result["exact"]:
+        return 1.0
+    steps = bar(range(protector.opts.search_steps), desc="coverage search", unit="step")
+    for _ in steps:
+        mid = (good + bad) / 2.0
+        protector.apply(mid)
+        result = validate(protector.model, data.validation)
+        trace.append({"coverage": mid, **result})
+        steps.set_postfix(coverage=f"{mid:.3f}", exact=result["exact"])
+        if result["exact"]:
+            good = mid
+        else:
+            bad = mid
+    protector.restore()
+    final = good * protector.opts.safety
+    log(f"coverage search: largest token-exact coverage {good:.3f}; using {final:.3f}")
+    return final

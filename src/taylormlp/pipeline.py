@@ -1,0 +1,118 @@
+"""End-to-end flows behind the CLI: protect a SOURCE into a release, load anything, generate, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import runtime
+from .convert import ProtectOptions, protect
+from .errors import TaylorMLPError
+from .progress import log
+from .release import DTYPES, check_output_dir, load_release, model_card, release_size, save_release, verify_release
+from .sources import is_chat_model, load_base
+
+
+def read_calibration_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise TaylorMLPError(f"calibration file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaylorMLPError(f"calibration file {path} is not UTF-8 text: {exc}") from exc
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise TaylorMLPError(f"calibration file {path} is empty; give real text")
+    return paragraphs
+
+
+def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
+                       calibration_file=None, dtype="float32", seed=0, chat=None, force=False) -> dict:
+    out = Path(out)
+    check_output_dir(out, force)  # fail before minutes of work, not after
+    if dtype not in DTYPES:
+        raise TaylorMLPError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    texts = read_calibration_file(Path(calibration_file)) if calibration_file else None
+    model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
+    if chat is None:
+        chat = is_chat_model(tokenizer)
+    opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed)
+    slow = None
+    if slowdown is not None:
+        from .throttle import protect_for_slowdown
+
+        spec, slow = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
+    else:
+        spec = protect(model, tokenizer, texts, options=opts, chat=chat)
+    card = model_card(spec, slowdown=slow)
+    save_release(model, out, tokenizer, force=force, card=card)
+    return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
+            "size_bytes": release_size(out), "slowdown": slow}
+
+
+def load_any(path, base: bool = False):
+    """(model, tokenizer) for a release directory, or for a base model SOURCE when base=True."""
+    from transformers import AutoTokenizer
+
+    if base:
+        model, tokenizer, _ = load_base(path)
+        return model, tokenizer
+    model = load_release(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    from .calibration import format_prompt
+
+    if chat and not is_chat_model(tokenizer):
+        raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template")
+    text = format_prompt(tokenizer, prompt, chat)
+    add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special).input_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)
+    return out[0, ids.shape[1]:], ids.shape[1]
+
+
+def generate_text(model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64) -> tuple[str, int]:
+    new, _ = generate_ids(model, tokenizer, prompt, chat, max_new_tokens)
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+def inspect_release(directory, leak_source=None) -> dict:
+    config = verify_release(directory)
+    spec = config["taylormlp"]
+    info = {
+        "format_version": spec["format_version"],
+        "architecture": config.get("model_type"),
+        "family": spec["family"],
+        "activation": spec["activation"],
+        "basis": spec["basis"],
+        "order": spec["order"],
+        "preset": spec.get("preset"),
+        "coverage": spec["coverage"],
+        "layers": [{"layer": i, **row} for i, row in enumerate(spec["layers"])],
+        "size_bytes": release_size(directory),
+        "calibration": spec.get("calibration"),
+        "validation": spec.get("validation"),
+    }
+    if leak_source is not None:
+        from .leakcheck import leak_check
+
+        info["leak_check"] = leak_check(directory, leak_source)
+    return info
+
+
+def architecture_names() -> list[str]:
+    return sorted(runtime.ARCHITECTURES)
+
+
+def dump_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    log(f"wrote {path}")

@@ -1,0 +1,216 @@
+"""TaylorMLP runtime: the module that evaluates released series coefficients, and the architecture table.
+
+This file is self-contained (it imports only torch and transformers): `save_release` copies it verbatim
+into every release as ``modeling_taylormlp.py`` so that ``AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)`` runs exactly this code.  There is one implementation, not two.
+
+For a protected channel j with released gate row ``V_j`` (times a secret-free ±1 sign), expansion
+point ``z0_j`` and half width ``h_j``:
+
+    z = V_j · x,   t = (z - z0_j) / h_j
+    y = Σ_n Θ_n · φ_n(t)            (plain MLP)
+    y = Σ_n Θ_n · (φ_n(t) ⊙ u)      (gated MLP, u = W_up x)
+
+with φ_n(t) = tⁿ (basis "taylor") or the Chebyshev polynomial T_n(t) (basis "chebyshev"), built term by
+term with their recurrences, and all orders applied as ONE stacked matmul with Θ = [Θ_0 | … | Θ_N].
+Inputs outside the calibrated interval (|t| > 1) are evaluated at the clamped point plus the first-order
+continuation φ_n(t_c) + φ_n'(t_c)(t - t_c): exact inside, linear and bounded outside (never Inf/NaN).
+Unprotected channels stay an ordinary MLP (``rest``) whose output is added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+BASES = ("taylor", "chebyshev")
+
+# ---------------------------------------------------------------- architecture table (the one place)
+# family "gated": y = W_down(act(W_gate x) * W_up x)    family "plain": y = W act(V x + b) + c
+# Each entry: where the decoder layers live, the MLP attribute, the names of its linear maps, whether the
+# linears are GPT-2 Conv1D ([in, out] weights), and which config key names the activation.
+ARCHITECTURES = {
+    "llama": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                  act_key="hidden_act", conv1d=False, model_class="LlamaForCausalLM"),
+    "mistral": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                    act_key="hidden_act", conv1d=False, model_class="MistralForCausalLM"),
+    "qwen2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                  act_key="hidden_act", conv1d=False, model_class="Qwen2ForCausalLM"),
+    "gemma": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                  act_key="hidden_activation", conv1d=False, model_class="GemmaForCausalLM"),
+    "gemma2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                   act_key="hidden_activation", conv1d=False, model_class="Gemma2ForCausalLM"),
+    "gemma3_text": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                        act_key="hidden_activation", conv1d=False, model_class="Gemma3ForCausalLM"),
+    "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2",
+                act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM"),
+    "gpt2": dict(family="plain", layers="transformer.h", gate="c_fc", up=None, down="c_proj",
+                 act_key="activation_function", conv1d=True, model_class="GPT2LMHeadModel"),
+}
+
+
+def architecture(config) -> dict:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def activation_name(config) -> str:
+    arch = architecture(config)
+    name = getattr(config, arch["act_key"], None)
+    if name is None and arch["act_key"] == "hidden_activation":  # old Gemma configs
+        name = getattr(config, "hidden_act", None)
+    return name
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    obj = model
+    for part in architecture(model.config)["layers"].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def linear_weight(module) -> torch.Tensor:
+    """[out, in] weight of an nn.Linear or a GPT-2 Conv1D."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+# ---------------------------------------------------------------- activations (torch, for the `rest` MLP)
+
+
+def torch_activation(name: str):
+    if name in ("silu", "swish"):
+        return nn.functional.silu
+    if name == "gelu":
+        return nn.functional.gelu
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
+        return lambda z: nn.functional.gelu(z, approximate="tanh")
+    raise ValueError(f"activation {name!r} is not supported")
+
+
+# ---------------------------------------------------------------- the module
+
+
+class RestMLP(nn.Module):
+    """The unprotected channels, kept as an ordinary MLP (as in the authors' code)."""
+
+    def __init__(self, family: str, hidden: int, channels: int, act: str, bias: bool, out_bias: bool):
+        super().__init__()
+        self.family = family
+        self.act_name = act
+        self.act = torch_activation(act)
+        self.gate = nn.Linear(hidden, channels, bias=bias)
+        self.up = nn.Linear(hidden, channels, bias=False) if family == "gated" else None
+        self.down = nn.Linear(channels, hidden, bias=out_bias)
+
+    def forward(self, x):
+        a = self.act(self.gate(x))
+        if self.up is not None:
+            a = a * self.up(x)
+        return self.down(a)
+
+
+class TaylorMLP(nn.Module):
+    """An MLP block whose protected channels are evaluated from series coefficients Θ_0..Θ_N."""
+
+    def __init__(self, family: str, hidden: int, protected: int, rest: int, order: int, basis: str, act: str,
+                 rest_bias: bool = False, rest_out_bias: bool = False):
+        super().__init__()
+        if basis not in BASES:
+            raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+        if family not in ("gated", "plain"):
+            raise ValueError(f"unknown MLP family {family!r}")
+        self.family, self.hidden, self.protected, self.order, self.basis = family, hidden, protected, order, basis
+        self.gate = nn.Linear(hidden, protected, bias=False)  # V (plain) or W_gate (gated), rows times ±1
+        self.up = nn.Linear(hidden, protected, bias=False) if family == "gated" else None  # W_up
+        self.z0 = nn.Parameter(torch.zeros(protected), requires_grad=False)  # expansion points (times ±1)
+        self.h = nn.Parameter(torch.ones(protected), requires_grad=False)  # half widths of the intervals
+        self.theta = nn.Parameter(torch.zeros(hidden, (order + 1) * protected))  # [Θ_0 | Θ_1 | … | Θ_N]
+        self.rest = RestMLP(family, hidden, rest, act, rest_bias, rest_out_bias) if rest > 0 else None
+
+    def extra_repr(self) -> str:
+        return f"family={self.family}, protected={self.protected}, order={self.order}, basis={self.basis}"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        z = self.gate(x).to(work)
+        t = (z - self.z0.to(work)) / self.h.to(work)
+        t = torch.nan_to_num(t, nan=0.0)  # a NaN input must not poison the series
+        tc = t.clamp(-1.0, 1.0)
+        excess = t - tc  # zero inside the calibrated interval
+        outside = excess != 0
+        N = self.order
+        phi = [torch.ones_like(tc)]
+        dphi = [torch.zeros_like(tc)]  # φ_n'(t_c), needed only where |t| > 1
+        if self.basis == "taylor":  # φ_n = tⁿ built term by term; φ_n' = n tⁿ⁻¹
+            for n in range(1, N + 1):
+                dphi.append(n * phi[n - 1])
+                phi.append(phi[n - 1] * tc)
+        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1};  T_n'(±1) = (±1)ⁿ⁺¹ n²
+            sign = torch.where(tc >= 0, 1.0, -1.0).to(work)
+            for n in range(1, N + 1):
+                phi.append(tc if n == 1 else 2.0 * tc * phi[n - 1] - phi[n - 2])
+                dphi.append(sign ** (n + 1) * float(n * n))
+        basis = torch.stack(phi, dim=-2)  # [..., N+1, P]
+        if bool(outside.any()):
+            basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
+        if self.up is not None:
+            basis = basis * self.up(x).to(work).unsqueeze(-2)
+        return basis.flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)
+        y = nn.functional.linear(feats.to(self.theta.dtype), self.theta).to(x.dtype)  # one stacked matmul
+        if self.rest is not None:
+            y = y + self.rest(x)
+        return y
+
+
+# ---------------------------------------------------------------- installing empty modules (for loading)
+
+
+def install_taylor_mlps(model, spec: dict) -> None:
+    """Replace every decoder layer's MLP by an empty TaylorMLP shaped as ``spec`` (config["taylormlp"])."""
+    layers = decoder_layers(model)
+    shapes = spec["layers"]
+    if len(shapes) != len(layers):
+        raise ValueError(f"release describes {len(shapes)} layers, the model has {len(layers)}")
+    for layer, shape in zip(layers, shapes):
+        layer.mlp = TaylorMLP(spec["family"], spec["hidden_size"], shape["protected"], shape["rest"], spec["order"],
+                              spec["basis"], spec["activation"], rest_bias=spec.get("rest_bias", False),
+                              rest_out_bias=shape.get("rest_out_bias", False))
+
+
+def _make_release_class(base_name: str):
+    import transformers
+
+    base = getattr(transformers, base_name)
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        spec = getattr(config, "taylormlp", None)
+        if spec is None:
+            raise ValueError("config.json has no 'taylormlp' section: this is not a taylormlp release")
+        if spec.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported taylormlp format_version {spec.get('format_version')!r}; "
+                             f"this runtime reads version {FORMAT_VERSION}")
+        install_taylor_mlps(self, spec)
+
+    return type("TaylorMLP" + base_name, (base,), {"__init__": __init__})
+
+
+def release_class(config):
+    """The transformers class that loads a release of this architecture."""
+    return globals()["TaylorMLP" + architecture(config)["model_class"]]
+
+
+for _entry in ARCHITECTURES.values():
+    try:
+        globals()["TaylorMLP" + _entry["model_class"]] = _make_release_class(_entry["model_class"])
+    except AttributeError:  # an older transformers without this architecture
+        pass

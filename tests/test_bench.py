@@ -1,0 +1,150 @@
+"""`taylormlp bench`: timing helpers, the FLOP count that shows the throttle is series work, the plot."""
+
+import copy
+import math
+import os
+
+os.environ["TAYLORMLP_QUIET"] = "1"
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from taylormlp import bench  # noqa: E402
+from taylormlp.calibration import collect_ranges  # noqa: E402
+from taylormlp.convert import Protector, ProtectOptions  # noqa: E402
+from taylormlp.runtime import TaylorMLP  # noqa: E402
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def base_and_ranges():
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    ranges = collect_ranges(model, [torch.randint(0, 128, (20,), generator=gen) for _ in range(4)])
+    return model, ranges
+
+
+def protected_copy(base, ranges, order=8, basis="chebyshev", preset="default"):
+    model = copy.deepcopy(base)
+    p = Protector(model, ranges, ProtectOptions(preset=preset, basis=basis, order=order, coverage=1.0).resolved())
+    p.apply(1.0)
+    model.config.taylormlp = {"order": order, "basis": basis, "coverage": 1.0, "preset": preset,
+                              "validation": {"max_logit_error": 0.01 * order, "tokens_matched": 10, "tokens": 10}}
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(base_and_ranges):
+    base, ranges = base_and_ranges
+    return {"original": base, "n8": protected_copy(base, ranges, 8)}
+
+
+PROMPT = torch.tensor([[1, 5, 9, 17, 33, 2, 64]])
+
+
+def test_measure_decode_positive_finite_and_exact_step_count(models):
+    model = models["n8"]
+    assert all(isinstance(layer.mlp, TaylorMLP) for layer in model.model.layers)
+    calls = []
+    handle = model.register_forward_hook(lambda _m, _i, _o: calls.append(1))
+    try:
+        res = bench.measure_decode(model, PROMPT, 5)
+    finally:
+        handle.remove()
+    for key in ("prefill_s", "decode_s", "decode_tokens_per_s", "prefill_tokens_per_s"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert len(calls) == 1 + 5  # one prefill, exactly new_tokens decode steps
+    assert len(res["tokens"]) == 5 and res["new_tokens"] == 5 and res["prompt_tokens"] == PROMPT.shape[1]
+    assert res["decode_tokens_per_s"] == pytest.approx(5 / res["decode_s"])
+
+
+def test_measure_decode_is_greedy_and_matches_generate(models):
+    model = models["original"]
+    res = bench.measure_decode(model, PROMPT[0], 4)  # 1-D ids accepted too
+    out = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=5, do_sample=False,
+                         pad_token_id=0)
+    # the decode steps are fed the greedy tokens 1..new_tokens of the continuation
+    assert res["tokens"] == out[0, PROMPT.shape[1]:PROMPT.shape[1] + 4].tolist()
+
+
+def test_measure_decode_rejects_zero_tokens(models):
+    with pytest.raises(ValueError):
+        bench.measure_decode(models["original"], PROMPT, 0)
+
+
+def test_interleaved_latency_returns_every_model_with_repeats(models):
+    res = bench.interleaved_latency(models, PROMPT, 3, repeats=2)
+    assert set(res) == set(models)
+    for stats in res.values():
+        assert len(stats["runs"]) == 2
+        assert stats["decode_s_median"] > 0 and stats["prefill_s_median"] > 0
+        assert stats["decode_s_spread"] >= 0 and stats["decode_tokens_per_s_median"] > 0
+        assert stats["decode_s_spread"] == pytest.approx(
+            max(r["decode_s"] for r in stats["runs"]) - min(r["decode_s"] for r in stats["runs"]))
+
+
+def test_flops_grow_with_order(base_and_ranges):
+    base, ranges = base_and_ranges
+    flops = [bench.flops_per_token(base)]
+    for order in (2, 8, 16):
+        flops.append(bench.flops_per_token(protected_copy(base, ranges, order)))
+    assert all(b > a for a, b in zip(flops, flops[1:])), flops
+    # the MLP part is linear in the number of terms: equal steps for equal order steps
+    p4, p8, p12 = (bench.flops_per_token(protected_copy(base, ranges, n)) for n in (4, 8, 12))
+    assert p8 - p4 == p12 - p8 > 0
+
+
+def test_term_benchmark_and_memory_estimates(models):
+    model = models["n8"]
+    t = bench.layer_term_benchmark(model)
+    assert t["terms"] == 9 and t["protected"] == 64 and t["hidden"] == 32
+    for key in ("mlp_ms", "overhead_ms", "plain_matmul_ms"):
+        assert t[key] > 0
+    assert t["per_term_ms"] >= 0
+    assert bench.layer_term_benchmark(models["original"]) is None
+    assert bench.series_feature_bytes_per_token(model) == 9 * 64 * 4
+    assert bench.weights_bytes(model) > 0
+
+
+def test_bench_models_table_and_plot(models, base_and_ranges, tmp_path):
+    base, ranges = base_and_ranges
+    all_models = {**models, "taylor4": protected_copy(base, ranges, 4, basis="taylor", preset="paper")}
+    rows = bench.bench_models(all_models, PROMPT, tokens=2, repeats=2)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["original"]["decode_ratio"] == pytest.approx(1.0)
+    assert by_name["original"]["flops_ratio"] == pytest.approx(1.0)
+    assert by_name["n8"]["flops_ratio"] > by_name["taylor4"]["flops_ratio"] > 1.0
+    assert by_name["n8"]["order"] == 8 and by_name["taylor4"]["basis"] == "taylor"
+    assert by_name["n8"]["term_benchmark"]["terms"] == 9
+    results = {"source": "tiny", "prompt_tokens": PROMPT.shape[1], "new_tokens": 2, "repeats": 2,
+               "machine": {"torch_threads": 1}, "models": rows}
+    text = bench.format_table(results)
+    assert "n8" in text and "taylor4" in text and "per term" in text
+    png = bench.plot_results(results, tmp_path / "sub" / "bench.png")
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_validation(tmp_path):
+    row = {"name": "r", "kind": "release", "order": 8, "basis": "taylor", "preset": "paper", "decode_ratio": 1.7,
+           "validation_max_logit_error": None}
+    png = bench.plot_results({"source": "s", "new_tokens": 4, "models": [row]}, tmp_path / "p.png")
+    assert png.stat().st_size > 1000
+
+
+def test_unique_names():
+    from pathlib import Path
+
+    assert bench._unique_names([Path("a/x"), Path("b/y")]) == ["x", "y"]
+    assert bench._unique_names([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
+    assert bench._unique_names([Path("a/original")]) == ["a/original"]

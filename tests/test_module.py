@@ -1,0 +1,121 @@
+"""TaylorMLP block against the original MLP block, for every supported architecture."""
+
+import numpy as np
+import pytest
+import torch
+
+from taylormlp import runtime, series
+from taylormlp.convert import build_taylor_mlp, mlp_weights
+
+
+def _setup(model, gate_scale, seed=0):
+    """First MLP of `model`, with its gate weights rescaled so pre-activations span a few units."""
+    arch = runtime.architecture(model.config)
+    mlp = runtime.decoder_layers(model)[0].mlp
+    gate = getattr(mlp, arch["gate"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * gate_scale / gate.weight.shape[0] ** 0.5)
+        if gate.bias is not None:
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g) * 0.3)
+        down = getattr(mlp, arch["down"])
+        if down.bias is not None:
+            down.bias.copy_(torch.randn(down.bias.shape, generator=g) * 0.1)
+    x = torch.randn(4, 16, model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd,
+                    generator=g).to(gate.weight.dtype)
+    with torch.no_grad():
+        z = gate(x).reshape(-1, gate(x).shape[-1]).double()
+    lo, hi = z.min(0).values.numpy(), z.max(0).values.numpy()
+    return arch, mlp, x, lo, hi
+
+
+def _build(model, arch, mlp, lo, hi, order, basis, mask=None, signs=None):
+    act = runtime.activation_name(model.config)
+    w = mlp_weights(mlp, arch, 0)
+    coeffs = series.series_coefficients(basis, act, lo, hi, order)
+    mask = np.ones(len(lo), dtype=bool) if mask is None else mask
+    signs = np.ones(len(lo)) if signs is None else signs
+    return build_taylor_mlp(w, arch["family"], act, lo, hi, coeffs, mask, signs, order, basis, torch.float64), w
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("basis", ["taylor", "chebyshev"])
+def test_block_matches_original_and_converges(tiny_model, basis):
+    name, model = tiny_model
+    model.double()
+    # inside the Taylor series' disc of convergence (GELU-tanh's nearest poles are ~2 from the origin)
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=0.3 if basis == "taylor" else 1.0)
+    x = x.double()
+    with torch.no_grad():
+        ref = mlp(x)
+        errors = {}
+        for order in (2, 4, 8, 16):
+            block, _ = _build(model, arch, mlp, lo, hi, order, basis)
+            errors[order] = _rel(block(x), ref)
+    assert errors[16] < 1e-4, (name, errors)
+    assert errors[2] > errors[4] > errors[8] > errors[16], (name, errors)
+
+
+def test_sign_obfuscation_leaves_outputs_unchanged(tiny_model):
+    name, model = tiny_model
+    model.double()
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=1.5)
+    x = x.double()
+    signs = np.random.default_rng(1).choice([-1.0, 1.0], size=len(lo))
+    assert (signs < 0).any() and (signs > 0).any()
+    with torch.no_grad():
+        plain, _ = _build(model, arch, mlp, lo, hi, 8, "taylor")
+        signed, _ = _build(model, arch, mlp, lo, hi, 8, "taylor", signs=signs)
+        assert not torch.equal(plain.gate.weight, signed.gate.weight)
+        assert _rel(signed(x), plain(x)) < 1e-10
+
+
+def test_partial_coverage_adds_rest_mlp(tiny_model):
+    name, model = tiny_model
+    model.double()
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=1.0)
+    x = x.double()
+    mask = np.arange(len(lo)) % 3 == 0
+    with torch.no_grad():
+        block, _ = _build(model, arch, mlp, lo, hi, 16, "chebyshev", mask=mask)
+        assert block.protected == mask.sum() and block.rest is not None
+        assert _rel(block(x), mlp(x)) < 1e-5
+
+
+def test_no_protected_weight_or_bias_survives(tiny_model):
+    name, model = tiny_model
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=1.5)
+    mask = np.arange(len(lo)) % 2 == 0
+    signs = np.random.default_rng(2).choice([-1.0, 1.0], size=len(lo))
+    block, w = _build(model, arch, mlp, lo, hi, 8, "taylor", mask=mask, signs=signs)
+    sel = np.flatnonzero(mask)
+    protected_cols = [w.W[:, j].float() for j in sel]
+    secrets = list(protected_cols)
+    if w.b is not None:
+        secrets.append(w.b[sel].float())
+    if w.c is not None:
+        secrets.append(w.c.float())
+    for pname, tensor in block.state_dict().items():
+        t = tensor.float()
+        vectors = [t] if t.dim() == 1 else [t[:, j] for j in range(t.shape[1])] + [t[i] for i in range(t.shape[0])]
+        for v in vectors:
+            for s in secrets:
+                if v.shape == s.shape:
+                    assert not torch.allclose(v, s, rtol=1e-6, atol=0), f"{name}: {pname} stores a protected tensor"
+                    assert not torch.allclose(v, -s, rtol=1e-6, atol=0), f"{name}: {pname} stores a negated one"
+
+
+def test_out_of_range_inputs_stay_finite(tiny_model):
+    name, model = tiny_model
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=1.5)
+    block, _ = _build(model, arch, mlp, lo, hi, 32, "taylor")
+    block = block.float()
+    huge = torch.randn(2, 3, x.shape[-1]) * 1e6
+    nan = torch.full((1, 1, x.shape[-1]), float("nan"))
+    with torch.no_grad():
+        assert torch.isfinite(block(huge)).all()
+        out = block(torch.cat([x[:1, :1], nan], 1))
+    assert torch.isfinite(out[:, 0]).all()
