@@ -32,3 +32,44 @@ def tiny_model(request):
     torch.manual_seed(0)
     model = tiny_models()[request.param]().eval()
     return request.param, model
+
+
+FAST = dict(continuation_tokens=12, prose_chars=6000, search_steps=4)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The SmolLM2 tokenizer (installed by `make setup`); tiny models below share its vocabulary."""
+    from transformers import AutoTokenizer
+
+    from taylormlp.sources import resolve_source
+
+    return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # spread the gate pre-activations so the series has real work to do
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(10.0)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(out)
+    smol_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory, tiny_llama_dir):
+    from taylormlp.pipeline import protect_to_release
+
+    out = tmp_path_factory.mktemp("rel") / "release"
+    protect_to_release(tiny_llama_dir, out, preset="default", order=12, **FAST)
+    return out

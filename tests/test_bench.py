@@ -9,12 +9,18 @@ os.environ["TAYLORMLP_QUIET"] = "1"
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from taylormlp import bench  # noqa: E402
 from taylormlp.calibration import collect_ranges  # noqa: E402
 from taylormlp.convert import Protector, ProtectOptions  # noqa: E402
 from taylormlp.runtime import TaylorMLP  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama():
@@ -148,3 +154,42 @@ def test_unique_names():
     assert bench._unique_names([Path("a/x"), Path("b/y")]) == ["x", "y"]
     assert bench._unique_names([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
     assert bench._unique_names([Path("a/original")]) == ["a/original"]
+
+
+def test_memory_probe_in_fresh_process(base_and_ranges, tmp_path):
+    from taylormlp.convert import protect
+    from taylormlp.release import save_release
+
+    base, ranges = base_and_ranges
+    model = copy.deepcopy(base)
+    protect(model, calibration=ranges, options=ProtectOptions(order=4, coverage=1.0))
+    save_release(model, tmp_path / "rel")
+    mem = bench.memory_probe("release", tmp_path / "rel", PROMPT, 2, timeout=120)
+    assert "error" not in mem, mem
+    assert mem["rss_peak_bytes"] >= mem["rss_after_load_bytes"] >= 0 and mem["baseline_rss_bytes"] > 0
+    assert bench.memory_probe("release", tmp_path / "missing", PROMPT, 2, timeout=120)["error"]
+
+
+def test_measure_decode_every_architecture(tiny_model):
+    name, model = tiny_model
+    res = bench.measure_decode(model, PROMPT, 3)
+    out = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0)
+    assert res["tokens"] == out[0, PROMPT.shape[1]:PROMPT.shape[1] + 3].tolist(), name
+    assert bench.flops_per_token(model) > 0
+
+
+def test_run_bench_end_to_end(tiny_llama_dir, tiny_release, tmp_path, capsys):
+    import json
+
+    results = bench.run_bench(tiny_llama_dir, [tiny_release], tokens=2, repeats=1, json_path=tmp_path / "b.json",
+                              plot_path=tmp_path / "b.png", memory=False)
+    names = [r["name"] for r in results["models"]]
+    assert names == ["original", tiny_release.name]
+    rel = results["models"][1]
+    assert rel["order"] == 12 and rel["basis"] == "chebyshev" and rel["size_bytes"] > 0
+    assert rel["validation_max_logit_error"] is not None and rel["flops_ratio"] > 1.0
+    assert results["chat_template"] and results["prompt_tokens"] > 10
+    assert json.loads((tmp_path / "b.json").read_text())["models"][1]["name"] == tiny_release.name
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "slowdown" in capsys.readouterr().out

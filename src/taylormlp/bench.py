@@ -13,11 +13,13 @@ What is measured, and how:
 * **Time per series term** (``term_benchmark``): for the layer with the most protected channels, the
   TaylorMLP on one token against a plain ``F.linear`` with a [d × P] weight (what one term's matmul
   would cost alone).  per term = (TaylorMLP time − time of its non-series parts: gate, up and the
-  unprotected ``rest`` MLP) / (N + 1).  The basis recurrence is counted as series work.
+  unprotected ``rest`` MLP) / (N + 1).  The basis recurrence is counted as series work.  The plain
+  matmul's small weight stays in CPU cache when called in a loop, while the stacked Θ of a real layer
+  ((N+1)·P·d values) streams from memory, so a term usually costs a few plain matmuls.
 * **Memory**: ``weights_bytes`` (parameters + buffers, exact) and, measured in a fresh subprocess per
-  model, the peak resident set size (``resource.getrusage(...).ru_maxrss``) above the process's size
-  after importing torch/transformers, once after loading and once after one decode run of the same
-  prompt.  RSS includes memory-mapped weight pages and allocator slack; it is what the OS charges.
+  model, the peak resident set size (``VmHWM`` on Linux, else ``getrusage().ru_maxrss``) above the
+  process's size after importing torch/transformers, once after loading and once after one decode run
+  of the same prompt.  RSS includes memory-mapped weight pages and allocator slack; it is what the OS charges.
   ``series_feature_bytes_per_token`` is the analytic size of the largest layer's stacked basis features
   ((N+1)·P values per token), the activation that grows with the order.
 * **Size**: every file in the release directory (``release_size``); for the original, its model directory.
@@ -254,10 +256,22 @@ def layer_term_benchmark(model) -> dict | None:
 
 
 def _maxrss_bytes() -> int:
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` from /proc/self/status (the high-water mark of this process image).  Not
+    ``getrusage().ru_maxrss``: Linux carries that over from the parent across fork+exec, so a child of a
+    big parent would report the parent's peak.  Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _memory_probe_main(argv: list[str]) -> None:
@@ -387,6 +401,8 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     if tokens < 1 or repeats < 1:
         raise TaylorMLPError("--tokens and --repeats must be positive")
     releases = [Path(r) for r in releases]
+    if not releases:
+        raise TaylorMLPError("give at least one release directory to compare with the original")
     with status(f"loading original {source}"):
         base, tokenizer, base_dir = load_base(source)
     models = {ORIGINAL: base}
@@ -409,7 +425,9 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     for row in rows:
         row["path"] = str(paths[row["name"]])
         row["size_bytes"] = release_size(paths[row["name"]])
-    del models, base
+    models.clear()  # free the in-process copies before the memory probes load them again
+    del base
+    model = None
     if memory:
         for row in bar(rows, desc="peak memory (one fresh process per model)", unit="model"):
             kind = "original" if row["kind"] == "original" else "release"
@@ -523,6 +541,11 @@ def plot_results(results: dict, path) -> Path:
         ax1.annotate(r["name"], (r["order"], r["decode_ratio"]), fontsize=7, xytext=(4, 4),
                      textcoords="offset points")
     ax1.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="original")
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.set_ylim(bottom=0.0)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_xlabel("series order N")
     ax1.set_ylabel("decode time / original")
     ax1.set_title(f"decode slowdown ({results.get('new_tokens', '?')} tokens, median)")

@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--leak-check", metavar="SOURCE",
                    help="scan every stored tensor for protected down-projection columns or biases of SOURCE")
 
+    c = sub.add_parser("compare", help="greedy generations of the original and a release on a prompt file",
+                       description="Generate with the original and the release on every prompt and count identical "
+                                   "generations (the token-exactness check).")
+    c.add_argument("source", help="the original model SOURCE")
+    c.add_argument("release", type=Path, help="release directory")
+    c.add_argument("--prompts", type=Path, required=True,
+                   help='JSON file: {"prompts": [{"kind": "chat"|"raw", "text": ...}, ...]}')
+    c.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt (default 64)")
+    c.add_argument("--json", type=Path, help="write the full comparison as JSON here")
+
     d = sub.add_parser("demo", help="protect SmolLM2 and show original vs protected generations side by side")
     d.add_argument("--out", type=Path, default=Path("releases/smollm2-paper"), help="release directory to use/create")
     d.add_argument("--preset", choices=["default", "paper"], default="paper", help="preset (default paper)")
@@ -173,6 +183,17 @@ def cmd_inspect(args) -> int:
         for leak in lc["leaks"]:
             print(f"  LEAK: {leak}")
         return 1 if lc["leaks"] else 0
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .evaluate import compare, print_comparison, read_prompts
+    from .pipeline import dump_json
+
+    result = compare(args.source, args.release, read_prompts(args.prompts), args.max_new_tokens)
+    print_comparison(result)
+    if args.json:
+        dump_json(result, args.json)
     return 0
 
 

@@ -29,7 +29,9 @@ def read_calibration_file(path: Path) -> list[str]:
 
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
-                       calibration_file=None, dtype="float32", seed=0, chat=None, force=False) -> dict:
+                       calibration_file=None, dtype="float32", seed=0, chat=None, force=False, **tuning) -> dict:
+    """Load SOURCE, protect it and write the release to OUT.  `tuning` passes extra ProtectOptions fields
+    (continuation_tokens, prose_chars, search_steps, margin, ...)."""
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -38,7 +40,7 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
     if chat is None:
         chat = is_chat_model(tokenizer)
-    opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed)
+    opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed, **tuning)
     slow = None
     if slowdown is not None:
         from .throttle import protect_for_slowdown

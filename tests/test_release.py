@@ -1,0 +1,146 @@
+"""The release directory: round trip, stock loading, integrity checks, atomic writes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from taylormlp import load_release, runtime
+from taylormlp.errors import TaylorMLPError
+from taylormlp.leakcheck import leak_check
+from taylormlp.pipeline import generate_ids, protect_to_release
+from taylormlp.release import MANIFEST, verify_release
+from taylormlp.sources import load_base
+
+from conftest import FAST
+
+
+def _copy(release, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(release, dst)
+    return dst
+
+
+def test_round_trip_keeps_module_tree_and_generation(tiny_release, tiny_llama_dir, smol_tokenizer):
+    model = load_release(tiny_release)
+    spec = model.config.taylormlp
+    assert all(isinstance(layer.mlp, runtime.TaylorMLP) for layer in model.model.layers)
+    assert 0.0 < spec["coverage"] <= 1.0
+    assert sum(layer.mlp.protected for layer in model.model.layers) == sum(r["protected"] for r in spec["layers"])
+    original, _, _ = load_base(tiny_llama_dir)
+    a, _ = generate_ids(original, smol_tokenizer, "The history of bread", False, 16)
+    b, _ = generate_ids(model, smol_tokenizer, "The history of bread", False, 16)
+    assert torch.equal(a, b)
+
+
+def test_stock_transformers_loads_with_remote_code(tiny_release, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(tiny_release, trust_remote_code=True)
+    ours = load_release(tiny_release)
+    assert type(stock.model.layers[0].mlp).__name__ == "TaylorMLP"
+    ids = smol_tokenizer("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, ours(ids).logits)
+
+
+def test_modeling_file_is_the_runtime(tiny_release):
+    assert (tiny_release / "modeling_taylormlp.py").read_text() == open(runtime.__file__).read()
+
+
+def test_tampered_file_is_named(tiny_release, tmp_path):
+    rel = _copy(tiny_release, tmp_path)
+    weights = rel / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TaylorMLPError, match="model.safetensors fails its sha256"):
+        load_release(rel)
+
+
+def test_truncated_file_is_named(tiny_release, tmp_path):
+    rel = _copy(tiny_release, tmp_path)
+    weights = rel / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(TaylorMLPError, match="model.safetensors has .* bytes"):
+        load_release(rel)
+
+
+def test_missing_file_is_named(tiny_release, tmp_path):
+    rel = _copy(tiny_release, tmp_path)
+    (rel / "modeling_taylormlp.py").unlink()
+    with pytest.raises(TaylorMLPError, match="modeling_taylormlp.py is missing"):
+        load_release(rel)
+
+
+def test_missing_manifest_means_incomplete(tiny_release, tmp_path):
+    rel = _copy(tiny_release, tmp_path)
+    (rel / MANIFEST).unlink()
+    with pytest.raises(TaylorMLPError, match="not a complete taylormlp release"):
+        load_release(rel)
+
+
+def test_unknown_format_version(tiny_release, tmp_path):
+    rel = _copy(tiny_release, tmp_path)
+    manifest = json.loads((rel / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (rel / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TaylorMLPError, match="unknown format_version 99"):
+        load_release(rel)
+
+
+def test_existing_output_is_refused_unless_force(tiny_release, tiny_llama_dir):
+    before = sorted(p.name for p in tiny_release.iterdir())
+    with pytest.raises(TaylorMLPError, match="already exists.*--force"):
+        protect_to_release(tiny_llama_dir, tiny_release, preset="paper", coverage=0.5, **FAST)
+    assert sorted(p.name for p in tiny_release.iterdir()) == before
+    verify_release(tiny_release)
+
+
+def test_force_replaces_and_leaves_no_temporary(tiny_llama_dir, tmp_path):
+    out = tmp_path / "rel"
+    protect_to_release(tiny_llama_dir, out, preset="paper", coverage=0.25, **FAST)
+    protect_to_release(tiny_llama_dir, out, preset="default", coverage=0.5, force=True, **FAST)
+    assert verify_release(out)["taylormlp"]["preset"] == "default"
+    assert [p.name for p in tmp_path.iterdir()] == ["rel"]
+
+
+def test_failed_protect_leaves_nothing(tiny_llama_dir, tmp_path):
+    out = tmp_path / "rel"
+    with pytest.raises(TaylorMLPError, match="empty"):
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n  \n")
+        protect_to_release(tiny_llama_dir, out, calibration_file=empty, **FAST)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+
+
+def test_leak_check_finds_nothing_in_release_and_catches_a_plant(tiny_release, tiny_llama_dir, tmp_path):
+    report = leak_check(tiny_release, tiny_llama_dir)
+    assert report["leaks"] == []
+    assert report["tensors_scanned"] > 10
+    # plant an original down column into a coefficient tensor: the scan must find it
+    from safetensors.torch import load_file, save_file
+
+    from taylormlp.release import write_manifest
+
+    rel = _copy(tiny_release, tmp_path)
+    tensors = load_file(rel / "model.safetensors")
+    original, _, _ = load_base(tiny_llama_dir)
+    key = "model.layers.1.mlp.theta"
+    tensors[key][:, 3] = original.model.layers[1].mlp.down_proj.weight[:, 7]
+    save_file(tensors, rel / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(rel)
+    assert any(key in leak for leak in leak_check(rel, tiny_llama_dir)["leaks"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_release_dtype(tiny_llama_dir, tmp_path, dtype):
+    out = tmp_path / dtype
+    protect_to_release(tiny_llama_dir, out, preset="default", coverage=0.5, dtype=dtype, **FAST)
+    model = load_release(out)
+    assert model.model.layers[0].mlp.theta.dtype == getattr(torch, dtype)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
