@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coverage", type=_unit_float,
                    help="share of MLP channels to protect (0..1); default: the largest that stays token-exact "
                         "on the validation prompts")
+    p.add_argument("--error-budget", type=float,
+                   help="automatic coverage accepts only validation runs that are token-exact with every logit within "
+                        "this absolute error of the original (default 0.1); smaller = safer on unseen prompts")
     p.add_argument("--calibration", type=Path,
                    help="UTF-8 text file used as calibration prose instead of the built-in corpus "
                         "(paragraphs separated by blank lines)")
@@ -140,7 +143,7 @@ def cmd_protect(args) -> int:
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
         slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
-        chat=False if args.no_chat else None, force=args.force)
+        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget)
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):

@@ -28,9 +28,9 @@ from .progress import bar, log
 
 PRESETS = {
     # the paper: Taylor series around the midpoint, narrowest channels first
-    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0),
+    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1),
     # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
-    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.05),
+    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.05, error_budget=0.1),
 }
 
 
@@ -47,7 +47,9 @@ class ProtectOptions:
     max_length: int = 256
     prose_chars: int = 60_000
     search_steps: int = 9
-    safety: float = 1.0  # multiply the searched coverage by this (< 1 keeps a margin for unseen prompts)
+    # the coverage search accepts a coverage only if validation is token-exact AND the largest logit error stays
+    # within this budget: exactness on validation alone leaves no margin for unseen prompts
+    error_budget: float | None = None
 
     def resolved(self) -> "ProtectOptions":
         if self.preset not in PRESETS:
@@ -64,6 +66,8 @@ class ProtectOptions:
             raise TaylorMLPError(f"--coverage must be between 0 and 1, got {out.coverage}")
         if out.selection not in ("width", "error"):
             raise TaylorMLPError(f"selection must be 'width' or 'error', got {out.selection!r}")
+        if out.error_budget <= 0:
+            raise TaylorMLPError(f"error_budget must be positive, got {out.error_budget}")
         if not 0.0 <= out.margin <= 1.0:
             raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin}")
         return out
@@ -353,27 +357,29 @@ def finish(protector: "Protector", coverage: float, data: CalibrationData | None
 
 
 def search_coverage(protector: Protector, data: CalibrationData, trace: list) -> float:
-    """Largest coverage (bisection on the channel ranking) that keeps validation token-exact."""
+    """Largest coverage (bisection on the channel ranking) whose validation is token-exact with every logit
+    within the error budget."""
     if not data.validation:
         raise TaylorMLPError("no validation prompts: cannot choose coverage automatically; pass --coverage")
+    budget = protector.opts.error_budget
+
+    def acceptable(coverage: float) -> bool:
+        protector.apply(coverage)
+        result = validate(protector.model, data.validation)
+        ok = result["exact"] and result["max_logit_error"] <= budget
+        trace.append({"coverage": coverage, "accepted": ok, **result})
+        return ok
+
     good, bad = 0.0, 1.0
-    protector.apply(1.0)
-    result = validate(protector.model, data.validation)
-    trace.append({"coverage": 1.0, **result})
-    if result["exact"]:
+    if acceptable(1.0):
+        protector.restore()
         return 1.0
     steps = bar(range(protector.opts.search_steps), desc="coverage search", unit="step")
     for _ in steps:
         mid = (good + bad) / 2.0
-        protector.apply(mid)
-        result = validate(protector.model, data.validation)
-        trace.append({"coverage": mid, **result})
-        steps.set_postfix(coverage=f"{mid:.3f}", exact=result["exact"])
-        if result["exact"]:
-            good = mid
-        else:
-            bad = mid
+        ok = acceptable(mid)
+        steps.set_postfix(coverage=f"{mid:.3f}", ok=ok)
+        good, bad = (mid, bad) if ok else (good, mid)
     protector.restore()
-    final = good * protector.opts.safety
-    log(f"coverage search: largest token-exact coverage {good:.3f}; using {final:.3f}")
-    return final
+    log(f"coverage search: largest accepted coverage {good:.3f} (token-exact, max logit error <= {budget})")
+    return good

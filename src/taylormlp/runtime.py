@@ -20,6 +20,8 @@ Unprotected channels stay an ordinary MLP (``rest``) whose output is added.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -125,6 +127,7 @@ class TaylorMLP(nn.Module):
         if family not in ("gated", "plain"):
             raise ValueError(f"unknown MLP family {family!r}")
         self.family, self.hidden, self.protected, self.order, self.basis = family, hidden, protected, order, basis
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         self.gate = nn.Linear(hidden, protected, bias=False)  # V (plain) or W_gate (gated), rows times ±1
         self.up = nn.Linear(hidden, protected, bias=False) if family == "gated" else None  # W_up
         self.z0 = nn.Parameter(torch.zeros(protected), requires_grad=False)  # expansion points (times ±1)

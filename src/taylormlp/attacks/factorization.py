@@ -1,0 +1,177 @@
+"""Factorization (speed) attack: collapse the N+1 stacked matmuls into one, without knowing the activation.
+
+Channel j's released coefficients Θ_{·,·,j} ∈ R^{d × (N+1)} are W_j ⊗ (c_{j,n} s_jⁿ)_n: rank one.  Its SVD
+gives w_j ∈ R^d and q_j ∈ R^{N+1} with Θ_j = w_j q_jᵀ, so
+
+    y = Σ_j w_j · p_j(t_j) (⊙ u_j),     p_j(t) = Σ_n q_{j,n} φ_n(t)
+
+— an elementwise polynomial per channel (Horner for the power basis, Clenshaw for Chebyshev; with the
+runtime's own clamp and linear continuation outside [-1, 1]) followed by ONE [d × P] matmul.  The release's
+throttle (N+1 times the down-projection work) is gone.  In the plain family the order-0 column also holds
+the folded output bias c/P; since φ_0 = 1 that column is a constant, so the rank-1 fit uses orders n ≥ 1 and
+Σ_j Θ_{·,0,j} becomes one bias vector.  No activation, no sign and no bias needs to be known.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .. import runtime
+from . import AuditContext, Timer, decode_speed, theta_blocks
+
+NAME = "factorization"
+
+
+class CollapsedMLP(nn.Module):
+    """y = W · p(t) (⊙ u) + β (+ rest): one matmul after an elementwise polynomial."""
+
+    def __init__(self, mlp: "runtime.TaylorMLP", w: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        dtype = mlp.theta.dtype
+        self.basis, self.order = mlp.basis, mlp.order
+        self.gate = mlp.gate
+        self.up = mlp.up
+        self.rest = mlp.rest
+        self.register_buffer("z0", mlp.z0.detach().clone())
+        self.register_buffer("h", mlp.h.detach().clone())
+        self.register_buffer("q", q.to(torch.float32 if dtype != torch.float64 else dtype))  # [N+1, P]
+        self.down = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None).to(dtype)
+        with torch.no_grad():
+            self.down.weight.copy_(w.to(dtype))
+            if bias is not None:
+                self.down.bias.copy_(bias.to(dtype))
+        # slopes of p at t = ±1 for the runtime's linear continuation outside the interval
+        n = torch.arange(self.order + 1, dtype=torch.float64)
+        if self.basis == "taylor":
+            d_plus, d_minus = n, n * (-1.0) ** (n - 1)
+        else:
+            d_plus, d_minus = n * n, (-1.0) ** (n + 1) * n * n
+        qd = q.double()
+        self.register_buffer("slope_plus", (d_plus[:, None] * qd).sum(0).to(self.q.dtype))
+        self.register_buffer("slope_minus", (d_minus[:, None] * qd).sum(0).to(self.q.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(x.dtype, torch.float32)
+        t = (self.gate(x).to(work) - self.z0.to(work)) / self.h.to(work)
+        t = torch.nan_to_num(t, nan=0.0)
+        tc = t.clamp(-1.0, 1.0)
+        q = self.q.to(work)
+        N = self.order
+        if self.basis == "taylor":  # Horner
+            p = q[N].expand_as(tc)
+            for n in range(N - 1, -1, -1):
+                p = p * tc + q[n]
+        else:  # Clenshaw: p = Σ q_n T_n(t)
+            b1 = torch.zeros_like(tc)
+            b2 = torch.zeros_like(tc)
+            for n in range(N, 0, -1):
+                b1, b2 = 2.0 * tc * b1 - b2 + q[n], b1
+            p = tc * b1 - b2 + q[0]
+        excess = t - tc
+        p = p + excess * torch.where(t > 0, self.slope_plus.to(work), self.slope_minus.to(work))
+        if self.up is not None:
+            p = p * self.up(x).to(work)
+        y = self.down(p.to(self.down.weight.dtype)).to(x.dtype)
+        if self.rest is not None:
+            y = y + self.rest(x)
+        return y
+
+
+def collapse(mlp) -> tuple[CollapsedMLP, dict]:
+    """Rank-1 factorization of every channel's coefficient block."""
+    B = theta_blocks(mlp)  # [P, d, K]
+    P, d, K = B.shape
+    gated = mlp.family == "gated"
+    lo = 0 if gated else 1
+    U, S, Vh = torch.linalg.svd(B[:, :, lo:], full_matrices=False)  # batched over channels
+    w = U[:, :, 0] * S[:, :1]  # [P, d]
+    q = torch.zeros(P, K, dtype=torch.float64)
+    q[:, lo:] = Vh[:, 0, :]
+    bias = None if gated else B[:, :, 0].sum(0)
+    rank_ratio = (S[:, 1] / S[:, 0].clamp_min(1e-300)) if S.shape[1] > 1 else torch.zeros(P, dtype=torch.float64)
+    module = CollapsedMLP(mlp, w.T.contiguous(), q.T.contiguous(), bias)
+    return module, {"rank1_residual_max": float(rank_ratio.max()) if P else 0.0}
+
+
+def shared_copy(model, replace: dict):
+    """A copy of `model` with some modules replaced, sharing every other parameter (no extra weight memory)."""
+    memo = {id(old): new for old, new in replace.items()}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = p
+    for b in model.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
+def run(ctx: AuditContext, speed: bool = True) -> dict:
+    timer = Timer()
+    replace, infos = {}, []
+    with timer:
+        for _, mlp in ctx.layers:
+            if mlp.protected == 0:
+                continue
+            module, info = collapse(mlp)
+            replace[mlp] = module
+            infos.append(info)
+        attacker = shared_copy(ctx.release, replace).eval()
+    # fidelity of the collapsed blocks on the attacker's text (the block inputs of the release)
+    inputs = ctx.layer_inputs()
+    max_abs = max_rel = 0.0
+    with torch.no_grad():
+        for i, mlp in ctx.layers:
+            if mlp not in replace:
+                continue
+            x = inputs[i][:2048].to(mlp.theta.dtype)
+            ref, got = mlp(x).double(), replace[mlp](x).double()
+            max_abs = max(max_abs, float((got - ref).abs().max()))
+            max_rel = max(max_rel, float((got - ref).norm() / ref.norm().clamp_min(1e-300)))
+    out = {
+        "relative_weight_error": None,
+        "wall_time_s": timer.elapsed,
+        "rank1_residual_max": max(i["rank1_residual_max"] for i in infos) if infos else 0.0,
+        "block_max_abs_diff": max_abs,
+        "block_relative_diff": max_rel,
+    }
+    score = ctx.score_weights({i: _as_recovered(replace[m]) for i, m in ctx.layers if m in replace},
+                              up_to_scale=True)
+    if score is not None:
+        out["weight_error_up_to_scale"] = score["relative_weight_error"]
+    if speed:
+        models = {"release": ctx.release, "attacker": attacker}
+        if ctx.original is not None:
+            models["original"] = ctx.original
+        prompt = ctx.eval_prompts()[0]
+        tps = decode_speed(models, prompt, ctx.options.speed_tokens, ctx.options.speed_repeats)
+        out["tokens_per_s"] = tps
+        out["speedup_vs_release"] = tps["attacker"] / tps["release"]
+        if "original" in tps:
+            out["release_slowdown_vs_original"] = tps["original"] / tps["release"]
+            out["attacker_slowdown_vs_original"] = tps["original"] / tps["attacker"]
+    out.update(ctx.tokens_matched(attacker))
+    out["verdict"] = verdict(out)
+    ctx.keep(NAME, attacker)
+    return out
+
+
+def _as_recovered(module: CollapsedMLP):
+    from . import RecoveredLayer
+
+    return RecoveredLayer(V=module.gate.weight.detach().double(), b=None, U=None,
+                          W=module.down.weight.detach().double(), c=None)
+
+
+def verdict(out: dict) -> str:
+    exact = out["block_relative_diff"] < 1e-4
+    if "speedup_vs_release" not in out:
+        return "collapsed to one matmul" + ("" if exact else " (inexact)")
+    s = out["speedup_vs_release"]
+    if exact and s > 1.05:
+        return f"throttle removed ({s:.2f}x faster than the release)"
+    if exact:
+        return f"collapsed exactly, no measurable speedup here ({s:.2f}x)"
+    return "collapse inexact"

@@ -1,0 +1,155 @@
+"""`taylormlp audit`: attack a release the known ways and report what an attacker gets.
+
+    run_audit(release_dir, original=None, json_path=None, attacks=[...])   # the CLI
+    audit_model(release_model, original_model=None, tokenizer=None, attacks=[...])   # in memory
+
+Attacks (``taylormlp.attacks``) use only what a release user has; the original model, when given, only
+scores them (relative weight error, greedy tokens matched against the original on held-out prompts).
+Without an original, tokens are matched against the release itself and weight errors are not scored
+(each attack then reports its own consistency check instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .attacks import ATTACKS, AuditContext, AuditOptions, get_attack
+from .errors import TaylorMLPError
+from .progress import log
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+def _check_attacks(attacks) -> list[str]:
+    names = [a.strip() for a in (attacks or ATTACKS) if a and a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise TaylorMLPError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    if not names:
+        raise TaylorMLPError(f"no attack selected; choose from {', '.join(ATTACKS)}")
+    return names
+
+
+def audit_model(release_model, original_model=None, tokenizer=None, attacks=ATTACKS,
+                options: AuditOptions | None = None, strict: bool = True, context: AuditContext | None = None
+                ) -> dict:
+    """Run `attacks` on an in-memory release; returns {"attacks": {name: result}, ...}.
+
+    strict=True re-raises an attack's exception; strict=False records it as {"error": ..., "verdict":
+    "attack failed"} and goes on (the CLI)."""
+    names = _check_attacks(attacks)
+    torch.manual_seed((options or AuditOptions()).seed)
+    ctx = context or AuditContext(release_model, original_model, tokenizer, options)
+    report = {
+        "reference": ctx.reference_name(),
+        "spec": {k: ctx.spec.get(k) for k in ("family", "activation", "basis", "order", "coverage", "preset")},
+        "protected_channels": int(sum(m.protected for _, m in ctx.layers)),
+        "layers": len(ctx.layers),
+        "options": {k: v for k, v in asdict(ctx.options).items() if k != "attack_options"},
+        "attacks": {},
+    }
+    if ctx.original is not None:  # the release's own fidelity, for comparison with the attackers' models
+        report["release_vs_original"] = ctx.tokens_matched(ctx.release)
+    for name in names:
+        module = get_attack(name)
+        opts = ctx.options.attack_options.get(name, {})
+        log(f"audit: running {name} ...")
+        start = time.perf_counter()
+        try:
+            with torch.no_grad() if name in ("coefficient_ratio", "factorization") else contextlib.nullcontext():
+                result = module.run(ctx, **opts)
+        except Exception as exc:  # noqa: BLE001 - reported, not swallowed silently
+            if strict:
+                raise
+            result = {"relative_weight_error": None, "tokens_matched": None, "tokens": None,
+                      "wall_time_s": time.perf_counter() - start, "verdict": "attack failed",
+                      "error": f"{type(exc).__name__}: {exc}"}
+        result["total_time_s"] = time.perf_counter() - start
+        report["attacks"][name] = _jsonable(result)
+        log(f"audit: {name}: {result['verdict']}")
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [("attack", "rel. weight error", "tokens matched", "attacker time", "verdict")]
+    for name, r in report["attacks"].items():
+        err = r.get("relative_weight_error")
+        err_s = "n/a" if err is None else f"{err:.2e}"
+        if r.get("tokens") is None:
+            tok = "n/a"
+        else:
+            tok = f"{r['tokens_matched']}/{r['tokens']}"
+        t = r.get("wall_time_s")
+        rows.append((name, err_s, tok, "n/a" if t is None else (f"{t:.2f}s" if t < 10 else f"{t:.0f}s"),
+                     r.get("verdict", "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 7)
+    ref = report.get("reference", "release")
+    lines.append(f"(tokens matched: teacher-forced greedy agreement with the {ref} on held-out prompts; "
+                 f"rel. weight error = ‖Ŵ−W‖/‖W‖ over protected down-projection columns"
+                 f"{'' if ref == 'original' else ', needs --original'})")
+    if "release_vs_original" in report:
+        r = report["release_vs_original"]
+        lines.append(f"release itself vs original: {r['tokens_matched']}/{r['tokens']} tokens matched")
+    fac = report["attacks"].get("factorization", {})
+    if fac.get("tokens_per_s"):
+        speeds = ", ".join(f"{k} {v:.1f}" for k, v in fac["tokens_per_s"].items())
+        lines.append(f"decode tokens/s: {speeds}")
+    return "\n".join(lines)
+
+
+def run_audit(release_dir, original=None, json_path=None, attacks=None, options: AuditOptions | None = None,
+              print_table: bool = True) -> dict:
+    """Load the release (and the original, for scoring), run the attacks, print a table, write JSON."""
+    from transformers import AutoTokenizer
+
+    from .release import load_release
+
+    names = _check_attacks(attacks)
+    release_dir = Path(release_dir)
+    model = load_release(release_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(release_dir)
+    except (OSError, ValueError):
+        tokenizer = None
+        log("audit: the release has no tokenizer; attacker text is random token ids")
+    orig_model = None
+    if original is not None:
+        from .sources import load_base
+
+        orig_model, _, _ = load_base(original)
+    report = audit_model(model, orig_model, tokenizer, names, options=options, strict=False)
+    report = {"release": str(release_dir), "original": None if original is None else str(original), **report}
+    if print_table:
+        print(format_table(report))
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(report), indent=1))
+        log(f"wrote {path}")
+    return report

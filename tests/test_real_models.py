@@ -1,0 +1,52 @@
+"""Slow tests on the real SmolLM2-135M-Instruct (installed by `make setup`): a few minutes on 2 cores."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from taylormlp import load_release
+from taylormlp.evaluate import compare, read_prompts
+from taylormlp.leakcheck import leak_check
+from taylormlp.pipeline import inspect_release, protect_to_release
+
+pytestmark = pytest.mark.slow
+PROMPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts_smollm2.json"
+
+
+@pytest.fixture(scope="module")
+def smol_paper_release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "paper"
+    protect_to_release("smollm2-135m-instruct", out, preset="paper")
+    return out
+
+
+def test_paper_release_is_token_exact_on_held_out_prompts(smol_paper_release):
+    prompts = read_prompts(PROMPTS)
+    subset = prompts[:3] + prompts[10:13]  # three chat, three raw
+    result = compare("smollm2-135m-instruct", smol_paper_release, subset, max_new_tokens=32)
+    assert result["identical"] >= 5, json.dumps(result["rows"], indent=1)
+
+
+def test_paper_release_inspect_and_leak_check(smol_paper_release):
+    info = inspect_release(smol_paper_release)
+    assert info["architecture"] == "llama" and info["basis"] == "taylor" and info["order"] == 8
+    assert info["coverage"] > 0.05
+    assert info["validation"]["exact"]
+    report = leak_check(smol_paper_release, "smollm2-135m-instruct")
+    assert report["leaks"] == []
+    assert any("theta" in t["name"] for t in report["tensors"])
+
+
+def test_paper_release_keeps_module_tree_and_batching(smol_paper_release):
+    from transformers import AutoTokenizer
+
+    model = load_release(smol_paper_release)
+    tok = AutoTokenizer.from_pretrained(smol_paper_release)
+    assert type(model.model.layers[0].mlp).__name__ == "TaylorMLP"
+    tok.padding_side = "left"
+    batch = tok(["The sun is", "Water is made of hydrogen and"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape == (2, batch.input_ids.shape[1] + 8)
