@@ -85,13 +85,15 @@ def linear_weight(module) -> torch.Tensor:
 
 
 def torch_activation(name: str):
-    if name in ("silu", "swish"):
-        return nn.functional.silu
-    if name == "gelu":
-        return nn.functional.gelu
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
-        return lambda z: nn.functional.gelu(z, approximate="tanh")
-    raise ValueError(f"activation {name!r} is not supported")
+    """The activation module transformers itself uses for this config name (bit-identical results)."""
+    from transformers.activations import ACT2FN
+
+    if name == "gelu_tanh":
+        name = "gelu_pytorch_tanh"
+    try:
+        return ACT2FN[name]
+    except KeyError as exc:
+        raise ValueError(f"activation {name!r} is not supported") from exc
 
 
 # ---------------------------------------------------------------- the module
