@@ -163,7 +163,8 @@ def collect_ranges(model, sequences: list[torch.Tensor], desc: str = "calibratin
     try:
         for ids in bar(sequences, desc=desc, unit="seq"):
             ids = ids.reshape(1, -1)
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            # only the MLP pre-activations matter here: skip the (large) vocabulary projection
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
             tokens += ids.numel()
     finally:
         for h in hooks:

@@ -185,11 +185,18 @@ def prepare_calibration(model, tokenizer, texts: list[str] | None, opts: Protect
         else:
             calib.append(seq["ids"])
     for seq in valid:
-        ids = seq["ids"].reshape(1, -1)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
-        seq["logits"] = logits[seq["prompt_len"] - 1:-1].float()
+        seq["logits"] = continuation_logits(model, seq)
     sources = {prose_name: len(chunks), "prompts+continuations": len(seqs) - len(valid), "validation": len(valid)}
     return CalibrationData(calib, valid, sources)
+
+
+@torch.no_grad()
+def continuation_logits(model, seq: dict) -> torch.Tensor:
+    """Logits at the positions that predict the continuation (the vocabulary projection runs only there)."""
+    ids = seq["ids"].reshape(1, -1)
+    keep = ids.shape[1] - seq["prompt_len"] + 1
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=keep).logits[0]
+    return logits[:-1].float()
 
 
 @torch.no_grad()
@@ -198,9 +205,7 @@ def validate(model, validation: list[dict]) -> dict:
     matched = total = seqs_exact = 0
     max_err = 0.0
     for seq in validation:
-        ids = seq["ids"].reshape(1, -1)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
-        logits = logits[seq["prompt_len"] - 1:-1].float()
+        logits = continuation_logits(model, seq)
         same = logits.argmax(-1) == seq["logits"].argmax(-1)
         matched += int(same.sum())
         total += same.numel()
