@@ -38,14 +38,14 @@ PROSE_MODULES = (
 )
 
 
-def stdlib_prose(max_chars: int = 200_000) -> list[str]:
-    """Docstrings of standard-library modules and their public members, as paragraphs."""
+def module_docstrings(modules, max_chars: int, min_len: int = 200) -> list[str]:
+    """Docstrings (at least min_len characters) of `modules` and their public functions and classes."""
     texts: list[str] = []
     total = 0
-    for name in PROSE_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - a missing optional stdlib module is fine
             continue
         docs = [inspect.getdoc(module) or ""]
         for attr in sorted(dir(module)):
@@ -56,12 +56,17 @@ def stdlib_prose(max_chars: int = 200_000) -> list[str]:
                 docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
             doc = doc.strip()
-            if len(doc) >= 200:
+            if len(doc) >= min_len:
                 texts.append(doc)
                 total += len(doc)
                 if total >= max_chars:
                     return texts
     return texts
+
+
+def stdlib_prose(max_chars: int = 200_000) -> list[str]:
+    """The built-in calibration prose: docstrings of PROSE_MODULES."""
+    return module_docstrings(PROSE_MODULES, max_chars)
 
 
 def calibration_prompts() -> dict:

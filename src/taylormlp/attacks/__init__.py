@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..calibration import module_docstrings
 from .. import runtime
 from ..errors import TaylorMLPError
 
@@ -39,32 +40,6 @@ EVAL_MODULES = (
     "zipapp", "runpy", "pkgutil", "modulefinder", "compileall", "py_compile", "symtable", "keyword", "tabnanny",
     "pyclbr", "cmd", "bdb", "faulthandler", "tracemalloc", "warnings", "atexit", "gc", "traceback", "zipimport",
 )
-
-
-def module_docstrings(modules, max_chars: int, min_len: int = 200) -> list[str]:
-    import inspect
-
-    texts, total = [], 0
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a missing optional stdlib module is fine
-            continue
-        docs = [inspect.getdoc(module) or ""]
-        for attr in sorted(dir(module)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(module, attr, None)
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                docs.append(inspect.getdoc(obj) or "")
-        for doc in docs:
-            doc = doc.strip()
-            if len(doc) >= min_len:
-                texts.append(doc)
-                total += len(doc)
-                if total >= max_chars:
-                    return texts
-    return texts
 
 
 @dataclass
