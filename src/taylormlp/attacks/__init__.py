@@ -279,6 +279,15 @@ class AuditContext:
                 "sequences": len(self.reference()), "reference": self.reference_name()}
 
     # ------------------------------------------------------------ scoring against the original
+    def sign_accuracy(self, signs: dict) -> float:
+        """Share of released channels whose recovered ±1 sign (per layer: array or tensor) is the true one."""
+        match = self.channel_match()
+        agree = total = 0
+        for i, s in signs.items():
+            agree += int((torch.as_tensor(s) == match[i]["sign"]).sum())
+            total += len(s)
+        return agree / max(total, 1)
+
     def channel_match(self) -> dict[int, dict] | None:
         """Per protected layer: the original channel index and sign of every released channel (scoring only)."""
         if self.original is None:

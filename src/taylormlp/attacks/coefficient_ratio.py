@@ -163,12 +163,7 @@ def run(ctx: AuditContext, search: dict | None = None) -> dict:
     score = ctx.score_weights(recovered)
     if score is not None:
         out.update(score)
-        match = ctx.channel_match()
-        agree = total = 0
-        for i, s in signs.items():
-            agree += int((torch.from_numpy(s) == match[i]["sign"]).sum())
-            total += len(s)
-        out["sign_accuracy"] = agree / max(total, 1)
+        out["sign_accuracy"] = ctx.sign_accuracy(signs)
     out.update(ctx.tokens_matched(attacker))
     out["verdict"] = verdict(out)
     ctx.keep(NAME, attacker)

@@ -362,12 +362,7 @@ def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: st
     score = ctx.score_weights(recovered)
     if score is not None:
         out.update(score)
-        match = ctx.channel_match()
-        agree = n = 0
-        for i, info in infos.items():
-            agree += int((info["sign"] == match[i]["sign"]).sum())
-            n += len(info["sign"])
-        out["sign_accuracy"] = agree / max(n, 1)
+        out["sign_accuracy"] = ctx.sign_accuracy({i: info["sign"] for i, info in infos.items()})
     out.update(ctx.tokens_matched(attacker))
     out["verdict"] = verdict(out)
     ctx.keep(NAME, attacker)
