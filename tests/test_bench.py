@@ -40,9 +40,10 @@ def base_and_ranges():
     return model, ranges
 
 
-def protected_copy(base, ranges, order=8, basis="chebyshev", preset="default"):
+def protected_copy(base, ranges, order=8, basis="chebyshev", preset="default", max_pieces=1):
     model = copy.deepcopy(base)
-    p = Protector(model, ranges, ProtectOptions(preset=preset, basis=basis, order=order, coverage=1.0).resolved())
+    p = Protector(model, ranges, ProtectOptions(preset=preset, basis=basis, order=order, coverage=1.0,
+                                                max_pieces=max_pieces).resolved())
     p.apply(1.0)
     model.config.taylormlp = {"order": order, "basis": basis, "coverage": 1.0, "preset": preset,
                               "validation": {"max_logit_error": 0.01 * order, "tokens_matched": 10, "tokens": 10}}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from taylormlp import runtime, series
-from taylormlp.convert import build_taylor_mlp, mlp_weights
+from taylormlp.convert import build_taylor_mlp, mlp_weights, single_pieces, split_pieces
 
 
 def _setup(model, gate_scale, seed=0):
@@ -29,13 +29,16 @@ def _setup(model, gate_scale, seed=0):
     return arch, mlp, x, lo, hi
 
 
-def _build(model, arch, mlp, lo, hi, order, basis, mask=None, signs=None):
+def _build(model, arch, mlp, lo, hi, order, basis, mask=None, signs=None, max_pieces=1, tolerance=1e-6):
     act = runtime.activation_name(model.config)
     w = mlp_weights(mlp, arch, 0)
-    coeffs = series.series_coefficients(basis, act, lo, hi, order)
+    if max_pieces == 1:
+        pieces = single_pieces(lo, hi, series.series_coefficients(basis, act, lo, hi, order))
+    else:
+        pieces, _ = split_pieces(basis, act, lo, hi, order, tolerance, max_pieces)
     mask = np.ones(len(lo), dtype=bool) if mask is None else mask
     signs = np.ones(len(lo)) if signs is None else signs
-    return build_taylor_mlp(w, arch["family"], act, lo, hi, coeffs, mask, signs, order, basis, torch.float64), w
+    return build_taylor_mlp(w, arch["family"], act, pieces, mask, signs, order, basis, torch.float64), w
 
 
 def _rel(a, b):
@@ -119,3 +122,28 @@ def test_out_of_range_inputs_stay_finite(tiny_model):
         assert torch.isfinite(block(huge)).all()
         out = block(torch.cat([x[:1, :1], nan], 1))
     assert torch.isfinite(out[:, 0]).all()
+
+
+def test_piecewise_series_is_more_accurate_and_partitions_the_line(tiny_model):
+    """Pieces: each input is served by exactly one piece of its channel (inside, between and outside the
+    intervals, with random signs), and splitting wide intervals buys accuracy at the same order."""
+    name, model = tiny_model
+    arch, mlp, x, lo, hi = _setup(model, gate_scale=6.0)  # wide pre-activations
+    signs = np.random.default_rng(1).choice([-1.0, 1.0], size=len(lo))
+    with torch.no_grad():
+        ref = mlp(x).double()
+    one, _ = _build(model, arch, mlp, lo, hi, 6, "chebyshev", signs=signs)
+    many, _ = _build(model, arch, mlp, lo, hi, 6, "chebyshev", signs=signs, max_pieces=8)
+    assert many.pieces > many.protected  # some channels were split
+    with torch.no_grad():
+        err_one = _rel(one(x.double()), ref)
+        err_many = _rel(many(x.double()), ref)
+        far = many(x.double() * 3.0)  # well outside the calibrated intervals
+    assert err_many < err_one / 4, (name, err_one, err_many)
+    assert err_many < 1e-4, (name, err_many)
+    assert torch.isfinite(far).all()
+    # the live-piece masks partition every channel's line: count live pieces per channel at many z
+    z = torch.linspace(-50, 50, 2001, dtype=torch.float64)[:, None].expand(-1, many.pieces)
+    live = ((z >= many.edge_lo) & (z < many.edge_hi)).double()
+    per_channel = torch.zeros(z.shape[0], many.protected, dtype=torch.float64).index_add_(1, many.owner, live)
+    assert torch.equal(per_channel, torch.ones_like(per_channel))

@@ -57,3 +57,54 @@ def test_bad_inputs_are_rejected():
         series.taylor_coefficients("silu", np.array([0.0]), series.MAX_ORDER + 1)
     with pytest.raises(ValueError, match="finite"):
         series.taylor_coefficients("silu", np.array([np.nan]), 4)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_new"])
+def test_chebyshev_fit_has_the_activations_value_and_slope_at_both_ends(name):
+    lo, hi = np.array([-6.0, -0.4, 1.0]), np.array([3.0, 0.9, 7.5])
+    c = series.chebyshev_coefficients(name, lo, hi, 8)
+    half = (hi - lo) / 2
+    for k, end in enumerate((lo, hi)):
+        t = np.array([-1.0, 1.0])[k]
+        np.testing.assert_allclose(C.chebval(t, c.T), series.activation(name, end), rtol=1e-9, atol=1e-12)
+        slope = C.chebval(t, C.chebder(c.T))  # dp/dt
+        ref = np.array([float(mp.diff(REFERENCE["gelu_pytorch_tanh" if name == "gelu_new" else name], e))
+                        for e in end]) * half
+        np.testing.assert_allclose(slope, ref, rtol=1e-8, atol=1e-12)
+
+
+def test_tangent_continuation_beats_plain_interpolation_outside():
+    """The point of the tangent ends: the runtime's first-order continuation past the interval is accurate."""
+    lo, hi = np.array([-4.65]), np.array([2.18])
+    t_out = np.linspace(1.05, 1.6, 12)
+    exact = series.activation("silu", (lo + hi) / 2 + (hi - lo) / 2 * t_out)
+    errs = []
+    for tangent in (False, True):
+        c = series.chebyshev_coefficients("silu", lo, hi, 8, tangent_ends=tangent)
+        errs.append(np.abs(series.runtime_values("chebyshev", c, t_out)[0] - exact).max())
+    assert errs[1] < errs[0] / 2, errs
+
+
+@pytest.mark.parametrize("basis", ["taylor", "chebyshev"])
+def test_trust_radius_and_rescaling_keep_the_same_polynomial(basis):
+    lo, hi = np.array([-0.3, -3.0, 1.0]), np.array([0.4, 2.0, 5.0])
+    c = series.series_coefficients(basis, "silu", lo, hi, 8)
+    tol = 1e-3
+    radius = series.trust_radius(basis, "silu", lo, hi, c, tol)
+    assert np.all(radius >= 1.0) and radius[0] > 1.5  # a narrow channel's Taylor series holds well past its range
+    for j, r in enumerate(radius):  # inside the radius the series is within the tolerance (or its in-range error)
+        t = np.linspace(-r, r, 201)
+        err = series.series_error(basis, "silu", lo[j:j + 1], hi[j:j + 1], c[j:j + 1], t).max()
+        in_range = series.series_error(basis, "silu", lo[j:j + 1], hi[j:j + 1], c[j:j + 1], np.linspace(-1, 1, 201))
+        assert err <= max(tol, in_range.max()) * 1.01
+    scaled = series.rescale_coefficients(basis, c, radius)
+    s = np.linspace(-1, 1, 9)
+    for j, r in enumerate(radius):
+        np.testing.assert_allclose(scaled[j] @ series.basis_values(basis, s, 8).T,
+                                   c[j] @ series.basis_values(basis, s * r, 8).T, rtol=1e-10, atol=1e-12)
+
+
+def test_runtime_values_continue_linearly_outside():
+    c = series.series_coefficients("chebyshev", "silu", np.array([-2.0]), np.array([1.0]), 8)
+    v = series.runtime_values("chebyshev", c, np.array([1.0, 2.0, 3.0, -1.0, -2.0, -3.0]))[0]
+    assert np.isclose(v[2] - v[1], v[1] - v[0]) and np.isclose(v[5] - v[4], v[4] - v[3])

@@ -177,7 +177,7 @@ def weights_bytes(model) -> int:
 
 def series_feature_bytes_per_token(model) -> int:
     """Bytes of the largest layer's stacked basis features for one token ((N+1)·P float32 values)."""
-    sizes = [(m.order + 1) * m.protected * 4 for m in taylor_mlps(model)]
+    sizes = [(m.order + 1) * m.pieces * 4 for m in taylor_mlps(model)]
     return max(sizes, default=0)
 
 
@@ -202,15 +202,17 @@ def _timer(fn, target_s: float = 0.02) -> tuple[callable, int]:
 
 @torch.no_grad()
 def term_benchmark(mlp, blocks: int = 7) -> dict | None:
-    """Time one TaylorMLP on a single token against one plain [d × P] matmul (see module docstring)."""
+    """Time one TaylorMLP on a single token against one plain [d × Q] matmul, Q = series pieces (= protected
+    channels unless the release is piecewise; see module docstring)."""
     P, N, d = int(mlp.protected), int(mlp.order), int(mlp.hidden)
+    Q = int(getattr(mlp, "pieces", P))
     if P == 0:
         return None
     dtype = mlp.theta.dtype
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, d, generator=gen).to(dtype)
-    feat = torch.randn(1, 1, P, generator=gen).to(dtype)
-    weight = torch.randn(d, P, generator=gen).to(dtype)
+    feat = torch.randn(1, 1, Q, generator=gen).to(dtype)
+    weight = torch.randn(d, Q, generator=gen).to(dtype)
 
     def overhead():
         mlp.gate(x)
@@ -231,7 +233,7 @@ def term_benchmark(mlp, blocks: int = 7) -> dict | None:
     med = {name: statistics.median(v) for name, v in samples.items()}
     per_term = max(med["mlp"] - med["overhead"], 0.0) / (N + 1)
     return {
-        "protected": P, "order": N, "hidden": d, "terms": N + 1,
+        "protected": P, "pieces": Q, "order": N, "hidden": d, "terms": N + 1,
         "mlp_ms": med["mlp"] * 1e3,
         "overhead_ms": med["overhead"] * 1e3,
         "per_term_ms": per_term * 1e3,
@@ -495,9 +497,9 @@ def format_table(results: dict) -> str:
         lines += ["", "time per series term (one token, the layer with most protected channels):"]
         for r in terms:
             t = r["term_benchmark"]
-            lines.append(f"  {r['name']}: layer {t['layer']}, P={t['protected']}, {t['terms']} terms: TaylorMLP "
+            lines.append(f"  {r['name']}: layer {t['layer']}, P={t['protected']}, Q={t.get('pieces', t['protected'])}, {t['terms']} terms: TaylorMLP "
                          f"{t['mlp_ms']:.3f} ms, non-series parts {t['overhead_ms']:.3f} ms -> {t['per_term_ms']:.4f} "
-                         f"ms per term vs {t['plain_matmul_ms']:.4f} ms for one plain [{t['hidden']}x{t['protected']}]"
+                         f"ms per term vs {t['plain_matmul_ms']:.4f} ms for one plain [{t['hidden']}x{t.get('pieces', t['protected'])}]"
                          f" matmul ({t['per_term_vs_matmul']:.2f}x)")
     errors = [f"  {r['name']}: {r['memory']['error']}" for r in rows if (r.get("memory") or {}).get("error")]
     if errors:

@@ -28,9 +28,9 @@ from .progress import bar, log
 
 PRESETS = {
     # the paper: Taylor series around the midpoint, narrowest channels first
-    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1),
+    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1, max_pieces=1),
     # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
-    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.05, error_budget=0.1),
+    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.5, error_budget=0.1, max_pieces=8),
 }
 
 
@@ -50,6 +50,16 @@ class ProtectOptions:
     # the coverage search accepts a coverage only if validation is token-exact AND the largest logit error stays
     # within this budget: exactness on validation alone leaves no margin for unseen prompts
     error_budget: float | None = None
+    # how far past its calibrated interval a channel's series is trusted before the runtime's linear continuation
+    # takes over: as far as |series - activation| <= max(in-interval error, trust_tolerance), at most trust_max
+    # half widths (0 disables: clamp at the calibrated edge)
+    trust_tolerance: float = 1e-3
+    trust_max: float = 4.0
+    # piecewise series: split a channel's interval (bisection, worst piece first) while the degree-N series misses
+    # the activation by more than piece_tolerance, up to max_pieces pieces per channel.  Every piece is real
+    # series work at run time (its own Θ block), so pieces also raise the cost per token.
+    max_pieces: int | None = None
+    piece_tolerance: float = 1e-4
 
     def resolved(self) -> "ProtectOptions":
         if self.preset not in PRESETS:
@@ -68,6 +78,11 @@ class ProtectOptions:
             raise TaylorMLPError(f"selection must be 'width' or 'error', got {out.selection!r}")
         if out.error_budget <= 0:
             raise TaylorMLPError(f"error_budget must be positive, got {out.error_budget}")
+        if not 1 <= out.max_pieces <= 64 or out.piece_tolerance <= 0:
+            raise TaylorMLPError(f"max_pieces must be in 1..64 and piece_tolerance positive, got {out.max_pieces}, "
+                                 f"{out.piece_tolerance}")
+        if out.trust_tolerance < 0 or out.trust_max < 1.0:
+            raise TaylorMLPError("trust_tolerance must be >= 0 and trust_max >= 1")
         if not 0.0 <= out.margin <= 1.0:
             raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin}")
         return out
@@ -108,35 +123,69 @@ def mlp_weights(mlp, arch: dict, layer_index: int) -> MLPWeights:
 # ---------------------------------------------------------------- one layer
 
 
-def build_taylor_mlp(w: MLPWeights, family: str, act: str, lo: np.ndarray, hi: np.ndarray, coeffs: np.ndarray,
-                     protected: np.ndarray, signs: np.ndarray, order: int, basis: str,
-                     dtype: torch.dtype) -> runtime.TaylorMLP:
-    """A TaylorMLP for one layer; `protected` is a boolean mask over channels, coeffs [I, N+1] over t."""
+@dataclass
+class Pieces:
+    """One layer's series pieces (activation coordinates a = z + b).  Piece q belongs to channel owner[q], is fitted
+    on [lo[q], hi[q]] with coefficients coeffs[q] over t = (a - mid)/half, and is live for a in
+    [edge_lo[q], edge_hi[q]); a channel's pieces partition the real line (its outer edges are ±inf)."""
+
+    owner: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    coeffs: np.ndarray
+    edge_lo: np.ndarray
+    edge_hi: np.ndarray
+
+    def select(self, channels: np.ndarray) -> "Pieces":
+        keep = np.isin(self.owner, channels)
+        return Pieces(self.owner[keep], self.lo[keep], self.hi[keep], self.coeffs[keep], self.edge_lo[keep],
+                      self.edge_hi[keep])
+
+
+def single_pieces(lo: np.ndarray, hi: np.ndarray, coeffs: np.ndarray) -> Pieces:
+    n = len(lo)
+    return Pieces(np.arange(n), lo, hi, coeffs, np.full(n, -np.inf), np.full(n, np.inf))
+
+
+def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, protected: np.ndarray, signs: np.ndarray,
+                     order: int, basis: str, dtype: torch.dtype) -> runtime.TaylorMLP:
+    """A TaylorMLP for one layer; `protected` is a boolean mask over channels, pieces.coeffs [Q, N+1] over t."""
     sel = np.flatnonzero(protected)
     rest = np.flatnonzero(~protected)
     hidden = w.W.shape[0]
     P = len(sel)
-    module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act,
-                               rest_bias=w.b is not None, rest_out_bias=(w.c is not None and P == 0))
+    pc = pieces.select(sel)
+    Q = len(pc.owner)
+    module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act, rest_bias=w.b is not None,
+                               rest_out_bias=(w.c is not None and P == 0), pieces=Q)
     sel_t, rest_t = torch.from_numpy(sel), torch.from_numpy(rest)
     with torch.no_grad():
         if P:
-            s = torch.from_numpy(signs[sel]).double()  # ±1
-            mid = torch.from_numpy((lo[sel] + hi[sel]) / 2.0)
-            h = torch.from_numpy((hi[sel] - lo[sel]) / 2.0)
-            z0 = mid - (w.b[sel_t] if w.b is not None else 0.0)  # public coordinate z = V x
-            module.gate.weight.copy_(s[:, None] * w.V[sel_t])
+            slot = np.searchsorted(sel, pc.owner)  # piece -> released channel index
+            s_ch = torch.from_numpy(signs[sel]).double()  # ±1 per channel
+            s = s_ch[torch.from_numpy(slot)]  # ±1 per piece
+            b = w.b[torch.from_numpy(pc.owner)] if w.b is not None else torch.zeros(Q, dtype=torch.float64)
+            mid = torch.from_numpy((pc.lo + pc.hi) / 2.0)
+            h = torch.from_numpy((pc.hi - pc.lo) / 2.0)
+            module.gate.weight.copy_(s_ch[:, None] * w.V[sel_t])
             if module.up is not None:
                 module.up.weight.copy_(w.U[sel_t])
-            module.z0.copy_(s * z0)
+            module.z0.copy_(s * (mid - b))  # public coordinate z = V x
             module.h.copy_(h)
-            c = torch.from_numpy(coeffs[sel])  # [P, N+1]
+            if Q > P:
+                edge_lo = torch.from_numpy(pc.edge_lo) - b  # still ±inf at the outer edges
+                edge_hi = torch.from_numpy(pc.edge_hi) - b
+                flip = s < 0  # z -> -z maps [lo, hi) onto [-hi, -lo): still a partition of the line
+                module.owner.copy_(torch.from_numpy(slot))
+                module.edge_lo.copy_(torch.where(flip, -edge_hi, edge_lo))
+                module.edge_hi.copy_(torch.where(flip, -edge_lo, edge_hi))
+            c = torch.from_numpy(pc.coeffs)  # [Q, N+1]
             s_pow = s[:, None] ** torch.arange(order + 1, dtype=torch.float64)  # s_jⁿ
-            W_sel = w.W[:, sel_t]  # [d, P]
-            theta = W_sel[:, None, :] * (c * s_pow).T[None, :, :]  # Θ[d, n, j] = W_{·,j} c_{j,n} s_jⁿ
+            W_sel = w.W[:, torch.from_numpy(pc.owner)]  # [d, Q]
+            theta = W_sel[:, None, :] * (c * s_pow).T[None, :, :]  # Θ[d, n, q] = W_{·,j(q)} c_{q,n} s_jⁿ
             if w.c is not None:
-                theta[:, 0, :] += w.c[:, None] / P  # output bias folded into the order-0 term
-            module.theta.copy_(theta.reshape(hidden, (order + 1) * P))
+                theta[:, 0, :] += w.c[:, None] / P  # output bias folded into the order-0 term (one live piece each)
+            module.theta.copy_(theta.reshape(hidden, (order + 1) * Q))
         if module.rest is not None:
             module.rest.gate.weight.copy_(w.V[rest_t])
             if w.b is not None:
@@ -147,6 +196,40 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, lo: np.ndarray, hi: n
             if module.rest.down.bias is not None:
                 module.rest.down.bias.copy_(w.c)
     return module.to(dtype)
+
+
+def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: int, tolerance: float,
+                 max_pieces: int) -> tuple[Pieces, np.ndarray]:
+    """Bisect each channel's interval where the degree-N series misses the activation by more than `tolerance`,
+    worst piece first, up to max_pieces per channel.  Returns the pieces and each piece's in-interval error."""
+    owner = np.arange(len(lo))
+    plo, phi = lo.copy(), hi.copy()
+    coeffs = series.series_coefficients(basis, act, plo, phi, order)
+    err = approximation_error(basis, act, plo, phi, coeffs)
+    for _ in range(max_pieces - 1):
+        counts = np.bincount(owner, minlength=len(lo))
+        cand = np.flatnonzero((err > tolerance) & (counts[owner] < max_pieces))
+        if cand.size == 0:
+            break
+        cand = cand[np.lexsort((-err[cand], owner[cand]))]  # by channel, worst first
+        worst = cand[np.r_[True, owner[cand][1:] != owner[cand][:-1]]]  # one split per channel per round
+        m = (plo[worst] + phi[worst]) / 2.0
+        new_lo, new_hi = m, phi[worst].copy()
+        phi[worst] = m
+        owner = np.concatenate([owner, owner[worst]])
+        plo, phi = np.concatenate([plo, new_lo]), np.concatenate([phi, new_hi])
+        changed = np.concatenate([worst, np.arange(len(owner) - len(worst), len(owner))])
+        coeffs = np.concatenate([coeffs, np.zeros((len(worst), order + 1))])
+        err = np.concatenate([err, np.zeros(len(worst))])
+        coeffs[changed] = series.series_coefficients(basis, act, plo[changed], phi[changed], order)
+        err[changed] = approximation_error(basis, act, plo[changed], phi[changed], coeffs[changed])
+    perm = np.lexsort((plo, owner))
+    owner, plo, phi, coeffs, err = owner[perm], plo[perm], phi[perm], coeffs[perm], err[perm]
+    first = np.r_[True, owner[1:] != owner[:-1]]
+    last = np.r_[owner[1:] != owner[:-1], True]
+    edge_lo = np.where(first, -np.inf, plo)
+    edge_hi = np.where(last, np.inf, phi)
+    return Pieces(owner, plo, phi, coeffs, edge_lo, edge_hi), err
 
 
 # ---------------------------------------------------------------- calibration and validation data
@@ -234,22 +317,34 @@ class Protector:
         self.dtype = next(model.parameters()).dtype
         self.weights = [mlp_weights(m, self.arch, i) for i, m in enumerate(self.originals)]
         rng = np.random.default_rng(opts.seed)
-        self.lo, self.hi, self.coeffs, self.scores, self.signs = [], [], [], [], []
+        self.pieces, self.scores, self.signs, self.radius = [], [], [], []
         for i, w in enumerate(bar(self.weights, desc="series coefficients", unit="layer")):
             lo, hi = ranges.lo[i], ranges.hi[i]
             width = np.maximum(hi - lo, 1e-3)
             mid = (lo + hi) / 2.0
             lo, hi = mid - width * (0.5 + opts.margin), mid + width * (0.5 + opts.margin)
-            coeffs = series.series_coefficients(opts.basis, self.act, lo, hi, opts.order)
-            self.lo.append(lo)
-            self.hi.append(hi)
-            self.coeffs.append(coeffs)
+            pieces, piece_error = split_pieces(opts.basis, self.act, lo, hi, opts.order, opts.piece_tolerance,
+                                               opts.max_pieces)
+            error_in = np.zeros(len(lo))
+            np.maximum.at(error_in, pieces.owner, piece_error)
             self.signs.append(rng.choice(np.array([-1.0, 1.0]), size=len(lo)))
             if opts.selection == "width":
                 self.scores.append(hi - lo)
             else:  # worst approximation error on the interval, weighted by the channel's output norm
-                self.scores.append(approximation_error(opts.basis, self.act, lo, hi, coeffs)
-                                   * w.W.norm(dim=0).numpy())
+                self.scores.append(error_in * w.W.norm(dim=0).numpy())
+            # a one-piece channel's polynomial is trusted (before the runtime's clamp) as far as it stays accurate
+            radius = np.ones_like(lo)
+            single = np.bincount(pieces.owner, minlength=len(lo))[pieces.owner] == 1
+            if opts.trust_tolerance > 0 and single.any():
+                q = np.flatnonzero(single)
+                r = series.trust_radius(opts.basis, self.act, pieces.lo[q], pieces.hi[q], pieces.coeffs[q],
+                                        np.maximum(piece_error[q], opts.trust_tolerance), opts.trust_max)
+                pieces.coeffs[q] = series.rescale_coefficients(opts.basis, pieces.coeffs[q], r)
+                pmid, half = (pieces.lo[q] + pieces.hi[q]) / 2.0, (pieces.hi[q] - pieces.lo[q]) / 2.0 * r
+                pieces.lo[q], pieces.hi[q] = pmid - half, pmid + half
+                radius[pieces.owner[q]] = r
+            self.radius.append(radius)
+            self.pieces.append(pieces)
         flat = np.concatenate(self.scores)
         self.order_index = np.argsort(flat, kind="stable")  # easiest channels first
         self.sizes = [len(s) for s in self.scores]
@@ -265,8 +360,8 @@ class Protector:
         masks = self.masks(coverage)
         family = self.arch["family"]
         for i, (layer, mask) in enumerate(zip(self.layers, masks)):
-            layer.mlp = build_taylor_mlp(self.weights[i], family, self.act, self.lo[i], self.hi[i], self.coeffs[i],
-                                         mask, self.signs[i], self.opts.order, self.opts.basis, self.dtype)
+            layer.mlp = build_taylor_mlp(self.weights[i], family, self.act, self.pieces[i], mask, self.signs[i],
+                                         self.opts.order, self.opts.basis, self.dtype)
         return masks
 
     def restore(self) -> None:
@@ -278,19 +373,16 @@ def approximation_error(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, co
                         points: int = 65) -> np.ndarray:
     """max over a grid of |series(t) - act(a)| on each channel's interval (float64)."""
     t = np.cos(np.linspace(0.0, math.pi, points))
-    phi = series.basis_values(basis, t, coeffs.shape[-1] - 1)  # [points, N+1]
-    approx = coeffs @ phi.T  # [I, points]
-    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
-    exact = series.activation(act, mid[:, None] + half[:, None] * t[None, :])
-    err = np.abs(approx - exact).max(-1)
-    return np.where(np.isfinite(err), err, np.inf)
+    return series.series_error(basis, act, lo, hi, coeffs, t).max(-1)
 
 
 def build_spec(model, protector: Protector, masks: list[np.ndarray], opts: ProtectOptions, extra: dict) -> dict:
     layers = []
-    for w, mask in zip(protector.weights, masks):
+    for w, mask, pieces in zip(protector.weights, masks, protector.pieces):
         P = int(mask.sum())
-        layers.append({"protected": P, "rest": int(mask.size - P), "rest_out_bias": bool(w.c is not None and P == 0)})
+        Q = int(np.isin(pieces.owner, np.flatnonzero(mask)).sum())
+        layers.append({"protected": P, "pieces": Q, "rest": int(mask.size - P),
+                       "rest_out_bias": bool(w.c is not None and P == 0)})
     total = sum(m.size for m in masks)
     return {
         "format_version": runtime.FORMAT_VERSION,
@@ -302,6 +394,7 @@ def build_spec(model, protector: Protector, masks: list[np.ndarray], opts: Prote
         "preset": opts.preset,
         "selection": opts.selection,
         "margin": float(opts.margin),
+        "max_pieces": int(opts.max_pieces),
         "rest_bias": protector.weights[0].b is not None,
         "coverage": float(sum(int(m.sum()) for m in masks) / total),
         "layers": layers,

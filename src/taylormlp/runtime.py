@@ -122,28 +122,44 @@ class TaylorMLP(nn.Module):
     """An MLP block whose protected channels are evaluated from series coefficients Θ_0..Θ_N."""
 
     def __init__(self, family: str, hidden: int, protected: int, rest: int, order: int, basis: str, act: str,
-                 rest_bias: bool = False, rest_out_bias: bool = False):
+                 rest_bias: bool = False, rest_out_bias: bool = False, pieces: int | None = None):
         super().__init__()
         if basis not in BASES:
             raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
         if family not in ("gated", "plain"):
             raise ValueError(f"unknown MLP family {family!r}")
+        pieces = protected if pieces is None else pieces
+        if pieces < protected:
+            raise ValueError(f"a layer needs at least one series piece per protected channel ({pieces} < {protected})")
         self.family, self.hidden, self.protected, self.order, self.basis = family, hidden, protected, order, basis
+        self.pieces = pieces
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         self.gate = nn.Linear(hidden, protected, bias=False)  # V (plain) or W_gate (gated), rows times ±1
         self.up = nn.Linear(hidden, protected, bias=False) if family == "gated" else None  # W_up
-        self.z0 = nn.Parameter(torch.zeros(protected), requires_grad=False)  # expansion points (times ±1)
-        self.h = nn.Parameter(torch.ones(protected), requires_grad=False)  # half widths of the intervals
-        self.theta = nn.Parameter(torch.zeros(hidden, (order + 1) * protected))  # [Θ_0 | Θ_1 | … | Θ_N]
+        # one series per piece; a channel's pieces partition the real line [edge_lo, edge_hi) (outer edges ±inf)
+        self.z0 = nn.Parameter(torch.zeros(pieces), requires_grad=False)  # expansion points (times ±1)
+        self.h = nn.Parameter(torch.ones(pieces), requires_grad=False)  # half widths of the intervals
+        if pieces > protected:
+            self.owner = nn.Parameter(torch.zeros(pieces, dtype=torch.long), requires_grad=False)  # piece -> channel
+            self.edge_lo = nn.Parameter(torch.full((pieces,), -float("inf")), requires_grad=False)
+            self.edge_hi = nn.Parameter(torch.full((pieces,), float("inf")), requires_grad=False)
+        self.theta = nn.Parameter(torch.zeros(hidden, (order + 1) * pieces))  # [Θ_0 | Θ_1 | … | Θ_N]
         self.rest = RestMLP(family, hidden, rest, act, rest_bias, rest_out_bias) if rest > 0 else None
 
     def extra_repr(self) -> str:
-        return f"family={self.family}, protected={self.protected}, order={self.order}, basis={self.basis}"
+        return (f"family={self.family}, protected={self.protected}, pieces={self.pieces}, order={self.order}, "
+                f"basis={self.basis}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider."""
         work = torch.promote_types(x.dtype, torch.float32)
         z = self.gate(x).to(work)
+        u = self.up(x).to(work) if self.up is not None else None
+        active = None
+        if self.pieces > self.protected:  # piecewise: each piece reads its channel's z and is live on its own part
+            z = z[..., self.owner]
+            u = u[..., self.owner] if u is not None else None
+            active = (z >= self.edge_lo.to(work)) & (z < self.edge_hi.to(work))
         t = (z - self.z0.to(work)) / self.h.to(work)
         t = torch.nan_to_num(t, nan=0.0)  # a NaN input must not poison the series
         tc = t.clamp(-1.0, 1.0)
@@ -164,8 +180,10 @@ class TaylorMLP(nn.Module):
         basis = torch.stack(phi, dim=-2)  # [..., N+1, P]
         if bool(outside.any()):
             basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
-        if self.up is not None:
-            basis = basis * self.up(x).to(work).unsqueeze(-2)
+        if active is not None:
+            basis = basis * active.to(work).unsqueeze(-2)
+        if u is not None:
+            basis = basis * u.unsqueeze(-2)
         return basis.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +206,7 @@ def install_taylor_mlps(model, spec: dict) -> None:
     for layer, shape in zip(layers, shapes):
         layer.mlp = TaylorMLP(spec["family"], spec["hidden_size"], shape["protected"], shape["rest"], spec["order"],
                               spec["basis"], spec["activation"], rest_bias=spec.get("rest_bias", False),
-                              rest_out_bias=shape.get("rest_out_bias", False))
+                              rest_out_bias=shape.get("rest_out_bias", False), pieces=shape.get("pieces"))
 
 
 def _make_release_class(base_name: str):

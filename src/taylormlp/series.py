@@ -20,6 +20,7 @@ Chebyshev points of the first kind), batched over channels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -156,15 +157,51 @@ def taylor_coefficients(name: str, a, order: int) -> np.ndarray:
     return _mul(z, g)
 
 
-def chebyshev_coefficients(name: str, lo, hi, order: int) -> np.ndarray:
-    """c_n with act(mid + half·t) ≈ Σ c_n T_n(t) on t ∈ [-1, 1]; shape lo.shape + (order+1,)."""
+def activation_slope(name: str, z) -> np.ndarray:
+    """act'(z) in float64 (the order-1 Taylor coefficient)."""
+    return taylor_coefficients(name, z, 1)[..., 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _tangent_fit_operator(order: int, points: int) -> np.ndarray:
+    """Linear map [f(t_g) (G values), f(-1), f(1), f'(-1), f'(1)] -> Chebyshev coefficients c_0..c_N that
+    minimise Σ_g (p(t_g) - f(t_g))² over Chebyshev points t_g subject to p = f and p' = f' at t = ±1
+    (a Lagrange / KKT system, solved once per order)."""
+    t = C.chebpts1(points)
+    A = C.chebvander(t, order)  # [G, N+1]
+    ends = np.array([-1.0, 1.0])
+    V = C.chebvander(ends, order)  # p(±1)
+    D = np.zeros((2, order + 1))  # p'(±1)
+    for n in range(1, order + 1):
+        D[:, n] = C.chebval(ends, C.chebder(np.eye(order + 1)[n]))
+    B = np.vstack([V, D])  # [4, N+1]
+    K = np.block([[2.0 * A.T @ A, B.T], [B, np.zeros((4, 4))]])
+    rhs = np.block([[2.0 * A.T, np.zeros((order + 1, 4))], [np.zeros((4, points)), np.eye(4)]])
+    return np.linalg.solve(K, rhs)[: order + 1]  # [N+1, G+4]
+
+
+def chebyshev_coefficients(name: str, lo, hi, order: int, tangent_ends: bool = True) -> np.ndarray:
+    """c_n with act(mid + half·t) ≈ Σ c_n T_n(t) on t ∈ [-1, 1]; shape lo.shape + (order+1,).
+
+    tangent_ends (default, order >= 3): near-minimax least squares on Chebyshev points, constrained so that
+    value AND slope equal the activation's at both ends of the interval.  Then the runtime's first-order
+    continuation outside the interval is the activation's own tangent line there, accurate to second order
+    in the excursion, instead of inheriting the interpolant's edge slope error (about N² times its value
+    error).  Otherwise: interpolation at Chebyshev points of the first kind."""
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     if not 0 <= order <= MAX_ORDER:
         raise ValueError(f"order must be in 0..{MAX_ORDER}, got {order}")
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    if tangent_ends and order >= 3:
+        points = max(4 * (order + 1), 64)
+        nodes = C.chebpts1(points)
+        ends = np.stack([lo, hi], -1)
+        samples = np.concatenate([activation(name, mid[..., None] + half[..., None] * nodes), activation(name, ends),
+                                  activation_slope(name, ends) * half[..., None]], -1)  # dp/dt = h · act'
+        return samples @ _tangent_fit_operator(order, points).T
     nodes = C.chebpts1(order + 1)  # Chebyshev points of the first kind in [-1, 1]
     vander = C.chebvander(nodes, order)  # [nodes, order+1]
-    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
     values = activation(name, mid[..., None] + half[..., None] * nodes)  # [..., nodes]
     coef = np.linalg.solve(vander, values.reshape(-1, order + 1).T).T
     return coef.reshape(lo.shape + (order + 1,))
@@ -190,3 +227,68 @@ def series_coefficients(basis: str, act: str, lo, hi, order: int) -> np.ndarray:
     if basis == "chebyshev":
         return chebyshev_coefficients(act, lo, hi, order)
     raise ValueError(f"unknown basis {basis!r}; choose taylor or chebyshev")
+
+
+# ---------------------------------------------------------------- trust radius: how far a series stays accurate
+
+
+def series_error(basis: str, act: str, lo, hi, coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """|Σ c_n φ_n(t) - act(mid + half·t)| per channel at the points t (any real t, not only [-1, 1])."""
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    phi = basis_values(basis, t, coeffs.shape[-1] - 1)  # [points, N+1]
+    approx = coeffs @ phi.T  # [I, points]
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    exact = activation(act, mid[:, None] + half[:, None] * np.asarray(t)[None, :])
+    err = np.abs(approx - exact)
+    return np.where(np.isfinite(err), err, np.inf)
+
+
+def trust_radius(basis: str, act: str, lo, hi, coeffs: np.ndarray, tolerance: np.ndarray | float,
+                 r_max: float = 4.0, step: float = 0.05) -> np.ndarray:
+    """Per channel, the largest R in [1, r_max] such that the series stays within `tolerance` of the activation
+    for every |t| <= R (checked on a grid of both sides).  A series is usually accurate a good way past the
+    calibrated interval (a Taylor series up to its radius of convergence); the runtime's clamp should sit there,
+    not at the edge of the calibration data."""
+    grid = np.arange(1.0 + step, r_max + step / 2, step)
+    if grid.size == 0:
+        return np.ones(np.shape(lo))
+    t = np.concatenate([grid, -grid])
+    err = series_error(basis, act, lo, hi, coeffs, t)  # [I, 2G]
+    bad = np.maximum(err[:, : grid.size], err[:, grid.size:]) > np.asarray(tolerance, dtype=np.float64).reshape(-1, 1)
+    # index of the first grid point that fails (G if none)
+    first_bad = np.where(bad.any(-1), bad.argmax(-1), grid.size)
+    return np.concatenate([[1.0], grid])[first_bad]
+
+
+def rescale_coefficients(basis: str, coeffs: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Coefficients of the same polynomials over s = t / R:  p(t) = Σ c_n φ_n(t) = Σ c'_n φ_n(s)."""
+    order = coeffs.shape[-1] - 1
+    powers = np.asarray(radius, dtype=np.float64)[..., None] ** np.arange(order + 1)
+    if basis == "taylor":
+        return coeffs * powers
+    if basis == "chebyshev":  # Chebyshev -> monomials, scale t = R s, monomials -> Chebyshev
+        eye = np.eye(order + 1)
+        to_poly = np.stack([np.pad(C.cheb2poly(row), (0, order + 1 - len(C.cheb2poly(row)))) for row in eye])
+        to_cheb = np.stack([np.pad(C.poly2cheb(row), (0, order + 1 - len(C.poly2cheb(row)))) for row in eye])
+        return ((coeffs @ to_poly) * powers) @ to_cheb
+    raise ValueError(f"unknown basis {basis!r}; choose taylor or chebyshev")
+
+
+def runtime_values(basis: str, coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """What the runtime evaluates at t (float64 reference): the series on [-1, 1], and outside it the
+    first-order continuation p(t_c) + p'(t_c)(t - t_c) from the clamped point t_c.  Returns [I, points]."""
+    t = np.asarray(t, dtype=np.float64)
+    tc = np.clip(t, -1.0, 1.0)
+    order = coeffs.shape[-1] - 1
+    value = coeffs @ basis_values(basis, tc, order).T
+    if basis == "taylor":
+        deriv_basis = np.stack([n * tc ** max(n - 1, 0) for n in range(order + 1)], -1)
+    else:  # d/dt T_n in the Chebyshev basis of degree N-1
+        D = np.zeros((order + 1, max(order, 1)))
+        for n in range(1, order + 1):
+            d = C.chebder(np.eye(order + 1)[n])
+            D[n, : len(d)] = d
+        deriv_basis = basis_values(basis, tc, max(order - 1, 0)) @ D.T
+    slope = coeffs @ deriv_basis.T
+    return value + slope * (t - tc)[None, :]

@@ -71,10 +71,32 @@ def protected_layers(model) -> list[tuple[int, "runtime.TaylorMLP"]]:
 
 
 def theta_blocks(mlp) -> torch.Tensor:
-    """Θ as float64 [P, d, N+1]: block j is channel j's [outputs × orders] coefficients."""
-    P, N = mlp.protected, mlp.order
-    theta = mlp.theta.detach().double().reshape(mlp.hidden, N + 1, P)
+    """Θ as float64 [Q, d, N+1]: block q is series piece q's [outputs × orders] coefficients (one piece per
+    channel unless the release is piecewise)."""
+    Q, N = mlp.pieces, mlp.order
+    theta = mlp.theta.detach().double().reshape(mlp.hidden, N + 1, Q)
     return theta.permute(2, 0, 1).contiguous()
+
+
+def one_piece_per_channel(mlp):
+    """The attacker's view of a piecewise layer: every channel's middle piece (its own series over its own
+    interval, W_j times its coefficients like any piece) as an ordinary one-piece TaylorMLP.  It equals the
+    release wherever each channel's input lies in that piece, which is what the attacks need."""
+    if mlp.pieces == mlp.protected:
+        return mlp
+    owner = mlp.owner.detach()
+    first = torch.searchsorted(owner, torch.arange(mlp.protected))
+    count = torch.bincount(owner, minlength=mlp.protected)
+    pick = first + (count - 1) // 2
+    view = runtime.TaylorMLP(mlp.family, mlp.hidden, mlp.protected, 0, mlp.order, mlp.basis, mlp.rest.act_name
+                             if mlp.rest is not None else "silu").to(mlp.theta.dtype)
+    view.gate, view.up, view.rest = mlp.gate, mlp.up, mlp.rest
+    with torch.no_grad():
+        view.z0.copy_(mlp.z0[pick])
+        view.h.copy_(mlp.h[pick])
+        theta = mlp.theta.detach().reshape(mlp.hidden, mlp.order + 1, mlp.pieces)[:, :, pick]
+        view.theta.copy_(theta.reshape(mlp.hidden, -1))
+    return view
 
 
 def act_and_derivative(name: str, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

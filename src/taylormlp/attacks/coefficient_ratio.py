@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import series
-from . import AuditContext, RecoveredLayer, Timer, rebuild_model, theta_blocks
+from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, theta_blocks
 
 NAME = "coefficient_ratio"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -146,7 +146,7 @@ def run(ctx: AuditContext, search: dict | None = None) -> dict:
         for i, mlp in ctx.layers:
             if mlp.protected == 0:
                 continue
-            rec, info = recover_layer(mlp, ctx.act, search)
+            rec, info = recover_layer(one_piece_per_channel(mlp), ctx.act, search)
             recovered[i] = rec
             misfits.append(info["misfit_max"])
             residuals.append(info["theta_residual"])

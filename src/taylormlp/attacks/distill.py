@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import runtime
-from . import AuditContext, RecoveredLayer, Timer
+from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel
 from .factorization import shared_copy
 
 NAME = "distill"
@@ -38,7 +38,7 @@ class StudentMLP(nn.Module):
         with torch.no_grad():
             self.gate.weight.copy_(mlp.gate.weight.float())
             if plain:
-                self.gate.bias.copy_(-mlp.z0.float())
+                self.gate.bias.copy_(-one_piece_per_channel(mlp).z0.float())
                 self.down.bias.zero_()
             if self.up is not None:
                 self.up.weight.copy_(mlp.up.weight.float())

@@ -9,7 +9,8 @@ gives w_j ∈ R^d and q_j ∈ R^{N+1} with Θ_j = w_j q_jᵀ, so
 runtime's own clamp and linear continuation outside [-1, 1]) followed by ONE [d × P] matmul.  The release's
 throttle (N+1 times the down-projection work) is gone.  In the plain family the order-0 column also holds
 the folded output bias c/P; since φ_0 = 1 that column is a constant, so the rank-1 fit uses orders n ≥ 1 and
-Σ_j Θ_{·,0,j} becomes one bias vector.  No activation, no sign and no bias needs to be known.
+Σ_j Θ_{·,0,j} becomes one bias vector.  Piecewise releases collapse the same way piece by piece (y = one
+[d × Q] matmul of the live pieces' polynomials).  No activation, no sign and no bias needs to be known.
 """
 
 from __future__ import annotations
@@ -28,16 +29,23 @@ NAME = "factorization"
 class CollapsedMLP(nn.Module):
     """y = W · p(t) (⊙ u) + β (+ rest): one matmul after an elementwise polynomial."""
 
-    def __init__(self, mlp: "runtime.TaylorMLP", w: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, mlp: "runtime.TaylorMLP", w: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None,
+                 piece_bias: torch.Tensor | None = None):
         super().__init__()
         dtype = mlp.theta.dtype
         self.basis, self.order = mlp.basis, mlp.order
         self.gate = mlp.gate
         self.up = mlp.up
         self.rest = mlp.rest
+        self.pieces, self.protected = mlp.pieces, mlp.protected
+        if mlp.pieces > mlp.protected:  # piecewise release: the polynomials collapse per piece
+            self.register_buffer("owner", mlp.owner.detach().clone())
+            self.register_buffer("edge_lo", mlp.edge_lo.detach().clone())
+            self.register_buffer("edge_hi", mlp.edge_hi.detach().clone())
         self.register_buffer("z0", mlp.z0.detach().clone())
         self.register_buffer("h", mlp.h.detach().clone())
         self.register_buffer("q", q.to(torch.float32 if dtype != torch.float64 else dtype))  # [N+1, P]
+        self.piece_bias = piece_bias.to(dtype) if piece_bias is not None else None  # [d, Q]
         self.down = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None).to(dtype)
         with torch.no_grad():
             self.down.weight.copy_(w.to(dtype))
@@ -55,7 +63,14 @@ class CollapsedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         work = torch.promote_types(x.dtype, torch.float32)
-        t = (self.gate(x).to(work) - self.z0.to(work)) / self.h.to(work)
+        z = self.gate(x).to(work)
+        u = self.up(x).to(work) if self.up is not None else None
+        active = None
+        if self.pieces > self.protected:
+            z = z[..., self.owner]
+            u = u[..., self.owner] if u is not None else None
+            active = ((z >= self.edge_lo.to(work)) & (z < self.edge_hi.to(work))).to(work)
+        t = (z - self.z0.to(work)) / self.h.to(work)
         t = torch.nan_to_num(t, nan=0.0)
         tc = t.clamp(-1.0, 1.0)
         q = self.q.to(work)
@@ -72,9 +87,13 @@ class CollapsedMLP(nn.Module):
             p = tc * b1 - b2 + q[0]
         excess = t - tc
         p = p + excess * torch.where(t > 0, self.slope_plus.to(work), self.slope_minus.to(work))
-        if self.up is not None:
-            p = p * self.up(x).to(work)
+        if active is not None:
+            p = p * active
+        if u is not None:
+            p = p * u
         y = self.down(p.to(self.down.weight.dtype)).to(x.dtype)
+        if active is not None and self.piece_bias is not None:  # plain family: order-0 columns of the live pieces
+            y = y + nn.functional.linear(active.to(self.piece_bias.dtype), self.piece_bias).to(x.dtype)
         if self.rest is not None:
             y = y + self.rest(x)
         return y
@@ -90,9 +109,11 @@ def collapse(mlp) -> tuple[CollapsedMLP, dict]:
     w = U[:, :, 0] * S[:, :1]  # [P, d]
     q = torch.zeros(P, K, dtype=torch.float64)
     q[:, lo:] = Vh[:, 0, :]
-    bias = None if gated else B[:, :, 0].sum(0)
+    piecewise = mlp.pieces > mlp.protected
+    bias = None if gated or piecewise else B[:, :, 0].sum(0)
+    piece_bias = B[:, :, 0].T.contiguous() if piecewise and not gated else None  # live pieces only
     rank_ratio = (S[:, 1] / S[:, 0].clamp_min(1e-300)) if S.shape[1] > 1 else torch.zeros(P, dtype=torch.float64)
-    module = CollapsedMLP(mlp, w.T.contiguous(), q.T.contiguous(), bias)
+    module = CollapsedMLP(mlp, w.T.contiguous(), q.T.contiguous(), bias, piece_bias)
     return module, {"rank1_residual_max": float(rank_ratio.max()) if P else 0.0}
 
 
@@ -161,8 +182,10 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
 def _as_recovered(module: CollapsedMLP):
     from . import RecoveredLayer
 
-    return RecoveredLayer(V=module.gate.weight.detach().double(), b=None, U=None,
-                          W=module.down.weight.detach().double(), c=None)
+    W = module.down.weight.detach().double()
+    if module.pieces > module.protected:  # every piece's column is W_j up to scale: score the first of each channel
+        W = W[:, torch.searchsorted(module.owner, torch.arange(module.protected))]
+    return RecoveredLayer(V=module.gate.weight.detach().double(), b=None, U=None, W=W, c=None)
 
 
 def verdict(out: dict) -> str:

@@ -45,7 +45,7 @@ import torch
 from .. import series
 
 from ..runtime import torch_activation
-from . import AuditContext, RecoveredLayer, Timer, act_and_derivative, rebuild_model
+from . import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model
 
 NAME = "regression"
 
@@ -341,6 +341,7 @@ def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: st
             if mlp.protected == 0:
                 continue
             x = inputs[i].double()
+            mlp = one_piece_per_channel(mlp)
             if mlp.family == "gated":
                 rec, info = recover_gated(mlp, ctx.act, x, features=features)
             else:
