@@ -144,3 +144,26 @@ def test_release_dtype(tiny_llama_dir, tmp_path, dtype):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_piecewise_release_round_trips(tiny_llama_dir, tmp_path, smol_tokenizer):
+    """Pieces (owner, edges, per-piece Θ) survive save/load, also through stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from taylormlp.pipeline import protect_to_release
+
+    out = tmp_path / "pieces"
+    protect_to_release(tiny_llama_dir, out, preset="default", order=4, coverage=1.0, max_pieces=4,
+                       piece_tolerance=1e-12, **FAST)
+    model = load_release(out)
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert any(m.pieces > m.protected for m in mlps)
+    assert [m.pieces for m in mlps] == [r["pieces"] for r in model.config.taylormlp["layers"]]
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = smol_tokenizer("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, model(ids).logits)
+    original, _, _ = load_base(tiny_llama_dir)
+    a, _ = generate_ids(original, smol_tokenizer, "The history of bread", False, 16)
+    b, _ = generate_ids(model, smol_tokenizer, "The history of bread", False, 16)
+    assert torch.equal(a, b)

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="release directory to create")
     p.add_argument("--preset", choices=["default", "paper"], default="default",
                    help="'paper': Taylor basis, midpoint expansion, narrowest channels first (Wang et al. 2024); "
-                        "'default': Chebyshev basis, channels ranked by output error (higher coverage). Default: default")
+                        "'default': piecewise Chebyshev series (value and slope of the activation at every piece "
+                        "edge), intervals widened by half their width, channels ranked by output error (full "
+                        "coverage on SmolLM2). Default: default")
     p.add_argument("--order", type=_positive_int, help="series order N (default 8); more orders = slower release")
     p.add_argument("--slowdown", type=_slowdown,
                    help="target decode slowdown against the original on this machine; picks --order by measuring")
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-budget", type=float,
                    help="automatic coverage accepts only validation runs that are token-exact with every logit within "
                         "this absolute error of the original (default 0.1); smaller = safer on unseen prompts")
+    p.add_argument("--max-pieces", type=_positive_int,
+                   help="split each channel's interval into at most this many series pieces where one degree-N "
+                        "series is not accurate enough (default preset 8, paper preset 1); every piece is real "
+                        "series work at run time")
     p.add_argument("--calibration", type=Path,
                    help="UTF-8 text file used as calibration prose instead of the built-in corpus "
                         "(paragraphs separated by blank lines)")
@@ -143,7 +149,8 @@ def cmd_protect(args) -> int:
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
         slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
-        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget)
+        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
+        max_pieces=args.max_pieces)
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):
@@ -173,11 +180,11 @@ def cmd_inspect(args) -> int:
         return 1 if info.get("leak_check", {}).get("leaks") else 0
     print(f"release {args.release}")
     for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
-                "size_bytes"):
-        print(f"  {key:16} {info[key]}")
-    print("  layer  protected  rest")
+                "pieces_per_protected_channel", "size_bytes"):
+        print(f"  {key:28} {info[key]}")
+    print("  layer  protected  pieces  rest")
     for row in info["layers"]:
-        print(f"  {row['layer']:5}  {row['protected']:9}  {row['rest']:4}")
+        print(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces', row['protected']):6}  {row['rest']:4}")
     if "leak_check" in info:
         lc = info["leak_check"]
         print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")

@@ -60,6 +60,7 @@ class ProtectOptions:
     # series work at run time (its own Θ block), so pieces also raise the cost per token.
     max_pieces: int | None = None
     piece_tolerance: float = 1e-4
+    piece_order: int | None = None  # decide the pieces as if the order were this (the throttle keeps them fixed)
 
     def resolved(self) -> "ProtectOptions":
         if self.preset not in PRESETS:
@@ -199,11 +200,13 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
 
 
 def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: int, tolerance: float,
-                 max_pieces: int) -> tuple[Pieces, np.ndarray]:
-    """Bisect each channel's interval where the degree-N series misses the activation by more than `tolerance`,
-    worst piece first, up to max_pieces per channel.  Returns the pieces and each piece's in-interval error."""
+                 max_pieces: int, split_order: int | None = None) -> tuple[Pieces, np.ndarray]:
+    """Bisect each channel's interval where the degree-`split_order` (default: N) series misses the activation by
+    more than `tolerance`, worst piece first, up to max_pieces per channel; then fit degree N on every piece.
+    Returns the pieces and each piece's in-interval error at degree N."""
     owner = np.arange(len(lo))
     plo, phi = lo.copy(), hi.copy()
+    final_order, order = order, (split_order or order)
     coeffs = series.series_coefficients(basis, act, plo, phi, order)
     err = approximation_error(basis, act, plo, phi, coeffs)
     for _ in range(max_pieces - 1):
@@ -223,6 +226,9 @@ def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: in
         err = np.concatenate([err, np.zeros(len(worst))])
         coeffs[changed] = series.series_coefficients(basis, act, plo[changed], phi[changed], order)
         err[changed] = approximation_error(basis, act, plo[changed], phi[changed], coeffs[changed])
+    if order != final_order:
+        coeffs = series.series_coefficients(basis, act, plo, phi, final_order)
+        err = approximation_error(basis, act, plo, phi, coeffs)
     perm = np.lexsort((plo, owner))
     owner, plo, phi, coeffs, err = owner[perm], plo[perm], phi[perm], coeffs[perm], err[perm]
     first = np.r_[True, owner[1:] != owner[:-1]]
@@ -324,7 +330,7 @@ class Protector:
             mid = (lo + hi) / 2.0
             lo, hi = mid - width * (0.5 + opts.margin), mid + width * (0.5 + opts.margin)
             pieces, piece_error = split_pieces(opts.basis, self.act, lo, hi, opts.order, opts.piece_tolerance,
-                                               opts.max_pieces)
+                                               opts.max_pieces, opts.piece_order)
             error_in = np.zeros(len(lo))
             np.maximum.at(error_in, pieces.owner, piece_error)
             self.signs.append(rng.choice(np.array([-1.0, 1.0]), size=len(lo)))

@@ -98,6 +98,7 @@ def inspect_release(directory, leak_source=None) -> dict:
         "order": spec["order"],
         "preset": spec.get("preset"),
         "coverage": spec["coverage"],
+        "pieces_per_protected_channel": _pieces_ratio(spec),
         "layers": [{"layer": i, **row} for i, row in enumerate(spec["layers"])],
         "size_bytes": release_size(directory),
         "calibration": spec.get("calibration"),
@@ -108,6 +109,12 @@ def inspect_release(directory, leak_source=None) -> dict:
 
         info["leak_check"] = leak_check(directory, leak_source)
     return info
+
+
+def _pieces_ratio(spec: dict) -> float | None:
+    P = sum(row["protected"] for row in spec["layers"])
+    Q = sum(row.get("pieces", row["protected"]) for row in spec["layers"])
+    return Q / P if P else None
 
 
 def architecture_names() -> list[str]:

@@ -16,6 +16,10 @@ term with their recurrences, and all orders applied as ONE stacked matmul with �
 Inputs outside the calibrated interval (|t| > 1) are evaluated at the clamped point plus the first-order
 continuation φ_n(t_c) + φ_n'(t_c)(t - t_c): exact inside, linear and bounded outside (never Inf/NaN).
 Unprotected channels stay an ordinary MLP (``rest``) whose output is added.
+
+Piecewise layers (``pieces`` Q > protected P): piece q is one more series of channel ``owner[q]`` with its own
+z0, h and Θ block, live where that channel's z lies in [edge_lo[q], edge_hi[q]); a channel's pieces partition
+the line (outer edges ±inf), so exactly one piece serves each input.  Cost grows with Q as with N.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`--slowdown X`: choose the series order N so that decoding is X times slower than the original.
 
-The throttle is the series itself: every order adds one [d × P] block to Θ, so decode cost grows linearly
-in N.  We calibrate once, choose coverage at the preset's base order, then measure decode latency of the
+The throttle is the series itself: every order adds one [d × Q] block to Θ (Q series pieces), so decode cost
+grows linearly in N.  The pieces are decided once at the preset's base order and kept while N grows.  We calibrate once, choose coverage at the preset's base order, then measure decode latency of the
 original and of the release at a few orders on this machine, interleaved (original, release, original, …)
 so that machine noise hits both alike, and solve the measured line ratio(N) for the target.
 """
@@ -64,7 +64,8 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
         if order not in trials:
             nonlocal protector
             protector.restore()
-            protector = Protector(model, ranges, ProtectOptions(**{**base.__dict__, "order": order}).resolved())
+            protector = Protector(model, ranges, ProtectOptions(**{**base.__dict__, "order": order,
+                                                                         "piece_order": base.order}).resolved())
             trials[order] = measure_ratio(protector, coverage, ids)
             log(f"order {order}: measured decode slowdown {trials[order]:.2f}x")
         return trials[order]
@@ -86,7 +87,8 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
             (lo_order, r_lo, guess, r_guess)
     best = min(trials, key=lambda n: abs(trials[n] - target))
     protector.restore()
-    protector = Protector(model, ranges, ProtectOptions(**{**base.__dict__, "order": best}).resolved())
+    final = ProtectOptions(**{**base.__dict__, "order": best, "piece_order": base.order}).resolved()
+    protector = Protector(model, ranges, final)
     protector.apply(coverage)
     result = validate(model, data.validation) if data.validation else {"exact": True}
     if not result["exact"]:  # a higher order changed the approximation: re-search coverage at this order
