@@ -50,3 +50,17 @@ def test_paper_release_keeps_module_tree_and_batching(smol_paper_release):
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert out.shape == (2, batch.input_ids.shape[1] + 8)
+
+
+def test_default_release_protects_nearly_everything_token_exactly(tmp_path):
+    """Issue 4's default mode on the real model: coverage >= 0.9 chosen automatically, held-out prompts exact."""
+    out = tmp_path / "default"
+    protect_to_release("smollm2-135m-instruct", out)
+    info = inspect_release(out)
+    assert info["basis"] == "chebyshev" and info["order"] == 8
+    assert info["coverage"] >= 0.9, info["coverage"]
+    assert info["pieces_per_protected_channel"] > 1.0  # the default splits wide channels into pieces
+    prompts = read_prompts(PROMPTS)
+    subset = prompts[3:6] + prompts[13:16]  # three chat, three raw (not the ones the paper test uses)
+    result = compare("smollm2-135m-instruct", out, subset, max_new_tokens=32)
+    assert result["identical"] >= 5, json.dumps(result["rows"], indent=1)
