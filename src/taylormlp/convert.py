@@ -10,6 +10,9 @@ For layer ℓ and protected channel j (activation coordinates a = z + b, calibra
 The bias b_j lives only inside c_{j,n} (through mid_j) and z0_j; the output bias c is folded into Θ_0
 (c / P added to every protected channel's order-0 column).  W and the biases of protected channels are
 not stored anywhere in the module.
+
+A channel may be served by several pieces (split_pieces): each piece q is the same construction over its own
+sub-interval, Θ_{·,n,q} = W_{·,j(q)} · c_{q,n} · s_jⁿ, live on its part of the line.
 """
 
 from __future__ import annotations
