@@ -72,6 +72,9 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
 
     lo_order = base.order
     r_lo = at(lo_order)
+    if r_lo > 1.15 * target:
+        log(f"already {r_lo:.2f}x at the base order {lo_order} (more than the {target}x asked for): lower orders "
+            f"on the same pieces lose accuracy; for a small slowdown use --max-pieces 1 or --preset paper")
     hi_order = max(lo_order + 8, int(round(lo_order * max(target, 2.0))))
     r_hi = at(hi_order)
     for _ in range(3):  # secant steps on the (close to linear) ratio(N) line
