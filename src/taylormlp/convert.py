@@ -326,7 +326,7 @@ class Protector:
         self.dtype = next(model.parameters()).dtype
         self.weights = [mlp_weights(m, self.arch, i) for i, m in enumerate(self.originals)]
         rng = np.random.default_rng(opts.seed)
-        self.pieces, self.scores, self.signs, self.radius = [], [], [], []
+        self.pieces, self.scores, self.signs = [], [], []
         for i, w in enumerate(bar(self.weights, desc="series coefficients", unit="layer")):
             lo, hi = ranges.lo[i], ranges.hi[i]
             width = np.maximum(hi - lo, 1e-3)
@@ -342,7 +342,6 @@ class Protector:
             else:  # worst approximation error on the interval, weighted by the channel's output norm
                 self.scores.append(error_in * w.W.norm(dim=0).numpy())
             # a one-piece channel's polynomial is trusted (before the runtime's clamp) as far as it stays accurate
-            radius = np.ones_like(lo)
             single = np.bincount(pieces.owner, minlength=len(lo))[pieces.owner] == 1
             if opts.trust_tolerance > 0 and single.any():
                 q = np.flatnonzero(single)
@@ -351,8 +350,6 @@ class Protector:
                 pieces.coeffs[q] = series.rescale_coefficients(opts.basis, pieces.coeffs[q], r)
                 pmid, half = (pieces.lo[q] + pieces.hi[q]) / 2.0, (pieces.hi[q] - pieces.lo[q]) / 2.0 * r
                 pieces.lo[q], pieces.hi[q] = pmid - half, pmid + half
-                radius[pieces.owner[q]] = r
-            self.radius.append(radius)
             self.pieces.append(pieces)
         flat = np.concatenate(self.scores)
         self.order_index = np.argsort(flat, kind="stable")  # easiest channels first
