@@ -103,6 +103,19 @@ def torch_activation(name: str):
 # ---------------------------------------------------------------- the module
 
 
+def piece_inputs(module, x: torch.Tensor):
+    """Per series piece of `module` (a TaylorMLP, or anything with its gate/up/pieces/owner/edges): the channel's
+    z = gate·x and u = up·x in float32 or wider, and which pieces are live (None: one piece per channel)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    z = module.gate(x).to(work)
+    u = module.up(x).to(work) if module.up is not None else None
+    if module.pieces == module.protected:
+        return z, u, None
+    z = z[..., module.owner]  # piecewise: each piece reads its channel's z and is live on its own part
+    u = u[..., module.owner] if u is not None else None
+    return z, u, (z >= module.edge_lo.to(work)) & (z < module.edge_hi.to(work))
+
+
 class RestMLP(nn.Module):
     """The unprotected channels, kept as an ordinary MLP (as in the authors' code)."""
 
@@ -156,14 +169,8 @@ class TaylorMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider."""
-        work = torch.promote_types(x.dtype, torch.float32)
-        z = self.gate(x).to(work)
-        u = self.up(x).to(work) if self.up is not None else None
-        active = None
-        if self.pieces > self.protected:  # piecewise: each piece reads its channel's z and is live on its own part
-            z = z[..., self.owner]
-            u = u[..., self.owner] if u is not None else None
-            active = (z >= self.edge_lo.to(work)) & (z < self.edge_hi.to(work))
+        z, u, active = piece_inputs(self, x)
+        work = z.dtype
         t = (z - self.z0.to(work)) / self.h.to(work)
         t = torch.nan_to_num(t, nan=0.0)  # a NaN input must not poison the series
         tc = t.clamp(-1.0, 1.0)

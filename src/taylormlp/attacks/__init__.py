@@ -211,6 +211,14 @@ class AuditContext:
         if self.options.keep_models:
             self.models[name] = model
 
+    def conclude(self, name: str, attacker, out: dict, verdict) -> dict:
+        """The common end of every attack: teacher-forced agreement of the attacker's model with the reference,
+        the attack's verdict on its numbers, and the model kept for inspection."""
+        out.update(self.tokens_matched(attacker))
+        out["verdict"] = verdict(out)
+        self.keep(name, attacker)
+        return out
+
     # ------------------------------------------------------------ text
     def train_sequences(self) -> list[torch.Tensor]:
         """Attacker text as token-id sequences (about options.train_tokens tokens)."""

@@ -164,10 +164,7 @@ def run(ctx: AuditContext, search: dict | None = None) -> dict:
     if score is not None:
         out.update(score)
         out["sign_accuracy"] = ctx.sign_accuracy(signs)
-    out.update(ctx.tokens_matched(attacker))
-    out["verdict"] = verdict(out)
-    ctx.keep(NAME, attacker)
-    return out
+    return ctx.conclude(NAME, attacker, out, verdict)
 
 
 def verdict(out: dict) -> str:

@@ -123,10 +123,7 @@ def run(ctx: AuditContext, steps: int = 200, lr: float = 3e-3, batch: int = 256,
     score = ctx.score_weights(recovered)
     if score is not None:
         out["relative_weight_error"] = score["relative_weight_error"]
-    out.update(ctx.tokens_matched(attacker))
-    out["verdict"] = verdict(out)
-    ctx.keep(NAME, attacker)
-    return out
+    return ctx.conclude(NAME, attacker, out, verdict)
 
 
 def verdict(out: dict) -> str:

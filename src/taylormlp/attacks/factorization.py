@@ -62,14 +62,9 @@ class CollapsedMLP(nn.Module):
         self.register_buffer("slope_minus", (d_minus[:, None] * qd).sum(0).to(self.q.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        work = torch.promote_types(x.dtype, torch.float32)
-        z = self.gate(x).to(work)
-        u = self.up(x).to(work) if self.up is not None else None
-        active = None
-        if self.pieces > self.protected:
-            z = z[..., self.owner]
-            u = u[..., self.owner] if u is not None else None
-            active = ((z >= self.edge_lo.to(work)) & (z < self.edge_hi.to(work))).to(work)
+        z, u, active = runtime.piece_inputs(self, x)
+        work = z.dtype
+        active = active.to(work) if active is not None else None
         t = (z - self.z0.to(work)) / self.h.to(work)
         t = torch.nan_to_num(t, nan=0.0)
         tc = t.clamp(-1.0, 1.0)
@@ -173,10 +168,7 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
         if "original" in tps:
             out["release_slowdown_vs_original"] = tps["original"] / tps["release"]
             out["attacker_slowdown_vs_original"] = tps["original"] / tps["attacker"]
-    out.update(ctx.tokens_matched(attacker))
-    out["verdict"] = verdict(out)
-    ctx.keep(NAME, attacker)
-    return out
+    return ctx.conclude(NAME, attacker, out, verdict)
 
 
 def _as_recovered(module: CollapsedMLP):

@@ -77,10 +77,7 @@ def run(ctx: AuditContext, steps: int = 20, lr: float = 1e-3, rank: int = 8, seq
         "note": "LoRA on attention needs no MLP weight: the release is adapted as is; W_down stays unknown "
                 "to this attacker (combine with coefficient_ratio to get it).",
     }
-    out.update(ctx.tokens_matched(peft_model))
-    out["verdict"] = verdict(out)
-    ctx.keep(NAME, peft_model)
-    return out
+    return ctx.conclude(NAME, peft_model, out, verdict)
 
 
 def verdict(out: dict) -> str:

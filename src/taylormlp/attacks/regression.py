@@ -364,10 +364,7 @@ def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: st
     if score is not None:
         out.update(score)
         out["sign_accuracy"] = ctx.sign_accuracy({i: info["sign"] for i, info in infos.items()})
-    out.update(ctx.tokens_matched(attacker))
-    out["verdict"] = verdict(out)
-    ctx.keep(NAME, attacker)
-    return out
+    return ctx.conclude(NAME, attacker, out, verdict)
 
 
 def verdict(out: dict) -> str:
