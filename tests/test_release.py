@@ -49,21 +49,37 @@ def test_modeling_file_is_the_runtime(tiny_release):
     assert (tiny_release / "modeling_taylormlp.py").read_text() == open(runtime.__file__).read()
 
 
+def _shard_of(rel, key="model.layers.1.mlp.theta"):
+    """The safetensors file of release `rel` that holds tensor `key` (releases are written one shard per layer)."""
+    import json
+
+    return rel / json.loads((rel / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def test_release_is_sharded_per_layer(tiny_release):
+    import json
+
+    weight_map = json.loads((tiny_release / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map["model.layers.0.mlp.theta"] != weight_map["model.layers.1.mlp.theta"]
+    assert weight_map["model.layers.1.self_attn.q_proj.weight"] == weight_map["model.layers.1.mlp.theta"]
+    assert not any(k.endswith("down_proj.weight") for k in weight_map)
+
+
 def test_tampered_file_is_named(tiny_release, tmp_path):
     rel = _copy(tiny_release, tmp_path)
-    weights = rel / "model.safetensors"
+    weights = _shard_of(rel)
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(TaylorMLPError, match="model.safetensors fails its sha256"):
+    with pytest.raises(TaylorMLPError, match=f"{weights.name} fails its sha256"):
         load_release(rel)
 
 
 def test_truncated_file_is_named(tiny_release, tmp_path):
     rel = _copy(tiny_release, tmp_path)
-    weights = rel / "model.safetensors"
+    weights = _shard_of(rel)
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(TaylorMLPError, match="model.safetensors has .* bytes"):
+    with pytest.raises(TaylorMLPError, match=f"{weights.name} has .* bytes"):
         load_release(rel)
 
 
@@ -126,11 +142,12 @@ def test_leak_check_finds_nothing_in_release_and_catches_a_plant(tiny_release, t
     from taylormlp.release import write_manifest
 
     rel = _copy(tiny_release, tmp_path)
-    tensors = load_file(rel / "model.safetensors")
-    original, _, _ = load_base(tiny_llama_dir)
     key = "model.layers.1.mlp.theta"
+    shard = _shard_of(rel, key)
+    tensors = load_file(shard)
+    original, _, _ = load_base(tiny_llama_dir)
     tensors[key][:, 3] = original.model.layers[1].mlp.down_proj.weight[:, 7]
-    save_file(tensors, rel / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, shard, metadata={"format": "pt"})
     write_manifest(rel)
     assert any(key in leak for leak in leak_check(rel, tiny_llama_dir)["leaks"])
 

@@ -14,6 +14,7 @@ of z (the activation's input, bias included) for every layer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -82,31 +83,54 @@ def format_prompt(tokenizer, prompt: str, chat: bool) -> str:
 
 @torch.no_grad()
 def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str = "generating",
-                     batch_size: int = 8) -> list[dict]:
+                     batch_size: int = 32, recorder: "RangeRecorder | None" = None) -> list[dict]:
     """Prompt ids plus the model's greedy continuation (cut after EOS), one dict per prompt.
 
-    Prompts are generated in left-padded batches; each returned sequence holds no padding."""
+    Prompts are generated in left-padded batches (similar lengths together, so that a streamed model onloads each
+    layer once per decode step and batch); each returned sequence holds no padding.  With a `recorder`, the
+    pre-activation ranges of every real token fed through the model (prompt, continuation up to its EOS) are
+    recorded on the way: no second pass over these tokens is needed."""
     encoded = [tokenizer(t, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, t)).input_ids[0]
                for t in prompts]
     pad = _pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    out = []
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    device = _input_device(model)
+    out: list[dict | None] = [None] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in bar(batches, desc=desc, unit="batch"):
-        width = max(len(ids) for ids in batch)
+        width = max(len(encoded[k]) for k in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, width - len(seq):] = seq
-            mask[row, width - len(seq):] = 1
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
-        for row, seq in enumerate(batch):
+        for row, k in enumerate(batch):
+            ids[row, width - len(encoded[k]):] = encoded[k]
+            mask[row, width - len(encoded[k]):] = 1
+        if recorder is not None:
+            recorder.new_batch()
+        gen = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad).cpu()
+        for row, k in enumerate(batch):
             new = gen[row, width:]
-            if eos is not None and (new == eos).any():
-                new = new[: int((new == eos).nonzero()[0, 0]) + 1]
-            out.append({"ids": torch.cat([seq, new]), "prompt_len": len(seq)})
+            stop = _eos_ids(tokenizer, model)
+            hits = torch.isin(new, torch.tensor(sorted(stop), dtype=new.dtype)) if stop else torch.zeros_like(new, dtype=torch.bool)
+            if hits.any():
+                new = new[: int(hits.nonzero()[0, 0]) + 1]
+            out[k] = {"ids": torch.cat([encoded[k], new]), "prompt_len": len(encoded[k])}
     return out
+
+
+def _eos_ids(tokenizer, model=None) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
 
 
 def _has_bos(tokenizer, text: str) -> bool:
@@ -138,45 +162,122 @@ class Ranges:
                 "width_median": float(np.median(widths)), "width_max": float(widths.max())}
 
 
-def _preactivation_module(mlp, arch):
-    return getattr(mlp, arch["gate"])
+class RangeRecorder:
+    """While active (a context manager), records per-channel min and max of every MLP's pre-activation z over the
+    real tokens that run through `model`: padding (attention mask 0) and, in generation, tokens after a row's EOS are
+    left out.  Works on a model held in memory and on a streamed one alike (hooks on the gate linear maps)."""
 
+    def __init__(self, model, eos_ids=()):
+        self.model = model
+        self.arch = runtime.architecture(model.config)
+        self.layers = runtime.decoder_layers(model)
+        self.lo: list = [None] * len(self.layers)
+        self.hi: list = [None] * len(self.layers)
+        self.tokens = 0
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.mask = None
+        self.finished = None
+        self.handles = []
 
-@torch.no_grad()
-def collect_ranges(model, sequences: list[torch.Tensor], desc: str = "calibrating") -> Ranges:
-    """Run token-id sequences through the model; record per-channel min/max of every MLP's z."""
-    arch = runtime.architecture(model.config)
-    layers = runtime.decoder_layers(model)
-    lo = [None] * len(layers)
-    hi = [None] * len(layers)
-    hooks = []
+    def new_batch(self) -> None:
+        """The next forward call starts a new batch (a prefill), not a decode step of the last one."""
+        self.finished = None
 
-    def hook_for(i):
+    def __enter__(self):
+        self.handles.append(self.model.register_forward_pre_hook(self._top, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            gate = getattr(layer.mlp, self.arch["gate"])
+            self.handles.append(gate.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+    def _top(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            self.mask = None
+            return None
+        T = ids.shape[1]
+        am = kwargs.get("attention_mask")
+        mask = am[:, -T:].bool() if am is not None and am.dim() == 2 else torch.ones_like(ids, dtype=torch.bool)
+        mask = mask.cpu()
+        if self.finished is None:  # a prefill (or a plain forward)
+            self.finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+        else:  # a decode step: rows that already emitted EOS only produce padding now
+            mask = mask & ~self.finished[:, None]
+            if self.eos.numel():
+                self.finished |= torch.isin(ids[:, -1].cpu(), self.eos)
+        self.mask = mask
+        self.tokens += int(mask.sum())
+        return None
+
+    def _hook(self, i):
         def hook(_module, _inputs, output):
-            z = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
+            z = output.detach()
+            if self.mask is not None and self.mask.shape == z.shape[:2]:
+                z = z[self.mask.to(z.device)]
+            z = z.reshape(-1, z.shape[-1])
+            if z.shape[0] == 0:
+                return
             if not torch.isfinite(z).all():
                 raise TaylorMLPError(f"layer {i}: non-finite MLP pre-activations during calibration "
                                      f"(NaN or Inf weights in the model?)")
-            mn, mx = z.min(0).values.numpy(), z.max(0).values.numpy()
-            lo[i] = mn if lo[i] is None else np.minimum(lo[i], mn)
-            hi[i] = mx if hi[i] is None else np.maximum(hi[i], mx)
+            mn = z.min(0).values.to("cpu", torch.float64).numpy()
+            mx = z.max(0).values.to("cpu", torch.float64).numpy()
+            self.lo[i] = mn if self.lo[i] is None else np.minimum(self.lo[i], mn)
+            self.hi[i] = mx if self.hi[i] is None else np.maximum(self.hi[i], mx)
         return hook
 
-    for i, layer in enumerate(layers):
-        hooks.append(_preactivation_module(layer.mlp, arch).register_forward_hook(hook_for(i)))
-    tokens = 0
-    try:
-        for ids in bar(sequences, desc=desc, unit="seq"):
-            ids = ids.reshape(1, -1)
+    def ranges(self) -> "Ranges":
+        if self.tokens == 0 or any(lo is None for lo in self.lo):
+            raise TaylorMLPError("calibration saw no tokens: the calibration text is empty; give a non-empty corpus")
+        return Ranges(list(self.lo), list(self.hi), self.tokens)
+
+
+def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "right", sort: bool = True):
+    """Batches of at most `max_tokens` (padded) tokens, length-sorted unless sort=False (then in list order):
+    yields (indices, ids, attention_mask)."""
+    order = list(range(len(sequences)))
+    if sort:
+        order.sort(key=lambda k: len(sequences[k]))
+    batch: list[int] = []
+    for k in order + [None]:
+        width = max([len(sequences[j]) for j in batch] + ([len(sequences[k])] if k is not None else []))
+        if k is not None and (not batch or (len(batch) + 1) * width <= max_tokens):
+            batch.append(k)
+            continue
+        if batch:
+            width = max(len(sequences[j]) for j in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, j in enumerate(batch):
+                n = len(sequences[j])
+                sl = slice(0, n) if side == "right" else slice(width - n, width)
+                ids[row, sl] = sequences[j]
+                mask[row, sl] = 1
+            yield batch, ids, mask
+        batch = [k] if k is not None else []
+
+
+@torch.no_grad()
+def collect_ranges(model, sequences: list[torch.Tensor], desc: str = "calibrating", max_tokens: int = 4096,
+                   recorder: "RangeRecorder | None" = None) -> Ranges:
+    """Run token-id sequences through the model (padded batches of at most `max_tokens` tokens); record per-channel
+    min/max of every MLP's z.  With a `recorder`, add to its ranges instead of starting new ones."""
+    own = recorder is None
+    rec = RangeRecorder(model) if own else recorder
+    device = _input_device(model)
+    batches = list(padded_batches(sequences, max_tokens))
+    with (rec if own else contextlib.nullcontext()):
+        for _, ids, mask in bar(batches, desc=desc, unit="batch"):
+            rec.new_batch()
             # only the MLP pre-activations matter here: skip the (large) vocabulary projection
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
-            tokens += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    if tokens == 0:
-        raise TaylorMLPError("calibration saw no tokens: the calibration text is empty; give a non-empty corpus")
-    return Ranges(lo, hi, tokens)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+    return rec.ranges()
 
 
 def tokenize_chunks(tokenizer, texts: list[str], max_length: int) -> list[torch.Tensor]:

@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path,
                    help="UTF-8 text file used as calibration prose instead of the built-in corpus "
                         "(paragraphs separated by blank lines)")
+    p.add_argument("--calibration-samples", type=_positive_int, metavar="N",
+                   help="bound the calibration work: use at most N prose chunks (of 256 tokens) and N calibration "
+                        "prompts (every fifth held out for validation), evenly spread over the corpus; default: "
+                        "the whole built-in corpus (about 230 prose chunks, 112 prompts)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="prompts generated together while calibrating (default 32); each decode step reads every "
+                        "layer once per batch, so larger is faster for big models and costs more activation memory")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where calibration, validation and the coverage search run (default auto: cuda when a GPU "
+                        "is visible); series coefficients are always computed in float64 on the CPU")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the release (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed for the ±1 sign obfuscation (default 0)")
     p.add_argument("--no-chat", action="store_true", help="do not calibrate through the chat template")
@@ -150,7 +160,8 @@ def cmd_protect(args) -> int:
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
         slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
         chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
-        max_pieces=args.max_pieces)
+        max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
+        device=args.device)
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from . import runtime, series
-from .calibration import Ranges, calibration_prompts, collect_ranges, format_prompt, greedy_sequences, stdlib_prose, \
-    tokenize_chunks
+from .calibration import (RangeRecorder, Ranges, _eos_ids, calibration_prompts, collect_ranges, format_prompt,
+                          greedy_sequences, padded_batches, stdlib_prose, tokenize_chunks)
 from .errors import TaylorMLPError
 from .progress import bar, log
 
@@ -64,6 +64,10 @@ class ProtectOptions:
     max_pieces: int | None = None
     piece_tolerance: float = 1e-4
     piece_order: int | None = None  # decide the pieces as if the order were this (the throttle keeps them fixed)
+    # how much calibration work: at most this many prose chunks and this many prompts (None: the whole corpus)
+    calibration_samples: int | None = None
+    batch_size: int = 32  # prompts generated together (a streamed model onloads each layer once per step and batch)
+    batch_tokens: int = 4096  # padded tokens per forward pass in calibration and validation
 
     def resolved(self) -> "ProtectOptions":
         if self.preset not in PRESETS:
@@ -87,6 +91,10 @@ class ProtectOptions:
                                  f"{out.piece_tolerance}")
         if out.trust_tolerance < 0 or out.trust_max < 1.0:
             raise TaylorMLPError("trust_tolerance must be >= 0 and trust_max >= 1")
+        if out.calibration_samples is not None and out.calibration_samples < 1:
+            raise TaylorMLPError(f"--calibration-samples must be at least 1, got {out.calibration_samples}")
+        if out.batch_size < 1 or out.batch_tokens < 1 or out.max_length < 2 or out.continuation_tokens < 1:
+            raise TaylorMLPError("batch_size, batch_tokens and continuation_tokens must be positive and max_length >= 2")
         if not 0.0 <= out.margin <= 1.0:
             raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin}")
         return out
@@ -106,22 +114,24 @@ class MLPWeights:
     c: torch.Tensor | None
 
 
-def mlp_weights(mlp, arch: dict, layer_index: int) -> MLPWeights:
-    gate, down = getattr(mlp, arch["gate"]), getattr(mlp, arch["down"])
-    up = getattr(mlp, arch["up"]) if arch["up"] else None
-    if arch["family"] == "gated" and (gate.bias is not None or down.bias is not None):
+def weights_from_tensors(t: dict, arch: dict, layer_index: int) -> MLPWeights:
+    """MLPWeights from {"V", "b", "U", "W", "c"} float64 tensors (see stream.SourceMLPs / stream.ModuleMLPs)."""
+    if arch["family"] == "gated" and (t.get("b") is not None or t.get("c") is not None):
         raise TaylorMLPError("gated MLPs with biases (mlp_bias=True) are not supported yet")
-    w = MLPWeights(
-        V=runtime.linear_weight(gate).detach().double(),
-        b=gate.bias.detach().double() if gate.bias is not None else None,
-        U=runtime.linear_weight(up).detach().double() if up is not None else None,
-        W=runtime.linear_weight(down).detach().double(),
-        c=down.bias.detach().double() if down.bias is not None else None,
-    )
+    w = MLPWeights(V=t["V"], b=t.get("b"), U=t.get("U") if arch["up"] else None, W=t["W"], c=t.get("c"))
     for name, tensor in asdict(w).items():
         if tensor is not None and not torch.isfinite(tensor).all():
             raise TaylorMLPError(f"layer {layer_index}: MLP weight {name} contains NaN or Inf; the model is corrupt")
     return w
+
+
+def mlp_weights(mlp, arch: dict, layer_index: int) -> MLPWeights:
+    """float64 MLPWeights of one MLP module held in memory."""
+    from .stream import ModuleMLPs
+
+    reader = ModuleMLPs.__new__(ModuleMLPs)
+    reader.arch, reader.mlps = arch, {layer_index: mlp}
+    return weights_from_tensors(reader.tensors(layer_index), arch, layer_index)
 
 
 # ---------------------------------------------------------------- one layer
@@ -246,15 +256,34 @@ def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: in
 
 @dataclass
 class CalibrationData:
-    calibration: list[torch.Tensor]
+    calibration: list[torch.Tensor]  # prose chunks (prompt sequences were recorded while they were generated)
     validation: list[dict]  # {"ids", "prompt_len", "logits"}: the original's logits on the continuation
     sources: dict = field(default_factory=dict)
 
 
+def spread(items: list, limit: int | None) -> list:
+    """At most `limit` items, evenly spread over the list (all of them when limit is None)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[int(k)] for k in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
 @torch.no_grad()
-def prepare_calibration(model, tokenizer, texts: list[str] | None, opts: ProtectOptions, chat: bool,
-                        validation_every: int = 5) -> CalibrationData:
-    """Prose chunks plus prompts with the model's own greedy continuations; every k-th prompt is validation."""
+def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
+              chat: bool | None = None, validation_every: int = 5) -> tuple[CalibrationData, Ranges]:
+    """Calibration ranges and validation data, in as few passes over the model as possible (each pass onloads
+    every layer of a streamed model once per batch):
+
+    1. the calibration prompts are generated (greedy, batched) while their ranges are recorded — prompt and
+       continuation tokens need no second pass;
+    2. the prose chunks run through in padded batches, recorded the same way;
+    3. the validation prompts (every `validation_every`-th, never recorded) are generated and the original's
+       logits on their continuations kept as the reference."""
+    opts = opts.resolved()
+    if tokenizer is None:
+        raise TaylorMLPError("protect() needs the tokenizer to calibrate on text")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     if texts is None:
         texts = stdlib_prose(opts.prose_chars)
         prose_name = "python-stdlib-docstrings"
@@ -263,58 +292,129 @@ def prepare_calibration(model, tokenizer, texts: list[str] | None, opts: Protect
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise TaylorMLPError("the calibration text is empty; give a file with real text (--calibration FILE)")
-    chunks = tokenize_chunks(tokenizer, texts, opts.max_length)
+    chunks = spread(tokenize_chunks(tokenizer, texts, opts.max_length), opts.calibration_samples)
     if not chunks:
         raise TaylorMLPError("the calibration text is too short: it tokenizes to fewer than 2 tokens")
     prompts = calibration_prompts()
     formatted = [format_prompt(tokenizer, p, True) for p in prompts["chat"]] if chat else []
-    formatted += prompts["raw"]
-    seqs = greedy_sequences(model, tokenizer, formatted, opts.continuation_tokens, desc="original continuations")
-    calib, valid = list(chunks), []
-    for i, seq in enumerate(seqs):
-        if i % validation_every == validation_every - 1:
-            valid.append(seq)
-        else:
-            calib.append(seq["ids"])
-    for seq in valid:
-        seq["logits"] = continuation_logits(model, seq)
-    sources = {prose_name: len(chunks), "prompts+continuations": len(seqs) - len(valid), "validation": len(valid)}
-    return CalibrationData(calib, valid, sources)
+    formatted = spread(formatted + prompts["raw"], opts.calibration_samples)
+    valid_prompts = [p for i, p in enumerate(formatted) if i % validation_every == validation_every - 1]
+    calib_prompts = [p for i, p in enumerate(formatted) if i % validation_every != validation_every - 1]
+    with RangeRecorder(model, _eos_ids(tokenizer, model)) as recorder:
+        if calib_prompts:
+            greedy_sequences(model, tokenizer, calib_prompts, opts.continuation_tokens, desc="calibration prompts",
+                             batch_size=opts.batch_size, recorder=recorder)
+        collect_ranges(model, chunks, desc="calibration prose", max_tokens=opts.batch_tokens, recorder=recorder)
+    ranges = recorder.ranges()
+    valid = greedy_sequences(model, tokenizer, valid_prompts, opts.continuation_tokens,
+                             desc="validation prompts", batch_size=opts.batch_size) if valid_prompts else []
+    for k, logits in continuation_logits(model, valid, opts.batch_tokens):
+        valid[k]["logits"] = logits
+    sources = {prose_name: len(chunks), "prompts+continuations": len(calib_prompts), "validation": len(valid)}
+    ranges.sources = sources
+    return CalibrationData(chunks, valid, sources), ranges
 
 
 @torch.no_grad()
-def continuation_logits(model, seq: dict) -> torch.Tensor:
-    """Logits at the positions that predict the continuation (the vocabulary projection runs only there)."""
-    ids = seq["ids"].reshape(1, -1)
-    keep = ids.shape[1] - seq["prompt_len"] + 1
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=keep).logits[0]
-    return logits[:-1].float()
+def continuation_logits(model, seqs: list[dict], max_tokens: int = 4096, sort: bool = True):
+    """Yields (k, logits) for every sequence k, batch by batch (not in list order): the logits at the positions
+    that predict its continuation, [K, V] float32.
+
+    Sequences run in length-sorted, left-padded batches with explicit position ids (padding changes nothing);
+    the vocabulary projection runs only on the last positions.  Stop iterating to skip the remaining batches."""
+    device = _input_device(model)
+    for idx, ids, mask in padded_batches([s["ids"] for s in seqs], max_tokens, side="left", sort=sort):
+        keep = max(len(seqs[k]["ids"]) - seqs[k]["prompt_len"] + 1 for k in idx)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                    use_cache=False, logits_to_keep=keep).logits.float().cpu()
+        for row, k in enumerate(idx):
+            K = len(seqs[k]["ids"]) - seqs[k]["prompt_len"]
+            yield k, out[row, keep - K - 1:-1].clone()
+        del out
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()
-def validate(model, validation: list[dict]) -> dict:
-    """Teacher-forced check on the original's greedy continuations: all argmaxes equal ⇔ identical greedy text."""
-    matched = total = seqs_exact = 0
+def validate(model, validation: list[dict], max_tokens: int = 4096, budget: float | None = None) -> dict:
+    """Teacher-forced check on the original's greedy continuations: all argmaxes equal ⇔ identical greedy text.
+    With a `budget`, walk the sequences in list order in small batches and stop at the first batch that proves
+    failure (a token differs or an error exceeds it); the failing sequence moves to the front of `validation`,
+    where the next, similar candidate is likely to fail too."""
+    matched = total = seqs_exact = seen = 0
     max_err = 0.0
-    for seq in validation:
-        logits = continuation_logits(model, seq)
+    failed = False
+    early = budget is not None
+    for k, logits in continuation_logits(model, validation, max_tokens // 4 if early else max_tokens, sort=not early):
+        seq = validation[k]
         same = logits.argmax(-1) == seq["logits"].argmax(-1)
         matched += int(same.sum())
         total += same.numel()
         seqs_exact += int(bool(same.all()))
+        seen += 1
         max_err = max(max_err, float((logits - seq["logits"]).abs().max()))
-    return {"tokens_matched": matched, "tokens": total, "sequences_exact": seqs_exact,
-            "sequences": len(validation), "max_logit_error": max_err, "exact": matched == total}
+        if early and (not bool(same.all()) or max_err > budget):
+            failed = True
+            validation.insert(0, validation.pop(k))
+            break
+    result = {"tokens_matched": matched, "tokens": total, "sequences_exact": seqs_exact,
+              "sequences": len(validation), "max_logit_error": max_err, "exact": matched == total and not failed}
+    if failed:
+        result["stopped_after"] = seen
+    return result
 
 
 # ---------------------------------------------------------------- the whole model
 
 
-class Protector:
-    """Holds the original MLPs, the candidate coefficients and the channel ranking; builds any coverage."""
+@dataclass
+class LayerPlan:
+    """What protect decided for one layer, small enough to keep for every layer: its series pieces, the channel
+    scores that rank it for coverage, the ±1 signs and the facts the release spec needs."""
 
-    def __init__(self, model, ranges: Ranges, opts: ProtectOptions):
-        self.model, self.opts = model, opts
+    pieces: Pieces
+    score: np.ndarray
+    signs: np.ndarray
+    hidden: int
+    has_b: bool
+    has_c: bool
+
+
+class CandidateMLP(torch.nn.Module):
+    """Stands in for a layer's MLP while a coverage is tried: builds that layer's TaylorMLP for `mask` from the
+    weight reader when called.  It registers no tensors, so a streamed layer onloads nothing for it; with
+    keep=False (streamed models) the built module is dropped after every call, so nothing per layer stays."""
+
+    def __init__(self, protector: "Protector", index: int, mask: np.ndarray, keep: bool):
+        super().__init__()
+        self.index, self.keep = index, keep
+        object.__setattr__(self, "_protector", protector)  # not a child module
+        object.__setattr__(self, "_mask", mask)
+        object.__setattr__(self, "_built", None)
+
+    def build(self) -> runtime.TaylorMLP:
+        if self._built is not None:
+            return self._built
+        module = self._protector.build(self.index, self._mask)
+        if self.keep:
+            object.__setattr__(self, "_built", module)
+        return module
+
+    def forward(self, x):
+        return self.build().to(x.device)(x)
+
+
+class Protector:
+    """Plans every layer once (series pieces, channel ranking, signs) reading one layer's MLP weights at a time,
+    then builds any coverage: `apply` for validation passes, `build` for the release writer."""
+
+    def __init__(self, model, ranges: Ranges, opts: ProtectOptions, mlps=None, streamed: bool = False):
+        from .stream import ModuleMLPs
+
+        self.model, self.opts, self.streamed = model, opts, streamed
         self.arch = runtime.architecture(model.config)
         self.act = runtime.activation_name(model.config)
         try:
@@ -323,38 +423,52 @@ class Protector:
             raise TaylorMLPError(str(exc)) from exc
         self.layers = runtime.decoder_layers(model)
         self.originals = [layer.mlp for layer in self.layers]
-        self.dtype = next(model.parameters()).dtype
-        self.weights = [mlp_weights(m, self.arch, i) for i, m in enumerate(self.originals)]
+        self.mlps = mlps if mlps is not None else ModuleMLPs(model)
+        self.dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
         rng = np.random.default_rng(opts.seed)
-        self.pieces, self.scores, self.signs = [], [], []
-        for i, w in enumerate(bar(self.weights, desc="series coefficients", unit="layer")):
-            lo, hi = ranges.lo[i], ranges.hi[i]
-            width = np.maximum(hi - lo, 1e-3)
-            mid = (lo + hi) / 2.0
-            lo, hi = mid - width * (0.5 + opts.margin), mid + width * (0.5 + opts.margin)
-            pieces, piece_error = split_pieces(opts.basis, self.act, lo, hi, opts.order, opts.piece_tolerance,
-                                               opts.max_pieces, opts.piece_order)
-            error_in = np.zeros(len(lo))
-            np.maximum.at(error_in, pieces.owner, piece_error)
-            self.signs.append(rng.choice(np.array([-1.0, 1.0]), size=len(lo)))
-            if opts.selection == "width":
-                self.scores.append(hi - lo)
-            else:  # worst approximation error on the interval, weighted by the channel's output norm
-                self.scores.append(error_in * w.W.norm(dim=0).numpy())
-            # a one-piece channel's polynomial is trusted (before the runtime's clamp) as far as it stays accurate
-            single = np.bincount(pieces.owner, minlength=len(lo))[pieces.owner] == 1
-            if opts.trust_tolerance > 0 and single.any():
-                q = np.flatnonzero(single)
-                r = series.trust_radius(opts.basis, self.act, pieces.lo[q], pieces.hi[q], pieces.coeffs[q],
-                                        np.maximum(piece_error[q], opts.trust_tolerance), opts.trust_max)
-                pieces.coeffs[q] = series.rescale_coefficients(opts.basis, pieces.coeffs[q], r)
-                pmid, half = (pieces.lo[q] + pieces.hi[q]) / 2.0, (pieces.hi[q] - pieces.lo[q]) / 2.0 * r
-                pieces.lo[q], pieces.hi[q] = pmid - half, pmid + half
-            self.pieces.append(pieces)
-        flat = np.concatenate(self.scores)
+        self.plans: list[LayerPlan] = []
+        for i in bar(range(len(self.layers)), desc="series coefficients", unit="layer"):
+            self.plans.append(self._plan(i, self.weights(i), ranges.lo[i], ranges.hi[i], rng))
+        flat = np.concatenate([p.score for p in self.plans])
         self.order_index = np.argsort(flat, kind="stable")  # easiest channels first
-        self.sizes = [len(s) for s in self.scores]
+        self.sizes = [len(p.score) for p in self.plans]
         self.total = int(flat.size)
+
+    @property
+    def pieces(self) -> list[Pieces]:
+        return [p.pieces for p in self.plans]
+
+    @property
+    def signs(self) -> list[np.ndarray]:
+        return [p.signs for p in self.plans]
+
+    def weights(self, i: int) -> MLPWeights:
+        return weights_from_tensors(self.mlps.tensors(i), self.arch, i)
+
+    def _plan(self, i: int, w: MLPWeights, lo: np.ndarray, hi: np.ndarray, rng) -> LayerPlan:
+        opts = self.opts
+        width = np.maximum(hi - lo, 1e-3)
+        mid = (lo + hi) / 2.0
+        lo, hi = mid - width * (0.5 + opts.margin), mid + width * (0.5 + opts.margin)
+        pieces, piece_error = split_pieces(opts.basis, self.act, lo, hi, opts.order, opts.piece_tolerance,
+                                           opts.max_pieces, opts.piece_order)
+        error_in = np.zeros(len(lo))
+        np.maximum.at(error_in, pieces.owner, piece_error)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=len(lo))
+        if opts.selection == "width":
+            score = hi - lo
+        else:  # worst approximation error on the interval, weighted by the channel's output norm
+            score = error_in * w.W.norm(dim=0).numpy()
+        # a one-piece channel's polynomial is trusted (before the runtime's clamp) as far as it stays accurate
+        single = np.bincount(pieces.owner, minlength=len(lo))[pieces.owner] == 1
+        if opts.trust_tolerance > 0 and single.any():
+            q = np.flatnonzero(single)
+            r = series.trust_radius(opts.basis, self.act, pieces.lo[q], pieces.hi[q], pieces.coeffs[q],
+                                    np.maximum(piece_error[q], opts.trust_tolerance), opts.trust_max)
+            pieces.coeffs[q] = series.rescale_coefficients(opts.basis, pieces.coeffs[q], r)
+            pmid, half = (pieces.lo[q] + pieces.hi[q]) / 2.0, (pieces.hi[q] - pieces.lo[q]) / 2.0 * r
+            pieces.lo[q], pieces.hi[q] = pmid - half, pmid + half
+        return LayerPlan(pieces, score, signs, int(w.W.shape[0]), w.b is not None, w.c is not None)
 
     def masks(self, coverage: float) -> list[np.ndarray]:
         k = int(round(coverage * self.total))
@@ -362,17 +476,34 @@ class Protector:
         chosen[self.order_index[:k]] = True
         return np.split(chosen, np.cumsum(self.sizes)[:-1])
 
-    def apply(self, coverage: float) -> list[np.ndarray]:
+    def build(self, i: int, mask: np.ndarray) -> runtime.TaylorMLP:
+        plan = self.plans[i]
+        return build_taylor_mlp(self.weights(i), self.arch["family"], self.act, plan.pieces, mask, plan.signs,
+                                self.opts.order, self.opts.basis, self.dtype)
+
+    def apply(self, coverage: float, materialize: bool | None = None) -> list[np.ndarray]:
+        """Install `coverage`'s MLPs: real TaylorMLP modules (materialize=True, the default for a model in memory),
+        or candidates that build each layer's module when it runs and drop it after (the default when streamed)."""
+        materialize = not self.streamed if materialize is None else materialize
         masks = self.masks(coverage)
-        family = self.arch["family"]
         for i, (layer, mask) in enumerate(zip(self.layers, masks)):
-            layer.mlp = build_taylor_mlp(self.weights[i], family, self.act, self.pieces[i], mask, self.signs[i],
-                                         self.opts.order, self.opts.basis, self.dtype)
+            device = _module_device(self.originals[i])
+            if materialize:
+                layer.mlp = self.build(i, mask).to(device)
+            else:
+                layer.mlp = CandidateMLP(self, i, mask, keep=False)
         return masks
 
     def restore(self) -> None:
         for layer, mlp in zip(self.layers, self.originals):
             layer.mlp = mlp
+
+
+def _module_device(module) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def approximation_error(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, coeffs: np.ndarray,
@@ -382,18 +513,18 @@ def approximation_error(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, co
     return series.series_error(basis, act, lo, hi, coeffs, t).max(-1)
 
 
-def build_spec(model, protector: Protector, masks: list[np.ndarray], opts: ProtectOptions, extra: dict) -> dict:
+def build_spec(protector: Protector, masks: list[np.ndarray], opts: ProtectOptions, extra: dict) -> dict:
     layers = []
-    for w, mask, pieces in zip(protector.weights, masks, protector.pieces):
+    for plan, mask in zip(protector.plans, masks):
         P = int(mask.sum())
-        Q = int(np.isin(pieces.owner, np.flatnonzero(mask)).sum())
+        Q = int(np.isin(plan.pieces.owner, np.flatnonzero(mask)).sum())
         layers.append({"protected": P, "pieces": Q, "rest": int(mask.size - P),
-                       "rest_out_bias": bool(w.c is not None and P == 0)})
+                       "rest_out_bias": bool(plan.has_c and P == 0)})
     total = sum(m.size for m in masks)
     return {
         "format_version": runtime.FORMAT_VERSION,
         "family": protector.arch["family"],
-        "hidden_size": int(protector.weights[0].W.shape[0]),
+        "hidden_size": int(protector.plans[0].hidden),
         "activation": protector.act,
         "order": int(opts.order),
         "basis": opts.basis,
@@ -401,24 +532,11 @@ def build_spec(model, protector: Protector, masks: list[np.ndarray], opts: Prote
         "selection": opts.selection,
         "margin": float(opts.margin),
         "max_pieces": int(opts.max_pieces),
-        "rest_bias": protector.weights[0].b is not None,
+        "rest_bias": bool(protector.plans[0].has_b),
         "coverage": float(sum(int(m.sum()) for m in masks) / total),
         "layers": layers,
         **extra,
     }
-
-
-def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
-              chat: bool | None = None) -> tuple[CalibrationData, Ranges]:
-    """Calibration sequences, validation sequences and the per-channel ranges they produce."""
-    if tokenizer is None:
-        raise TaylorMLPError("protect() needs the tokenizer to calibrate on text")
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    data = prepare_calibration(model, tokenizer, texts, opts, chat)
-    ranges = collect_ranges(model, data.calibration)
-    ranges.sources = data.sources
-    return data, ranges
 
 
 def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None, options: ProtectOptions | None = None,
@@ -432,44 +550,58 @@ def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None
     except ValueError as exc:
         raise TaylorMLPError(str(exc)) from exc
     model.eval()
+    data, ranges = _calibration(model, tokenizer, calibration, opts, chat, prepared)
+    protector = Protector(model, ranges, opts)
+    return finish(protector, choose_coverage(protector, data), data, ranges)
+
+
+def _calibration(model, tokenizer, calibration, opts, chat, prepared):
     if prepared is not None:
-        data, ranges = prepared
-    elif isinstance(calibration, Ranges):
+        return prepared
+    if isinstance(calibration, Ranges):
         if opts.coverage is None:
             raise TaylorMLPError("with precomputed ranges there is no validation data: give coverage explicitly")
-        data, ranges = None, calibration
-    else:
-        data, ranges = calibrate(model, tokenizer, calibration, opts, chat)
-    protector = Protector(model, ranges, opts)
-    search = []
+        return None, calibration
+    return calibrate(model, tokenizer, calibration, opts, chat)
+
+
+def choose_coverage(protector: "Protector", data: CalibrationData | None) -> tuple[float, list]:
+    search: list = []
+    opts = protector.opts
     coverage = opts.coverage if opts.coverage is not None else search_coverage(protector, data, search)
-    return finish(protector, coverage, data, ranges, search)
+    return coverage, search
 
 
-def finish(protector: "Protector", coverage: float, data: CalibrationData | None, ranges: Ranges,
-           search: list | None = None) -> dict:
-    """Install the TaylorMLPs for `coverage`, validate, and record the spec on the model config."""
+def finish(protector: "Protector", chosen: tuple[float, list] | float, data: CalibrationData | None, ranges: Ranges,
+           search: list | None = None, materialize: bool | None = None) -> dict:
+    """Install `coverage`'s MLPs, validate (or reuse the search's run of this very coverage), and record the spec on
+    the model config.  materialize=False leaves candidates installed (streamed models: the writer builds them)."""
+    coverage, search = chosen if isinstance(chosen, tuple) else (chosen, search or [])
     opts, model = protector.opts, protector.model
-    masks = protector.apply(coverage)
+    masks = protector.apply(coverage, materialize=materialize)
     extra = {"calibration": ranges.summary(), "seed": opts.seed}
     if data is not None and data.validation:
-        extra["validation"] = validate(model, data.validation)
-    extra["coverage_search"] = search or []
-    spec = build_spec(model, protector, masks, opts, extra)
+        done = [row for row in search if row["coverage"] == coverage and "stopped_after" not in row]
+        if done:
+            extra["validation"] = {k: v for k, v in done[-1].items() if k not in ("coverage", "accepted")}
+        else:
+            extra["validation"] = validate(model, data.validation, opts.batch_tokens)
+    extra["coverage_search"] = search
+    spec = build_spec(protector, masks, opts, extra)
     model.config.taylormlp = spec
     return spec
 
 
 def search_coverage(protector: Protector, data: CalibrationData, trace: list) -> float:
     """Largest coverage (bisection on the channel ranking) whose validation is token-exact with every logit
-    within the error budget."""
-    if not data.validation:
+    within the error budget.  A rejected candidate stops at the first batch that proves it wrong."""
+    if data is None or not data.validation:
         raise TaylorMLPError("no validation prompts: cannot choose coverage automatically; pass --coverage")
     budget = protector.opts.error_budget
 
     def acceptable(coverage: float) -> bool:
         protector.apply(coverage)
-        result = validate(protector.model, data.validation)
+        result = validate(protector.model, data.validation, protector.opts.batch_tokens, budget=budget)
         ok = result["exact"] and result["max_logit_error"] <= budget
         trace.append({"coverage": coverage, "accepted": ok, **result})
         return ok

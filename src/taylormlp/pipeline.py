@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import runtime
-from .convert import ProtectOptions, protect
+from .convert import Protector, ProtectOptions, calibrate, choose_coverage, finish
 from .errors import TaylorMLPError
 from .progress import log
-from .release import DTYPES, check_output_dir, load_release, model_card, release_size, save_release, verify_release
-from .sources import is_chat_model, load_base
+from .release import (DTYPES, check_output_dir, load_release, model_card, release_size, save_release,
+                      save_streamed_release, verify_release)
+from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
+from .stream import SourceMLPs, open_streamed, resolve_device
 
 
 def read_calibration_file(path: Path) -> list[str]:
@@ -29,29 +33,48 @@ def read_calibration_file(path: Path) -> list[str]:
 
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
-                       calibration_file=None, dtype="float32", seed=0, chat=None, force=False, **tuning) -> dict:
-    """Load SOURCE, protect it and write the release to OUT.  `tuning` passes extra ProtectOptions fields
-    (continuation_tokens, prose_chars, search_steps, margin, ...)."""
+                       calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
+                       **tuning) -> dict:
+    """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
+    (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
+
+    The model is streamed (stream.open_streamed): embeddings, norms and head stay resident, every decoder layer is
+    read from the source's safetensors when it runs, the coverage search builds each layer's candidate TaylorMLP
+    when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
+    calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
+    in memory: that path loads it whole."""
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
         raise TaylorMLPError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = resolve_device(device)
     texts = read_calibration_file(Path(calibration_file)) if calibration_file else None
-    model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
-    if chat is None:
-        chat = is_chat_model(tokenizer)
-    opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed, **tuning)
-    slow = None
+    opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed, **tuning).resolved()
     if slowdown is not None:
         from .throttle import protect_for_slowdown
 
+        model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
+        chat = is_chat_model(tokenizer) if chat is None else chat
         spec, slow = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
-    else:
-        spec = protect(model, tokenizer, texts, options=opts, chat=chat)
-    card = model_card(spec, slowdown=slow)
-    save_release(model, out, tokenizer, force=force, card=card)
+        save_release(model, out, tokenizer, force=force, card=model_card(spec, slowdown=slow))
+        return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
+                "size_bytes": release_size(out), "slowdown": slow}
+    model_dir = resolve_source(source)
+    tokenizer = load_tokenizer(model_dir)
+    chat = is_chat_model(tokenizer) if chat is None else chat
+    with tempfile.TemporaryDirectory(prefix="taylormlp-offload-") as offload:
+        model, weights = open_streamed(model_dir, DTYPES[dtype], device, offload)
+        data, ranges = calibrate(model, tokenizer, texts, opts, chat)
+        protector = Protector(model, ranges, opts, mlps=SourceMLPs(weights, model.config), streamed=True)
+        spec = finish(protector, choose_coverage(protector, data), data, ranges, materialize=False)
+        protector.restore()
+        masks = protector.masks(spec["coverage"])
+        config = copy.deepcopy(model.config)
+        config.taylormlp = spec
+        save_streamed_release(out, config, weights, lambda i: protector.build(i, masks[i]), DTYPES[dtype], tokenizer,
+                              force=force, card=model_card(spec), model_dir=model_dir)
     return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
-            "size_bytes": release_size(out), "slowdown": slow}
+            "size_bytes": release_size(out), "slowdown": None}
 
 
 def load_any(path, base: bool = False):

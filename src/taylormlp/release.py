@@ -52,20 +52,98 @@ def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str 
     spec = getattr(model.config, "taylormlp", None)
     if spec is None:
         raise TaylorMLPError("this model has not been protected: call taylormlp.protect(model, ...) first")
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         cls_name = runtime.release_class(model.config).__name__
         model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{cls_name}"}
         model.save_pretrained(tmp, max_shard_size="2GB")
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        shutil.copyfile(Path(runtime.__file__), tmp / MODELING_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card or model_card(spec))
-        write_manifest(tmp)
+        _finish_release(tmp, tokenizer, card or model_card(spec))
+
+    return write_atomically(out, force, fill)
+
+
+def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype, tokenizer=None, force: bool = False,
+                          card: str | None = None, model_dir=None) -> Path:
+    """Write a release layer by layer, never holding more than one layer: every tensor of `source` (a
+    stream.SafetensorsSource) but the decoder layers' MLPs is copied (cast to `dtype`), and layer i's MLP is
+    `build_mlp(i)` (a TaylorMLP).  One safetensors shard per decoder layer plus one for the rest, with the standard
+    index, so transformers (and accelerate's offloading) load it like any sharded checkpoint."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    spec = getattr(config, "taylormlp", None)
+    if spec is None:
+        raise TaylorMLPError("config has no taylormlp section: nothing was protected")
+    prefix = runtime.architecture(config)["layers"] + "."
+    n_layers = len(spec["layers"])
+    groups: list[list[str]] = [[] for _ in range(n_layers + 1)]
+    for name in source.names():
+        if not name.startswith(prefix):
+            groups[0].append(name)
+            continue
+        index, rest = name[len(prefix):].split(".", 1)
+        if not rest.startswith("mlp."):
+            groups[int(index) + 1].append(name)
+
+    def fill(tmp: Path) -> None:
+        from .progress import bar
+
+        weight_map, total = {}, 0
+        files = n_layers + 1
+        for k in bar(range(files), desc="writing release", unit="shard"):
+            tensors = source.read(groups[k], dtype) if groups[k] else {}
+            if k:
+                mlp = build_mlp(k - 1)
+                for key, value in mlp.state_dict().items():
+                    tensors[f"{prefix}{k - 1}.mlp.{key}"] = value.detach().to("cpu")
+                del mlp
+            name = f"model-{k + 1:05d}-of-{files:05d}.safetensors"
+            tensors = {key: value.contiguous() for key, value in tensors.items()}
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            for key, value in tensors.items():
+                weight_map[key] = name
+                total += value.numel() * value.element_size()
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        cls_name = runtime.release_class(config).__name__
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{cls_name}"}
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        generation = Path(model_dir) / "generation_config.json" if model_dir else None
+        if generation is not None and generation.is_file():
+            shutil.copyfile(generation, tmp / "generation_config.json")
+        _finish_release(tmp, tokenizer, card or model_card(spec))
+
+    return write_atomically(out, force, fill)
+
+
+def _finish_release(tmp: Path, tokenizer, card: str) -> None:
+    shutil.copyfile(Path(runtime.__file__), tmp / MODELING_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    write_manifest(tmp)
+
+
+def write_atomically(out: Path, force: bool, fill) -> Path:
+    """Run fill(tmp) on a temporary directory beside `out` and rename it to `out` only once it is complete.  On any
+    failure (a full disk included) the temporary directory is removed and `out` is left as it was."""
+    check_output_dir(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise TaylorMLPError(f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable "
+                             f"--out") from exc
+    try:
+        try:
+            fill(tmp)
+        except OSError as exc:
+            raise TaylorMLPError(f"writing the release to {out} failed ({exc.strerror or exc}; disk full or not "
+                                 f"writable?); nothing was written, {out} is as it was") from exc
         if out.exists():  # --force: swap the old directory out only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -125,13 +203,122 @@ def verify_release(directory) -> dict:
     return config
 
 
-def load_release(directory, dtype: torch.dtype | None = None, verify: bool = True):
-    """Load a release as a transformers causal LM whose layers' ``.mlp`` are TaylorMLP modules."""
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device(value, where: str) -> None:
+    """A device as accelerate's device maps and max_memory accept it: a GPU index, "cpu", "disk", "cuda:0", ..."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, torch.device)):
+        raise TaylorMLPError(f"{where}: {value!r} is not a device (use a GPU index, 'cpu', 'disk' or a torch device)")
+    if isinstance(value, int):  # an accelerator index (CUDA, XPU, ...), as accelerate reads it
+        if value < 0:
+            raise TaylorMLPError(f"{where}: GPU index {value} is negative")
+        kind, index = "accelerator", value
+        count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
+    elif value == "disk":
+        return
+    else:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise TaylorMLPError(f"{where}: {value!r} is not a device (use a GPU index, 'cpu', 'disk' or a torch "
+                                 f"device such as 'cuda:0')") from exc
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise TaylorMLPError(f"{where}: 'mps' is not available on this machine")
+        if device.type != "cuda":
+            return
+        kind, index, count = "CUDA device", device.index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise TaylorMLPError(f"{where}: {value!r} names a device this machine does not have "
+                             f"({count} {kind}{'s' if count != 1 else ''} visible)")
+
+
+def _offload_kwargs(directory: Path, device_map, max_memory, offload_folder) -> dict:
+    """Check the accelerate placement arguments of `load_release`; the from_pretrained kwargs they become."""
+    if device_map is None:
+        given = [name for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder))
+                 if value is not None]
+        if given:
+            raise TaylorMLPError(f"{' and '.join(given)} {'take' if len(given) > 1 else 'takes'} effect only with a "
+                                 f"device_map: pass device_map='auto' "
+                                 f"(accelerate then places what fits in max_memory and offloads the rest)")
+        return {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as exc:
+        raise TaylorMLPError("device_map needs the accelerate package: pip install 'accelerate>=1.0'") from exc
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        if device_map == "disk":
+            raise TaylorMLPError("device_map='disk' is not a placement: use device_map='auto' with a small max_memory, "
+                                 "or a dict that maps modules to 'disk'")
+        try:
+            torch.device(device_map)
+        except (RuntimeError, ValueError) as exc:
+            raise TaylorMLPError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (e.g. 'cpu', "
+                                 f"'cuda:0') or a dict of module name -> device; got {device_map!r}") from exc
+        _check_device(device_map, "device_map")
+    elif isinstance(device_map, dict):
+        if not device_map:
+            raise TaylorMLPError("device_map is an empty dict: map module names to devices, e.g. {'': 'cpu'}")
+        for name, device in device_map.items():
+            if not isinstance(name, str):
+                raise TaylorMLPError(f"device_map keys are module names (str), got {name!r}")
+            _check_device(device, f"device_map[{name!r}]")
+    elif not isinstance(device_map, str):
+        _check_device(device_map, "device_map")
+    kwargs = {"device_map": device_map}
+    if max_memory is not None:
+        from accelerate.utils import convert_file_size_to_int
+
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise TaylorMLPError(f"max_memory must be a non-empty dict of device -> size, e.g. "
+                                 f"{{'cpu': '8GB', 0: '20GB'}}, got {max_memory!r}")
+        checked = {}
+        for device, size in max_memory.items():
+            if not (isinstance(device, int) and not isinstance(device, bool) and device >= 0) \
+                    and device not in ("cpu", "mps", "disk"):
+                raise TaylorMLPError(f"max_memory key {device!r} is not a device: use a GPU index, 'cpu', 'mps' "
+                                     f"or 'disk'")
+            if device != "disk":
+                _check_device(device, "max_memory")
+            if isinstance(size, bool) or not isinstance(size, (int, str)):
+                raise TaylorMLPError(f"max_memory[{device!r}] = {size!r}: give bytes (int) or a size such as '8GB'")
+            try:
+                checked[device] = size if isinstance(size, int) else convert_file_size_to_int(size)
+            except ValueError as exc:
+                raise TaylorMLPError(f"max_memory[{device!r}] = {size!r} is not a size; give bytes (int) or a string "
+                                     f"such as '8GB' or '500MiB'") from exc
+            if checked[device] < 0:
+                raise TaylorMLPError(f"max_memory[{device!r}] = {size!r} is negative")
+        kwargs["max_memory"] = checked
+    if offload_folder is not None:
+        folder = Path(offload_folder)
+        if folder.exists() and not folder.is_dir():
+            raise TaylorMLPError(f"offload_folder {folder} exists and is not a directory")
+        if folder.resolve() == directory.resolve() or directory.resolve() in folder.resolve().parents:
+            raise TaylorMLPError(f"offload_folder {folder} lies inside the release {directory}; offloaded weights "
+                                 f"must not be written into a release: choose a directory outside it")
+        kwargs["offload_folder"] = str(folder)
+    return kwargs
+
+
+def load_release(directory, dtype: torch.dtype | None = None, verify: bool = True, device_map=None,
+                 max_memory: dict | None = None, offload_folder=None):
+    """Load a release as a transformers causal LM whose layers' ``.mlp`` are TaylorMLP modules.
+
+    ``device_map``, ``max_memory`` and ``offload_folder`` go to ``from_pretrained`` and so to accelerate, the
+    engine transformers uses for models larger than memory: ``device_map="auto"`` puts what fits within
+    ``max_memory`` (e.g. ``{0: "20GB", "cpu": "8GB"}``) on those devices and the rest on "disk".  Disk-offloaded
+    weights are read in place from the release's safetensors files; ``offload_folder`` is where accelerate writes
+    any weight it has to re-save (a directory outside the release).  Without a device_map the whole model is
+    loaded into CPU memory, as before.
+    """
     from transformers import AutoConfig
 
     d = Path(directory)
     if verify:
         verify_release(d)
+    placement = _offload_kwargs(d, device_map, max_memory, offload_folder)
     config = AutoConfig.from_pretrained(d)
     try:
         cls = runtime.release_class(config)
@@ -140,7 +327,17 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
     kwargs = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = cls.from_pretrained(d, config=config, **kwargs)
+    if not placement:
+        model = cls.from_pretrained(d, config=config, **kwargs)
+    else:
+        try:
+            model = cls.from_pretrained(d, config=config, **kwargs, **placement)
+        except ValueError as exc:
+            if "offload_folder" in str(exc) and offload_folder is None:
+                raise TaylorMLPError(f"device_map={device_map!r} offloads weights of {d} to disk that have to be "
+                                     f"re-saved: pass offload_folder=DIR (a writable directory outside the release)"
+                                     ) from exc
+            raise TaylorMLPError(f"cannot place {d} with device_map={device_map!r}: {exc}") from exc
     model.eval()
     return model
 

@@ -129,5 +129,14 @@ def load_base(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model, tokenizer, model_dir
 
 
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TaylorMLPError(f"could not load the tokenizer from {model_dir}: {exc}") from exc
+
+
 def is_chat_model(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))

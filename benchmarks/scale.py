@@ -1,0 +1,147 @@
+"""Scale benchmark: protect random-weight models with a real model's layer shapes at a few depths, measure wall
+time, peak RSS and release bytes per layer, and extrapolate to the full depth.
+
+    .venv/bin/python benchmarks/scale.py --shape llama3-8b --layers 1 2 --json results/scale-llama3-8b.json
+    .venv/bin/python benchmarks/scale.py --shape smol-wide --layers 4 8      # issue 9's memory check
+
+Each protect runs in its own process under /usr/bin/time (peak RSS of that process alone).  Per-layer cost and
+fixed cost come from a straight-line fit over the depths: time(L) = a + b·L, and the same for RSS and bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # Llama-3-8B: hidden 4096, intermediate 14336, 32 query / 8 key-value heads, vocabulary 128256, 32 layers
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, full_layers=32, tie_word_embeddings=False),
+    # issue 9's memory check: hidden 1536, intermediate 6144, SmolLM2's vocabulary
+    "smol-wide": dict(hidden_size=1536, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=4,
+                      vocab_size=49152, full_layers=32, tie_word_embeddings=True),
+}
+
+
+def make_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> int:
+    """A random-weight Llama with `shape` and `layers` decoder layers, saved in bf16 with SmolLM2's tokenizer
+    (chat template included).  Built one layer at a time so that making it needs little memory.  Returns bytes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from taylormlp.sources import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
+    config = LlamaConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+                         num_attention_heads=shape["num_attention_heads"],
+                         num_key_value_heads=shape["num_key_value_heads"], vocab_size=shape["vocab_size"],
+                         num_hidden_layers=layers, tie_word_embeddings=shape["tie_word_embeddings"],
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+    model.save_pretrained(directory, max_shard_size="2GB")
+    tok.save_pretrained(directory)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def run_protect(source: Path, out: Path, args) -> dict:
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB=%M", sys.executable, "-m", "taylormlp.cli", "protect", str(source),
+           "--out", str(out), "--preset", args.preset, "--dtype", "bfloat16", "--device", args.device,
+           "--calibration-samples", str(args.calibration_samples), "--force"]
+    if args.coverage is not None:
+        cmd += ["--coverage", str(args.coverage)]
+    env = {**os.environ, "TAYLORMLP_QUIET": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"protect failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss = int(re.search(r"MAXRSS_KB=(\d+)", proc.stderr).group(1)) * 1024
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"wall_s": wall, "peak_rss_bytes": rss, "release_bytes": size}
+
+
+def fit(xs, ys):
+    """(fixed, per_layer) of the straight line through the points (exact for two depths)."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a), float(b)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="depths to run (at least two)")
+    parser.add_argument("--preset", default="paper", choices=["paper", "default"])
+    parser.add_argument("--coverage", type=float, default=0.5, help="fixed coverage (default 0.5; none: search)")
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=None, help="where models and releases go (default: a temp dir)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if len(set(args.layers)) < 2:
+        parser.error("--layers needs at least two different depths to separate fixed and per-layer cost")
+    shape = SHAPES[args.shape]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="taylormlp-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for layers in args.layers:
+            src, out = work / f"model-{layers}", work / f"release-{layers}"
+            shutil.rmtree(src, ignore_errors=True)
+            model_bytes = make_model(src, shape, layers)
+            row = {"layers": layers, "model_bytes": model_bytes, **run_protect(src, out, args)}
+            rows.append(row)
+            print(f"{layers} layers: model {model_bytes / 1e9:.2f} GB, protect {row['wall_s']:.0f} s, "
+                  f"peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB, release {row['release_bytes'] / 1e9:.2f} GB",
+                  flush=True)
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    L = [r["layers"] for r in rows]
+    full = shape["full_layers"]
+    extrapolation = {}
+    for key in ("wall_s", "peak_rss_bytes", "release_bytes", "model_bytes"):
+        a, b = fit(L, [r[key] for r in rows])
+        extrapolation[key] = {"fixed": a, "per_layer": b, f"at_{full}_layers": a + b * full}
+    report = {"shape": args.shape, **{k: v for k, v in shape.items()}, "preset": args.preset,
+              "coverage": args.coverage, "calibration_samples": args.calibration_samples, "device": args.device,
+              "machine": {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count()},
+              "runs": rows, "extrapolation": extrapolation,
+              "peak_rss_ratio_deepest_to_shallowest": rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"]}
+    e = extrapolation
+    print(f"per layer: {e['wall_s']['per_layer']:.1f} s, {e['peak_rss_bytes']['per_layer'] / 1e6:.0f} MB RSS, "
+          f"{e['release_bytes']['per_layer'] / 1e9:.2f} GB release")
+    print(f"extrapolated to {full} layers: {e['wall_s'][f'at_{full}_layers'] / 3600:.2f} h, peak RSS "
+          f"{e['peak_rss_bytes'][f'at_{full}_layers'] / 1e9:.2f} GB, release {e['release_bytes'][f'at_{full}_layers'] / 1e9:.1f} GB")
+    print(f"peak RSS ratio {rows[-1]['layers']} vs {rows[0]['layers']} layers: "
+          f"{report['peak_rss_ratio_deepest_to_shallowest']:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""A model is a stream of layers: the one way taylormlp walks a model too large to hold.
+
+* ``SafetensorsSource`` reads a Hugging Face model directory's tensors one layer at a time from its safetensors
+  files (a memory map opened per read and closed right after, so nothing stays resident).  Headers are checked
+  when the source is opened: a corrupt, truncated or mislabelled file is an error naming it, before any work.
+* ``open_streamed`` builds the model with transformers' own ``from_pretrained(device_map=...)`` — embeddings,
+  norms and head resident, every decoder layer offloaded to ``"disk"`` (its weights stay in the source files) —
+  and then gives each decoder layer one hook that onloads all of the layer's tensors with a single read per file
+  before the layer runs and drops them right after.  Generation, KV cache and batching work as in transformers;
+  peak memory is one layer's weights plus activations, whatever the depth.
+
+The same model object serves calibration (``calibration.RangeRecorder``), the original's continuations and
+reference logits, and the coverage search's validation passes (``convert.CandidateMLP`` stands in for a
+layer's MLP and builds its TaylorMLP from the source when called).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runtime
+from .errors import TaylorMLPError
+
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_safetensors_file(path: Path) -> list[str]:
+    """Tensor names of a safetensors file after checking its header against its size; TaylorMLPError otherwise."""
+    fix = "re-download or re-convert it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise TaylorMLPError(f"{path}: not a safetensors file (only {size} bytes); {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise TaylorMLPError(f"{path}: not a safetensors file (header length {n} does not fit in {size} "
+                                     f"bytes: truncated, or another format renamed to .safetensors); {fix}")
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise TaylorMLPError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaylorMLPError(f"{path}: not a safetensors file (corrupt header: {exc}); {fix}") from exc
+    if not isinstance(header, dict):
+        raise TaylorMLPError(f"{path}: not a safetensors file (header is not a table); {fix}")
+    end = 0
+    names = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64)) if info["shape"] else 1
+            width = SAFETENSORS_DTYPES[info["dtype"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TaylorMLPError(f"{path}: corrupt safetensors header entry for {name!r}; {fix}") from exc
+        if stop - begin != count * width:
+            raise TaylorMLPError(f"{path}: tensor {name!r} is mislabelled ({info['dtype']} {info['shape']} needs "
+                                 f"{count * width} bytes, the header gives {stop - begin}); {fix}")
+        end = max(end, stop)
+        names.append(name)
+    if 8 + n + end != size:
+        raise TaylorMLPError(f"{path}: {size} bytes, but its header describes {8 + n + end} (truncated or "
+                             f"damaged); {fix}")
+    return names
+
+
+class SafetensorsSource:
+    """Lazy, read-only access to the tensors of a model directory's safetensors files."""
+
+    def __init__(self, model_dir):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise TaylorMLPError(f"{index}: corrupt safetensors index ({exc}); re-download or re-save the "
+                                     f"model") from exc
+        elif (self.dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            found = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt*"))
+            hint = f" (found {', '.join(found[:3])}: pickled weights, which taylormlp never loads)" if found else ""
+            raise TaylorMLPError(f"{self.dir} holds no safetensors weights (model.safetensors or "
+                                 f"model.safetensors.index.json){hint}; re-save the model with "
+                                 f"save_pretrained(), which writes safetensors")
+        self.location: dict[str, Path] = {}
+        for name in files:
+            path = self.dir / name
+            if not path.is_file():
+                raise TaylorMLPError(f"weight file {path} is missing (named by {index.name}); re-download the model")
+            for key in check_safetensors_file(path):
+                self.location[key] = path
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def nbytes(self, names=None) -> int:
+        return sum(self.read([n])[n].nbytes for n in (names or self.location))
+
+    def read(self, names, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+        """{name: tensor} for `names`, one memory map per file, closed before returning.  Floating tensors are cast
+        to `dtype` when given."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.location:
+                raise TaylorMLPError(f"tensor {name!r} is not in the model's safetensors files under {self.dir}; "
+                                     f"the checkpoint does not match its config.json")
+            by_file.setdefault(self.location[name], []).append(name)
+        out = {}
+        for path, keys in by_file.items():
+            try:
+                with safe_open(path, framework="pt", device="cpu") as fh:
+                    for key in keys:
+                        t = fh.get_tensor(key)
+                        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                            t = t.to(dtype)
+                        out[key] = t.to(device) if str(device) != "cpu" else t
+            except TaylorMLPError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any read failure names the file
+                raise TaylorMLPError(f"{path}: cannot read tensor data ({exc}); re-download or re-convert it") from exc
+        return out
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.read([name], dtype)[name]
+
+
+# ---------------------------------------------------------------- the model's MLP weights, from anywhere
+
+
+def mlp_tensor_names(arch: dict, layer: int) -> dict[str, str | None]:
+    """Source tensor names of decoder layer `layer`'s MLP: V (gate), b, U (up), W (down), c."""
+    prefix = f"{arch['layers']}.{layer}.mlp"
+    return {"V": f"{prefix}.{arch['gate']}.weight", "b": f"{prefix}.{arch['gate']}.bias",
+            "U": f"{prefix}.{arch['up']}.weight" if arch["up"] else None,
+            "W": f"{prefix}.{arch['down']}.weight", "c": f"{prefix}.{arch['down']}.bias"}
+
+
+class SourceMLPs:
+    """MLP weights of a streamed model, read from its safetensors source layer by layer (float64)."""
+
+    def __init__(self, source: SafetensorsSource, config):
+        self.source, self.arch = source, runtime.architecture(config)
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
+        names = mlp_tensor_names(self.arch, layer)
+        wanted = [n for n in names.values() if n is not None and n in self.source]
+        got = self.source.read(wanted, dtype=torch.float64)
+        out = {}
+        for key, name in names.items():
+            t = got.get(name) if name else None
+            if t is not None and self.arch["conv1d"] and key in ("V", "U", "W"):
+                t = t.t()  # GPT-2 Conv1D stores [in, out]
+            out[key] = t
+        for key in ("V", "W") + (("U",) if self.arch["up"] else ()):
+            if out[key] is None:
+                raise TaylorMLPError(f"layer {layer}: MLP weight {names[key]!r} missing from {self.source.dir}")
+        return out
+
+
+class ModuleMLPs:
+    """MLP weights of a model held in memory, read from its original MLP modules (float64 copies, per call)."""
+
+    def __init__(self, model):
+        self.arch = runtime.architecture(model.config)
+        self.mlps = [layer.mlp for layer in runtime.decoder_layers(model)]
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
+        mlp, arch = self.mlps[layer], self.arch
+        gate, down = getattr(mlp, arch["gate"]), getattr(mlp, arch["down"])
+        up = getattr(mlp, arch["up"]) if arch["up"] else None
+
+        def f64(t):
+            return None if t is None else t.detach().to("cpu", torch.float64)
+
+        return {"V": f64(runtime.linear_weight(gate)), "b": f64(gate.bias),
+                "U": f64(runtime.linear_weight(up)) if up is not None else None,
+                "W": f64(runtime.linear_weight(down)), "c": f64(down.bias)}
+
+
+# ---------------------------------------------------------------- the streamed model
+
+
+def _device_map(config, n_layers: int, device: str) -> dict:
+    """Everything but the decoder layers on `device`; every decoder layer on "disk"."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    path = runtime.architecture(config)["layers"].split(".")
+    dm: dict[str, str] = {}
+    module, prefix = skeleton, ""
+    for depth, part in enumerate(path):
+        for name, _child in module.named_children():
+            if name != part:
+                dm[prefix + name] = device
+        module, prefix = getattr(module, part), prefix + part + "."
+    for i in range(n_layers):
+        dm[f"{prefix}{i}"] = "disk"
+    # parameters or buffers held directly by a module on the path (rare) stay with the device
+    return dm
+
+
+class LayerOnloader:
+    """Hooks that onload a decoder layer's tensors from the source right before it runs and drop them after."""
+
+    def __init__(self, model, source: SafetensorsSource, dtype: torch.dtype, device):
+        from accelerate.hooks import remove_hook_from_module
+
+        self.source, self.dtype, self.device = source, dtype, torch.device(device)
+        self.prefix = runtime.architecture(model.config)["layers"]
+        self.layers = runtime.decoder_layers(model)
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            remove_hook_from_module(layer, recurse=True)  # accelerate's per-tensor hooks: replaced by one per layer
+            self._to_meta(layer)
+            self.handles.append(layer.register_forward_pre_hook(self._onload(i)))
+            self.handles.append(layer.register_forward_hook(self._offload))
+
+    @staticmethod
+    def _tensors(layer):
+        for name, _ in layer.named_parameters():
+            yield name
+        for mod_name, mod in layer.named_modules():
+            for buf_name in mod._buffers:
+                if buf_name not in mod._non_persistent_buffers_set and mod._buffers[buf_name] is not None:
+                    yield f"{mod_name}.{buf_name}" if mod_name else buf_name
+
+    def _to_meta(self, layer):
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in list(self._tensors(layer)):
+            set_module_tensor_to_device(layer, name, "meta")
+
+    def _onload(self, i):
+        from accelerate.utils import set_module_tensor_to_device
+
+        def hook(layer, _args):
+            names = list(self._tensors(layer))
+            values = self.source.read([f"{self.prefix}.{i}.{n}" for n in names], self.dtype)
+            for name in names:
+                set_module_tensor_to_device(layer, name, self.device, value=values[f"{self.prefix}.{i}.{name}"])
+        return hook
+
+    def _offload(self, layer, _args, _output):
+        self._to_meta(layer)
+
+
+def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) -> tuple:
+    """(model, source): the causal LM with resident embeddings/norm/head and decoder layers streamed from disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TaylorMLPError(f"{model_dir / 'config.json'}: cannot read the model config ({exc})") from exc
+    try:
+        runtime.architecture(config)
+    except ValueError as exc:
+        raise TaylorMLPError(str(exc)) from exc
+    source = SafetensorsSource(model_dir)
+    n_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+    dm = _device_map(config, n_layers, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=dm,
+                                                     offload_folder=str(offload_folder), use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TaylorMLPError(f"could not load model from {model_dir}: {exc}") from exc
+    model.eval()
+    for name, p in model.named_parameters():
+        if not name.startswith(runtime.architecture(config)["layers"] + ".") and not torch.isfinite(p).all():
+            raise TaylorMLPError(f"model weight {name} in {model_dir} contains NaN or Inf; the model is corrupt")
+    model._taylormlp_onloader = LayerOnloader(model, source, dtype, device)
+    return model, source
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TaylorMLPError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                             "use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise TaylorMLPError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
