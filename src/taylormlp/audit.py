@@ -128,14 +128,17 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
     """Load the release (and the original, for scoring), run the attacks, print a table, write JSON."""
     from transformers import AutoTokenizer
 
+    from .paths import check_output_file, write_text_atomically
     from .release import load_release
 
     names = _check_attacks(attacks)
+    if json_path is not None:
+        check_output_file(json_path, "--json")  # before minutes of attacks, not after
     release_dir = Path(release_dir)
     model = load_release(release_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(release_dir)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - no (usable) tokenizer: attacks fall back to random token ids
         tokenizer = None
         log("audit: the release has no tokenizer; attacker text is random token ids")
     orig_model = None
@@ -148,8 +151,6 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
     if print_table:
         print(format_table(report))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(report), indent=1))
+        path = write_text_atomically(Path(json_path), json.dumps(_jsonable(report), indent=1), "--json")
         log(f"wrote {path}")
     return report

@@ -238,16 +238,19 @@ class RangeRecorder:
         return Ranges(list(self.lo), list(self.hi), self.tokens)
 
 
-def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "right", sort: bool = True):
+def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "right", sort: bool = True,
+                   first_tokens: int | None = None):
     """Batches of at most `max_tokens` (padded) tokens, length-sorted unless sort=False (then in list order):
-    yields (indices, ids, attention_mask)."""
+    yields (indices, ids, attention_mask).  With `first_tokens`, the first batch holds at most that many tokens
+    and each next one twice as many (up to max_tokens): a walk that may stop early stops after little work."""
     order = list(range(len(sequences)))
     if sort:
         order.sort(key=lambda k: len(sequences[k]))
+    limit = min(first_tokens or max_tokens, max_tokens)
     batch: list[int] = []
     for k in order + [None]:
-        width = max([len(sequences[j]) for j in batch] + ([len(sequences[k])] if k is not None else []))
-        if k is not None and (not batch or (len(batch) + 1) * width <= max_tokens):
+        if k is not None and (not batch or
+                              (len(batch) + 1) * max(len(sequences[j]) for j in batch + [k]) <= limit):
             batch.append(k)
             continue
         if batch:
@@ -260,6 +263,7 @@ def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "
                 ids[row, sl] = sequences[j]
                 mask[row, sl] = 1
             yield batch, ids, mask
+            limit = min(2 * limit, max_tokens)
         batch = [k] if k is not None else []
 
 

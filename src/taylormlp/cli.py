@@ -30,8 +30,8 @@ def _unit_float(text: str) -> float:
 
 def _slowdown(text: str) -> float:
     value = float(text)
-    if not 1.0 < value <= 50.0:
-        raise argparse.ArgumentTypeError(f"must be above 1 and at most 50, got {text}")
+    if not 1.25 <= value <= 16.0:
+        raise argparse.ArgumentTypeError(f"must be between 1.25 and 16, got {text}")
     return value
 
 
@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "coverage on SmolLM2). Default: default")
     p.add_argument("--order", type=_positive_int, help="series order N (default 8); more orders = slower release")
     p.add_argument("--slowdown", type=_slowdown,
-                   help="target decode slowdown against the original on this machine; picks --order by measuring")
+                   help="target decode slowdown against the original on this machine (1.25 to 16): chooses coverage, "
+                        "order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode timing "
+                        "confirms it) and records requested, measured and FLOPs ratios and the machine")
     p.add_argument("--basis", choices=["taylor", "chebyshev"], help="override the preset's basis")
     p.add_argument("--coverage", type=_unit_float,
                    help="share of MLP channels to protect (0..1); default: the largest that stays token-exact "
@@ -136,18 +138,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """An error message on one line: multi-line messages (from transformers, say) are joined."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _unexpected_io_error(exc: BaseException) -> str:
+    """The safety net's message for an OSError / UnicodeDecodeError / JSON error that escaped a specific check."""
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "a file"
+        also = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return (f"cannot use {where}{also}: {exc.strerror or exc}; check that the path exists, is the kind of file "
+                f"expected, is readable (inputs) or writable (outputs), and that the disk has room")
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}); check the files you gave "
+                f"(a binary or damaged file where text or JSON is expected)")
+    return f"an input file is not valid JSON ({exc}); check the files you gave (truncated or damaged?)"
+
+
+def _quiet_libraries() -> None:
+    """With TAYLORMLP_QUIET=1, transformers' own progress bars and warnings stay off stderr as well."""
+    from .progress import quiet
+
+    if not quiet():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         handler = globals()[f"cmd_{args.command}"]
         return handler(args) or 0
     except TaylorMLPError as exc:
-        print(f"taylormlp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"taylormlp {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"taylormlp {args.command}: error: {_one_line(_unexpected_io_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
+
+
+def _check_outputs(**paths) -> None:
+    """Output files named by flags (--json, --plot) can be written: checked before any work is done."""
+    from .paths import check_output_file
+
+    for flag, path in paths.items():
+        if path is not None:
+            check_output_file(path, f"--{flag}")
+
+
+def _check_plot_format(path) -> None:
+    if path is None or not Path(path).suffix:
+        return
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix[1:].lower() not in formats:
+        raise TaylorMLPError(f"--plot {path}: matplotlib cannot write {Path(path).suffix!r} files; use one of "
+                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. bench.png)")
 
 
 # ---------------------------------------------------------------- commands
@@ -211,7 +270,9 @@ def cmd_compare(args) -> int:
     from .evaluate import compare, print_comparison, read_prompts
     from .pipeline import dump_json
 
-    result = compare(args.source, args.release, read_prompts(args.prompts), args.max_new_tokens)
+    _check_outputs(json=args.json)
+    prompts = read_prompts(args.prompts)
+    result = compare(args.source, args.release, prompts, args.max_new_tokens)
     print_comparison(result)
     if args.json:
         dump_json(result, args.json)
@@ -228,6 +289,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
+    _check_outputs(json=args.json, plot=args.plot)
+    _check_plot_format(args.plot)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
               plot_path=args.plot)
     return 0
@@ -236,6 +299,7 @@ def cmd_bench(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import run_audit
 
+    _check_outputs(json=args.json)
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
     return 0
 

@@ -48,7 +48,7 @@ class ProtectOptions:
     seed: int = 0
     continuation_tokens: int = 48
     max_length: int = 256
-    prose_chars: int = 60_000
+    prose_chars: int = 30_000
     search_steps: int = 9
     # the coverage search accepts a coverage only if validation is token-exact AND the largest logit error stays
     # within this budget: exactness on validation alone leaves no margin for unseen prompts
@@ -114,12 +114,14 @@ class MLPWeights:
     c: torch.Tensor | None
 
 
-def weights_from_tensors(t: dict, arch: dict, layer_index: int) -> MLPWeights:
-    """MLPWeights from {"V", "b", "U", "W", "c"} float64 tensors (see stream.SourceMLPs / stream.ModuleMLPs)."""
+def weights_from_tensors(t: dict, arch: dict, layer_index: int, check: bool = True) -> MLPWeights:
+    """MLPWeights from {"V", "b", "U", "W", "c"} float64 tensors (see stream.SourceMLPs / stream.ModuleMLPs);
+    check=True rejects NaN/Inf (done once per layer, when it is planned)."""
     if arch["family"] == "gated" and (t.get("b") is not None or t.get("c") is not None):
         raise TaylorMLPError("gated MLPs with biases (mlp_bias=True) are not supported yet")
     w = MLPWeights(V=t["V"], b=t.get("b"), U=t.get("U") if arch["up"] else None, W=t["W"], c=t.get("c"))
-    for name, tensor in asdict(w).items():
+    for name in ("V", "b", "U", "W", "c") if check else ():
+        tensor = getattr(w, name)
         if tensor is not None and not torch.isfinite(tensor).all():
             raise TaylorMLPError(f"layer {layer_index}: MLP weight {name} contains NaN or Inf; the model is corrupt")
     return w
@@ -170,8 +172,10 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
     P = len(sel)
     pc = pieces.select(sel)
     Q = len(pc.owner)
-    module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act, rest_bias=w.b is not None,
-                               rest_out_bias=(w.c is not None and P == 0), pieces=Q)
+    with torch.device("meta"):  # every tensor is written below: skip the default initialisation
+        module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act, rest_bias=w.b is not None,
+                                   rest_out_bias=(w.c is not None and P == 0), pieces=Q)
+    module = module.to_empty(device="cpu")
     sel_t, rest_t = torch.from_numpy(sel), torch.from_numpy(rest)
     with torch.no_grad():
         if P:
@@ -316,14 +320,16 @@ def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
 
 
 @torch.no_grad()
-def continuation_logits(model, seqs: list[dict], max_tokens: int = 4096, sort: bool = True):
+def continuation_logits(model, seqs: list[dict], max_tokens: int = 4096, sort: bool = True,
+                        first_tokens: int | None = None):
     """Yields (k, logits) for every sequence k, batch by batch (not in list order): the logits at the positions
     that predict its continuation, [K, V] float32.
 
     Sequences run in length-sorted, left-padded batches with explicit position ids (padding changes nothing);
     the vocabulary projection runs only on the last positions.  Stop iterating to skip the remaining batches."""
     device = _input_device(model)
-    for idx, ids, mask in padded_batches([s["ids"] for s in seqs], max_tokens, side="left", sort=sort):
+    for idx, ids, mask in padded_batches([s["ids"] for s in seqs], max_tokens, side="left", sort=sort,
+                                         first_tokens=first_tokens):
         keep = max(len(seqs[k]["ids"]) - seqs[k]["prompt_len"] + 1 for k in idx)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
@@ -348,7 +354,8 @@ def validate(model, validation: list[dict], max_tokens: int = 4096, budget: floa
     max_err = 0.0
     failed = False
     early = budget is not None
-    for k, logits in continuation_logits(model, validation, max_tokens // 4 if early else max_tokens, sort=not early):
+    for k, logits in continuation_logits(model, validation, max_tokens, sort=not early,
+                                         first_tokens=max_tokens // 16 if early else None):
         seq = validation[k]
         same = logits.argmax(-1) == seq["logits"].argmax(-1)
         matched += int(same.sum())
@@ -428,7 +435,7 @@ class Protector:
         rng = np.random.default_rng(opts.seed)
         self.plans: list[LayerPlan] = []
         for i in bar(range(len(self.layers)), desc="series coefficients", unit="layer"):
-            self.plans.append(self._plan(i, self.weights(i), ranges.lo[i], ranges.hi[i], rng))
+            self.plans.append(self._plan(i, self.weights(i, check=True), ranges.lo[i], ranges.hi[i], rng))
         flat = np.concatenate([p.score for p in self.plans])
         self.order_index = np.argsort(flat, kind="stable")  # easiest channels first
         self.sizes = [len(p.score) for p in self.plans]
@@ -442,8 +449,8 @@ class Protector:
     def signs(self) -> list[np.ndarray]:
         return [p.signs for p in self.plans]
 
-    def weights(self, i: int) -> MLPWeights:
-        return weights_from_tensors(self.mlps.tensors(i), self.arch, i)
+    def weights(self, i: int, check: bool = False) -> MLPWeights:
+        return weights_from_tensors(self.mlps.tensors(i), self.arch, i, check)
 
     def _plan(self, i: int, w: MLPWeights, lo: np.ndarray, hi: np.ndarray, rng) -> LayerPlan:
         opts = self.opts

@@ -14,23 +14,51 @@ from .progress import bar
 from .sources import is_chat_model, load_base
 
 
+PROMPT_FILE_SHAPE = ('{"prompts": [{"kind": "chat" or "raw", "text": "..."}, ...]} (or a list of such objects or of '
+                     'strings)')
+
+
 def read_prompts(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        raise TaylorMLPError(f"prompt file {path} not found")
+    """The prompts of a prompt file; any other shape is a TaylorMLPError naming the file and the expected shape."""
+    from .pipeline import check_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaylorMLPError(f"prompt file {path} not found" + (" (it is a directory)" if path.is_dir() else "")
+                             + f"; give a JSON file {PROMPT_FILE_SHAPE}")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TaylorMLPError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); give a JSON file "
+                             f"{PROMPT_FILE_SHAPE}") from exc
     except json.JSONDecodeError as exc:
-        raise TaylorMLPError(f"prompt file {path} is not valid JSON: {exc}") from exc
-    prompts = data["prompts"] if isinstance(data, dict) else data
+        raise TaylorMLPError(f"prompt file {path} is not valid JSON ({exc}); give {PROMPT_FILE_SHAPE}") from exc
+    except OSError as exc:
+        raise TaylorMLPError(f"prompt file {path}: cannot read ({exc.strerror or exc})") from exc
+    if isinstance(data, dict):
+        if "prompts" not in data:
+            raise TaylorMLPError(f"prompt file {path} has no 'prompts' list (keys: {', '.join(map(str, data)) or 'none'}"
+                                 f"); give {PROMPT_FILE_SHAPE}")
+        prompts = data["prompts"]
+    else:
+        prompts = data
+    if not isinstance(prompts, list):
+        raise TaylorMLPError(f"prompt file {path}: the prompts are a JSON {type(prompts).__name__}, not a list; give "
+                             f"{PROMPT_FILE_SHAPE}")
     out = []
-    for item in prompts:
+    for k, item in enumerate(prompts):
         if isinstance(item, str):
             item = {"kind": "raw", "text": item}
-        if item.get("kind") not in ("chat", "raw") or not item.get("text"):
-            raise TaylorMLPError(f"prompt file {path}: each prompt needs kind 'chat' or 'raw' and a text, got {item}")
+        if not isinstance(item, dict):
+            raise TaylorMLPError(f"prompt file {path}: prompt {k} is a JSON {type(item).__name__} ({str(item)[:40]}), "
+                                 f"not an object or a string; give {PROMPT_FILE_SHAPE}")
+        if item.get("kind") not in ("chat", "raw") or not isinstance(item.get("text"), str) or not item["text"]:
+            raise TaylorMLPError(f"prompt file {path}: prompt {k} needs kind 'chat' or 'raw' and a non-empty text "
+                                 f"string, got {str(item)[:80]}")
+        check_prompt(item["text"], f"prompt file {path}: prompt {k}")
         out.append(item)
     if not out:
-        raise TaylorMLPError(f"prompt file {path} holds no prompts")
+        raise TaylorMLPError(f"prompt file {path} holds no prompts; give {PROMPT_FILE_SHAPE}")
     return out
 
 
@@ -40,12 +68,15 @@ def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> d
     protected, _ = load_any(release)
     rows = []
     t_orig = t_prot = 0.0
-    for item in bar(prompts, desc="comparing", unit="prompt"):
+    for k, item in enumerate(bar(prompts, desc="comparing", unit="prompt")):
         chat = item["kind"] == "chat"
         if chat and not is_chat_model(tokenizer):
-            raise TaylorMLPError("a 'chat' prompt was given but the model has no chat template")
+            raise TaylorMLPError(f"prompt {k} is a 'chat' prompt but the model has no chat template; make it 'raw'")
         start = time.perf_counter()
-        a, _ = generate_ids(original, tokenizer, item["text"], chat, max_new_tokens)
+        try:
+            a, _ = generate_ids(original, tokenizer, item["text"], chat, max_new_tokens)
+        except TaylorMLPError as exc:
+            raise TaylorMLPError(f"prompt {k} ({item['text'][:30]!r}...): {exc}") from exc
         t_orig += time.perf_counter() - start
         start = time.perf_counter()
         b, _ = generate_ids(protected, tokenizer, item["text"], chat, max_new_tokens)

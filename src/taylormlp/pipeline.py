@@ -16,7 +16,7 @@ from .progress import log
 from .release import (DTYPES, check_output_dir, load_release, model_card, release_size, save_release,
                       save_streamed_release, verify_release)
 from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
-from .stream import SourceMLPs, open_streamed, resolve_device
+from .stream import SafetensorsSource, SourceMLPs, open_streamed, read_config, resolve_device
 
 
 def read_calibration_file(path: Path) -> list[str]:
@@ -25,7 +25,8 @@ def read_calibration_file(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise TaylorMLPError(f"calibration file {path} is not UTF-8 text: {exc}") from exc
+        raise TaylorMLPError(f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a "
+                             f"UTF-8 text file (paragraphs separated by blank lines)") from exc
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     if not paragraphs:
         raise TaylorMLPError(f"calibration file {path} is empty; give real text")
@@ -60,6 +61,8 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
                 "size_bytes": release_size(out), "slowdown": slow}
     model_dir = resolve_source(source)
+    read_config(model_dir)  # a broken config.json is named before anything else reads it
+    SafetensorsSource(model_dir)  # and so is a broken weight file
     tokenizer = load_tokenizer(model_dir)
     chat = is_chat_model(tokenizer) if chat is None else chat
     with tempfile.TemporaryDirectory(prefix="taylormlp-offload-") as offload:
@@ -79,25 +82,74 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
 
 def load_any(path, base: bool = False):
     """(model, tokenizer) for a release directory, or for a base model SOURCE when base=True."""
-    from transformers import AutoTokenizer
-
     if base:
         model, tokenizer, _ = load_base(path)
         return model, tokenizer
     model = load_release(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = load_tokenizer(Path(path))
+    except TaylorMLPError as exc:
+        raise TaylorMLPError(f"release {path} carries no usable tokenizer ({exc}); write releases with their "
+                             f"tokenizer (save_release(model, DIR, tokenizer))") from exc
     return model, tokenizer
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position scheme was built for (max_position_embeddings, n_positions, ...)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt(prompt, where: str = "the prompt") -> str:
+    """A prompt is text: a str that encodes as UTF-8 (no undecodable bytes) and holds no NUL characters."""
+    if not isinstance(prompt, str):
+        raise TaylorMLPError(f"{where} must be text, got {type(prompt).__name__} {str(prompt)[:40]!r}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TaylorMLPError(f"{where} is not text: it holds bytes that are not UTF-8 (at character {exc.start}); "
+                             f"give UTF-8 text") from exc
+    if "\x00" in prompt:
+        raise TaylorMLPError(f"{where} is not text: it holds a NUL character (at character {prompt.index(chr(0))}); "
+                             f"give plain text")
+    return prompt
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    """Greedy continuation of `prompt` (new token ids, prompt length).  An empty prompt starts from the BOS token; a
+    prompt that, with `max_new_tokens`, runs past the model's context is refused."""
     from .calibration import format_prompt
 
+    check_prompt(prompt)
     if chat and not is_chat_model(tokenizer):
-        raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template")
+        raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template; drop --chat to use the "
+                             "prompt as plain text")
     text = format_prompt(tokenizer, prompt, chat)
     add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special).input_ids
+    if ids.shape[1] == 0:  # an empty prompt (the tokenizer adds no BOS by itself): start from BOS
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            bos = getattr(model.generation_config, "bos_token_id", None) if model.generation_config else None
+        if bos is None:
+            bos = getattr(model.config, "bos_token_id", None)
+        if isinstance(bos, (list, tuple)):
+            bos = bos[0] if bos else None
+        if bos is None:
+            raise TaylorMLPError("the prompt is empty and this model has no BOS token to start from; give a prompt")
+        ids = torch.tensor([[int(bos)]], dtype=torch.long)
+    limit = context_length(model.config)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        if ids.shape[1] >= limit:
+            raise TaylorMLPError(f"the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit} "
+                                 f"tokens (max_position_embeddings); shorten the prompt")
+        raise TaylorMLPError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that runs "
+                             f"past the model's context of {limit} tokens (max_position_embeddings); shorten the prompt "
+                             f"or use --max-new-tokens {limit - ids.shape[1]} or less")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad)
@@ -144,7 +196,9 @@ def architecture_names() -> list[str]:
     return sorted(runtime.ARCHITECTURES)
 
 
-def dump_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
+def dump_json(obj, path: Path, flag: str = "--json") -> None:
+    """Write `obj` as JSON to `path` atomically; a path that cannot be written is a TaylorMLPError naming it."""
+    from .paths import write_text_atomically
+
+    write_text_atomically(Path(path), json.dumps(obj, indent=1), flag)
     log(f"wrote {path}")

@@ -40,32 +40,59 @@ def sha256_file(path: Path) -> str:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
+    """Fail now, before any work, if the release directory `out` could not be written: it exists (without force), it
+    is a file, or it lies under a file or in a directory where nothing can be created."""
+    from .paths import check_creatable
+
+    out = Path(out)
     if out.exists() and not force:
         raise TaylorMLPError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
-        raise TaylorMLPError(f"output path {out} exists and is not a directory")
+        raise TaylorMLPError(f"output path {out} exists and is not a directory; choose another --out")
+    # the release is written into a temporary directory beside `out`, so `out`'s directory must take new entries
+    check_creatable(out if not out.exists() else out.parent / f".{out.name}.new", "--out")
 
 
 def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str | None = None) -> Path:
-    """Write the protected `model` (after `protect`) as a release directory, atomically."""
+    """Write the protected `model` (after `protect`) as a release directory, atomically, in the same layout as
+    the streamed writer (one shard per decoder layer)."""
     out = Path(out_dir)
     spec = getattr(model.config, "taylormlp", None)
     if spec is None:
         raise TaylorMLPError("this model has not been protected: call taylormlp.protect(model, ...) first")
+    layers = runtime.decoder_layers(model)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return save_streamed_release(out, model.config, ModelTensors(model), lambda i: layers[i].mlp, dtype, tokenizer,
+                                 force=force, card=card or model_card(spec), generation_config=model.generation_config)
 
-    def fill(tmp: Path) -> None:
-        cls_name = runtime.release_class(model.config).__name__
-        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{cls_name}"}
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        _finish_release(tmp, tokenizer, card or model_card(spec))
 
-    return write_atomically(out, force, fill)
+class ModelTensors:
+    """The tensors of a model held in memory, with the reading interface of stream.SafetensorsSource (a tensor
+    tied to another one, like a tied output embedding, is listed once: transformers ties it again on load)."""
+
+    def __init__(self, model):
+        self.tensors: dict[str, torch.Tensor] = {}
+        seen = set()
+        for name, t in model.state_dict().items():
+            key = (t.data_ptr(), t.numel(), tuple(t.shape))
+            if t.numel() and key in seen:
+                continue
+            seen.add(key)
+            self.tensors[name] = t
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            t = self.tensors[name].detach().to("cpu")
+            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
 
 
 def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype, tokenizer=None, force: bool = False,
-                          card: str | None = None, model_dir=None) -> Path:
+                          card: str | None = None, model_dir=None, generation_config=None) -> Path:
     """Write a release layer by layer, never holding more than one layer: every tensor of `source` (a
     stream.SafetensorsSource) but the decoder layers' MLPs is copied (cast to `dtype`), and layer i's MLP is
     `build_mlp(i)` (a TaylorMLP).  One safetensors shard per decoder layer plus one for the rest, with the standard
@@ -113,7 +140,9 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
         config.dtype = dtype
         config.save_pretrained(tmp)
         generation = Path(model_dir) / "generation_config.json" if model_dir else None
-        if generation is not None and generation.is_file():
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        elif generation is not None and generation.is_file():
             shutil.copyfile(generation, tmp / "generation_config.json")
         _finish_release(tmp, tokenizer, card or model_card(spec))
 
@@ -174,16 +203,25 @@ def verify_release(directory) -> dict:
     if not manifest_path.is_file():
         raise TaylorMLPError(f"{d} is not a complete taylormlp release: {MANIFEST} is missing "
                              f"(an interrupted `protect`? run it again)")
+    redo = "re-download the release or run `taylormlp protect` again"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise TaylorMLPError(f"{manifest_path} is corrupt: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise TaylorMLPError(f"{manifest_path} is corrupt ({type(exc).__name__}: {exc}); {redo}") from exc
+    except OSError as exc:
+        raise TaylorMLPError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
     if manifest.get("format_version") != runtime.FORMAT_VERSION:
         raise TaylorMLPError(f"{manifest_path}: unknown format_version {manifest.get('format_version')!r}; "
                              f"this taylormlp reads version {runtime.FORMAT_VERSION} (upgrade taylormlp?)")
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise TaylorMLPError(f"{manifest_path} is corrupt (every file needs a size and a sha256); {redo}")
     for rel, info in files.items():
         path = d / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise TaylorMLPError(f"{manifest_path} names {rel!r}, outside the release; {redo}")
         if not path.is_file():
             raise TaylorMLPError(f"release file {rel} is missing from {d}")
         if path.stat().st_size != info["size"]:
@@ -193,7 +231,12 @@ def verify_release(directory) -> dict:
             raise TaylorMLPError(f"release file {rel} fails its sha256 check (tampered or corrupt)")
     if "config.json" not in files:
         raise TaylorMLPError(f"release {d} lists no config.json in its manifest")
-    config = json.loads((d / "config.json").read_text())
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaylorMLPError(f"{d / 'config.json'} is not valid JSON ({exc}); {redo}") from exc
+    if not isinstance(config, dict):
+        raise TaylorMLPError(f"{d / 'config.json'} is not a JSON object; {redo}")
     spec = config.get("taylormlp")
     if not isinstance(spec, dict):
         raise TaylorMLPError(f"{d / 'config.json'} has no 'taylormlp' section: not a taylormlp release")
@@ -319,7 +362,11 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
     if verify:
         verify_release(d)
     placement = _offload_kwargs(d, device_map, max_memory, offload_folder)
-    config = AutoConfig.from_pretrained(d)
+    try:
+        config = AutoConfig.from_pretrained(d)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TaylorMLPError(f"{d / 'config.json'}: cannot read the release config "
+                             f"({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
     try:
         cls = runtime.release_class(config)
     except ValueError as exc:
@@ -328,7 +375,11 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
     if dtype is not None:
         kwargs["dtype"] = dtype
     if not placement:
-        model = cls.from_pretrained(d, config=config, **kwargs)
+        try:
+            model = cls.from_pretrained(d, config=config, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise TaylorMLPError(f"cannot load the release {d} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                                 f"re-download it or run `taylormlp protect` again") from exc
     else:
         try:
             model = cls.from_pretrained(d, config=config, **kwargs, **placement)
@@ -367,8 +418,14 @@ def model_card(spec: dict, fidelity: dict | None = None, slowdown: dict | None =
         lines.append(f"| validation tokens matched | {val['tokens_matched']}/{val['tokens']} "
                      f"(max logit error {val['max_logit_error']:.4g}) |")
     if slowdown:
-        lines.append(f"| measured decode slowdown | {slowdown['measured']:.2f}x (target {slowdown['target']}x, "
-                     f"on the machine that ran protect) |")
+        machine = slowdown.get("machine") or {}
+        where = machine.get("gpu") or (f"{machine.get('cpu')}, {machine.get('threads')} threads" if machine else
+                                       "the machine that ran protect")
+        lines.append(f"| requested decode slowdown | {slowdown['target']}x |")
+        lines.append(f"| measured decode slowdown | {slowdown['measured']:.2f}x (interleaved with the original, on "
+                     f"{where}; a slowdown is a property of the machine) |")
+        if slowdown.get("flops_ratio"):
+            lines.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
     if fidelity:
         for key, value in fidelity.items():
             lines.append(f"| {key} | {value} |")

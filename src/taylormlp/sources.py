@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -71,7 +72,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if text in BUILTIN_MODELS:
         return _cached_from_gguf(BUILTIN_MODELS[text].gguf_path())
     path = Path(text).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return _cached_from_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -85,6 +86,22 @@ def resolve_source(source: str | os.PathLike) -> Path:
     raise TaylorMLPError(f"model source {text!r} is neither a model directory nor a .gguf file")
 
 
+def check_gguf_file(gguf: Path) -> None:
+    """Parse the GGUF header and tensor table (no dequantizing); a corrupt, truncated or mislabelled file is a
+    TaylorMLPError naming it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        count = len(reader.tensors)
+    except Exception as exc:  # noqa: BLE001 - the GGUF parser raises many types; any failure means a bad file
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TaylorMLPError(f"{gguf}: not a readable GGUF file ({detail}); it is truncated, corrupt or another format "
+                             f"named .gguf: re-download or re-convert it") from exc
+    if count == 0:
+        raise TaylorMLPError(f"{gguf}: the GGUF file holds no tensors; give a GGUF model file")
+
+
 def _cached_from_gguf(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file() and (target / ".complete").is_file():
@@ -93,12 +110,23 @@ def _cached_from_gguf(gguf: Path) -> Path:
 
     from .progress import status
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    check_gguf_file(gguf)
+    root_existed = target.parent.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError as exc:
+        raise TaylorMLPError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}); set "
+                             f"TAYLORMLP_CACHE to a writable directory") from exc
     try:
         with status(f"dequantizing {gguf.name} once (cached afterwards in {target})"):
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            except Exception as exc:  # noqa: BLE001 - any failure to convert names the file
+                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise TaylorMLPError(f"{gguf}: transformers cannot convert this GGUF file ({detail}); give a GGUF of a "
+                                     f"supported architecture, or a Hugging Face model directory") from exc
         # the weights are plain dequantized tensors now; drop the GGUF marker so they can be saved
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -109,22 +137,67 @@ def _cached_from_gguf(gguf: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as exc:
+        raise TaylorMLPError(f"cannot write the model cache {target} ({exc.strerror or exc}; disk full or not "
+                             f"writable?); set TAYLORMLP_CACHE to a writable directory with room") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not root_existed and not target.exists():
+            try:  # leave no empty cache directory behind a failed conversion
+                target.parent.rmdir()
+            except OSError:
+                pass
     return target
+
+
+# the JSON files a Hugging Face model directory may hold: each must parse, and a broken one is named
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "model.safetensors.index.json")
+
+
+def check_model_files(model_dir: Path) -> None:
+    """Every JSON file of MODEL_JSON_FILES present in `model_dir` is UTF-8 JSON holding an object (a table); the
+    error names the first that is not, instead of a parser message from deep inside transformers."""
+    for name in MODEL_JSON_FILES:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        fix = "re-download or re-save the model"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TaylorMLPError(f"{path}: not UTF-8 text (binary or damaged: {exc.reason} at byte {exc.start}); "
+                                 f"{fix}") from exc
+        except json.JSONDecodeError as exc:
+            raise TaylorMLPError(f"{path}: not valid JSON ({exc}; truncated or damaged?); {fix}") from exc
+        except OSError as exc:
+            raise TaylorMLPError(f"{path}: cannot read ({exc.strerror or exc}); {fix}") from exc
+        if not isinstance(data, dict):
+            raise TaylorMLPError(f"{path}: holds a JSON {type(data).__name__}, not an object: not a {name} "
+                                 f"(mislabelled?); {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_base(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, model_dir) for SOURCE; the model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .stream import SafetensorsSource
+
     model_dir = resolve_source(source)
+    check_model_files(model_dir)
+    SafetensorsSource(model_dir)  # a corrupt, truncated or mislabelled weight file is named before loading
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TaylorMLPError(f"could not load model from {model_dir}: {exc}") from exc
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types; each means a model it cannot load
+        raise TaylorMLPError(f"could not load the model from {model_dir} ({_first_line(exc)}); check that it is a "
+                             f"complete Hugging Face model directory (re-download or re-save it)") from exc
+    tokenizer = load_tokenizer(model_dir)
     model.eval()
     return model, tokenizer, model_dir
 
@@ -132,10 +205,13 @@ def load_base(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    check_model_files(model_dir)
     try:
         return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TaylorMLPError(f"could not load the tokenizer from {model_dir}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a malformed tokenizer.json
+        raise TaylorMLPError(f"could not load the tokenizer from {model_dir} ({_first_line(exc)}); its tokenizer "
+                             f"files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: re-download "
+                             f"or re-save the model with its tokenizer") from exc
 
 
 def is_chat_model(tokenizer) -> bool:

@@ -262,19 +262,30 @@ class LayerOnloader:
         self._to_meta(layer)
 
 
-def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) -> tuple:
-    """(model, source): the causal LM with resident embeddings/norm/head and decoder layers streamed from disk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_config(model_dir):
+    """The model's transformers config, checked to be a supported architecture; errors name config.json."""
+    from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
+    path = Path(model_dir) / "config.json"
     try:
+        json.loads(path.read_text(encoding="utf-8"))
         config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TaylorMLPError(f"{model_dir / 'config.json'}: cannot read the model config ({exc})") from exc
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise TaylorMLPError(f"{path}: cannot read the model config ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                             f"re-download or re-save the model") from exc
     try:
         runtime.architecture(config)
     except ValueError as exc:
         raise TaylorMLPError(str(exc)) from exc
+    return config
+
+
+def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) -> tuple:
+    """(model, source): the causal LM with resident embeddings/norm/head and decoder layers streamed from disk."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
     source = SafetensorsSource(model_dir)
     n_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
     dm = _device_map(config, n_layers, device)
@@ -282,7 +293,7 @@ def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) ->
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=dm,
                                                      offload_folder=str(offload_folder), use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise TaylorMLPError(f"could not load model from {model_dir}: {exc}") from exc
+        raise TaylorMLPError(f"could not load model from {model_dir}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     for name, p in model.named_parameters():
         if not name.startswith(runtime.architecture(config)["layers"] + ".") and not torch.isfinite(p).all():

@@ -1,25 +1,47 @@
-"""`--slowdown X`: choose the series order N so that decoding is X times slower than the original.
+"""`--slowdown X`: choose coverage, series order N and pieces jointly so that decoding is X times slower.
 
-The throttle is the series itself: every order adds one [d × Q] block to Θ (Q series pieces), so decode cost
-grows linearly in N.  The pieces are decided once at the preset's base order and kept while N grows.  We calibrate once, choose coverage at the preset's base order, then measure decode latency of the
-original and of the release at a few orders on this machine, interleaved (original, release, original, …)
-so that machine noise hits both alike, and solve the measured line ratio(N) for the target.
+The throttle is the series itself: a protected channel j with q_j pieces replaces one row of the down projection
+(and its gate/up work stays) by (N+1)·q_j columns of Θ, so per decoded token it adds
+
+    extra MACs_j = d · ((N+1)·q_j − 1)                  (gated and plain MLPs alike)
+
+on top of the original's work.  That is the cheap, machine-independent predictor: the FLOPs ratio of any
+setting (family of pieces, N, coverage c — channels taken easiest first) is 1 + 2·Σ extra / FLOPs(original).
+What a machine makes of FLOPs is measured: decode latency of the original and the release, interleaved, maps
+predicted FLOPs ratios to measured slowdowns by a straight line fitted to the measurements so far.
+
+Choice, for a target X in [1.25, 16]:
+
+* the preset (piecewise series at its base order) at its largest token-exact coverage is the probe — measured;
+* below the probe's slowdown, coverage drops: for each candidate family (the preset's pieces at the base order,
+  one series per channel at the base order and at half of it), the largest coverage whose predicted slowdown
+  stays within X, checked token-exact on validation (bisected down if it is not); the largest exact coverage
+  wins (ties: the smaller release);
+* above it, coverage stays at the probe's and N grows (the pieces are kept as decided at the base order) to the
+  smallest N predicted to reach X;
+* the choice is measured; if it misses X by more than 10%, the line is refitted with that measurement and the
+  choice made again (at most `rounds` measurements in all).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import series
-from .convert import Protector, ProtectOptions, calibrate, finish, search_coverage, validate
 from .calibration import format_prompt
+from .convert import Protector, ProtectOptions, calibrate, finish, search_coverage, validate
 from .errors import TaylorMLPError
 from .progress import log
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
+SLOWDOWN_RANGE = (1.25, 16.0)
+TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
 
 
 def _prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
@@ -27,8 +49,23 @@ def _prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+def machine_description() -> dict:
+    """What a slowdown was measured on: it is a property of the machine."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(0)}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
 def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3) -> float:
-    """Median over interleaved runs of decode time(release at current order) / decode time(original)."""
+    """Median over interleaved runs of decode time(release) / decode time(original), on this machine."""
     from .bench import measure_decode
 
     protector.apply(coverage)
@@ -43,64 +80,260 @@ def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: 
             t_prot = measure_decode(protector.model, input_ids, new_tokens)["decode_s"]
             if rep:
                 ratios.append(t_prot / t_orig)
+    protector.restore()
     return statistics.median(ratios)
 
 
-def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float):
-    """Protect `model` in place at the order whose measured decode slowdown is closest to `target`."""
+# ---------------------------------------------------------------- the predictor
+
+
+class WorkModel:
+    """Predicted FLOPs ratio of every coverage of one Protector (its family of pieces and its order)."""
+
+    def __init__(self, protector: Protector, base_flops: float):
+        order = protector.opts.order
+        per_channel = []
+        for plan in protector.plans:
+            q = np.bincount(plan.pieces.owner, minlength=len(plan.score))  # pieces per channel
+            per_channel.append(plan.hidden * ((order + 1) * q - 1.0))
+        extra = np.concatenate(per_channel)[protector.order_index]  # in ranking order (easiest first)
+        self.cumulative = np.concatenate([[0.0], np.cumsum(2.0 * extra)]) / float(base_flops)
+        self.total = protector.total
+        self.theta_values = np.concatenate([[0], np.cumsum(
+            np.concatenate([plan.hidden * (order + 1) * np.bincount(plan.pieces.owner, minlength=len(plan.score))
+                            for plan in protector.plans])[protector.order_index])])
+
+    def ratio(self, coverage: float) -> float:
+        return 1.0 + float(self.cumulative[int(round(coverage * self.total))])
+
+    def max_coverage(self, ratio_cap: float) -> float:
+        """Largest coverage whose predicted FLOPs ratio is at most ratio_cap."""
+        k = int(np.searchsorted(self.cumulative, ratio_cap - 1.0, side="right")) - 1
+        return max(k, 0) / self.total
+
+    def theta_size(self, coverage: float) -> int:
+        return int(self.theta_values[int(round(coverage * self.total))])
+
+
+@dataclass
+class Line:
+    """measured − 1 = a + k·(predicted − 1), fitted to the measurements so far (through 0 with one point)."""
+
+    points: list = field(default_factory=list)
+
+    def add(self, predicted: float, measured: float) -> None:
+        self.points.append((predicted, measured))
+
+    def coefficients(self) -> tuple[float, float]:
+        x = np.array([p - 1.0 for p, _ in self.points])
+        y = np.array([m - 1.0 for _, m in self.points])
+        if len(self.points) >= 2 and np.ptp(x) > 1e-6:
+            k, a = np.polyfit(x, y, 1)
+            if k > 0:
+                return float(a), float(k)
+        k = float((x @ y) / max(x @ x, 1e-12))
+        return 0.0, max(k, 1e-3)
+
+    def predicted_for(self, target: float) -> float:
+        """The predicted FLOPs ratio expected to measure `target`."""
+        a, k = self.coefficients()
+        return 1.0 + max(target - 1.0 - a, 0.0) / k
+
+    def measured_for(self, predicted: float) -> float:
+        a, k = self.coefficients()
+        return 1.0 + a + k * (predicted - 1.0)
+
+
+@dataclass
+class Choice:
+    family: str
+    order: int
+    coverage: float
+    predicted: float
+    theta_values: int
+
+
+# ---------------------------------------------------------------- the joint choice
+
+
+class SlowdownChooser:
+    """Builds Protectors for (family, N), predicts, validates and remembers every answer (nothing twice)."""
+
+    FAMILIES = ("pieces", "one-piece")
+
+    def __init__(self, model, ranges, data, base: ProtectOptions, base_flops: float):
+        self.model, self.ranges, self.data, self.base, self.base_flops = model, ranges, data, base, base_flops
+        self.protectors: dict = {}
+        self.works: dict = {}
+        self.exact: dict = {}
+        self.trace: list = []
+
+    def options(self, family: str, order: int) -> ProtectOptions:
+        fields = {**self.base.__dict__, "order": int(order), "coverage": None}
+        if family == "pieces":
+            fields["piece_order"] = self.base.order  # pieces decided once, at the base order
+        else:
+            fields["max_pieces"], fields["piece_order"] = 1, None
+        return ProtectOptions(**fields).resolved()
+
+    def protector(self, family: str, order: int) -> Protector:
+        key = (family, int(order))
+        if key not in self.protectors:
+            for p in self.protectors.values():
+                p.restore()
+            self.protectors[key] = Protector(self.model, self.ranges, self.options(family, order))
+            self.works[key] = WorkModel(self.protectors[key], self.base_flops)
+        return self.protectors[key]
+
+    def work(self, family: str, order: int) -> WorkModel:
+        self.protector(family, order)
+        return self.works[(family, int(order))]
+
+    def is_exact(self, family: str, order: int, coverage: float) -> bool:
+        key = (family, int(order), round(coverage, 6))
+        if key not in self.exact:
+            if coverage <= 0:
+                self.exact[key] = True
+            else:
+                p = self.protector(family, order)
+                p.apply(coverage)
+                result = validate(self.model, self.data.validation, self.base.batch_tokens, budget=self.base.error_budget)
+                p.restore()
+                self.exact[key] = bool(result["exact"] and result["max_logit_error"] <= self.base.error_budget)
+                self.trace.append({"family": family, "order": int(order), "coverage": coverage,
+                                   "accepted": self.exact[key], **result})
+        return self.exact[key]
+
+    def largest_exact(self, family: str, order: int, cap: float, steps: int = 5) -> float:
+        """Largest coverage <= cap that validates token-exactly (cap itself first, then bisection below it)."""
+        if cap <= 0 or self.is_exact(family, order, cap):
+            return max(cap, 0.0)
+        good, bad = 0.0, cap
+        for _ in range(steps):
+            mid = round((good + bad) / 2.0, 6)
+            good, bad = (mid, bad) if self.is_exact(family, order, mid) else (good, mid)
+        return good
+
+    def choose(self, target: float, line: Line, probe: Choice) -> Choice:
+        want = line.predicted_for(target)
+        if want <= probe.predicted:
+            return self._fewer_channels(target, want, probe)
+        return self._more_orders(target, want, line, probe)
+
+    def _fewer_channels(self, target: float, want: float, probe: Choice) -> Choice:
+        """Coverage drops: each family's largest exact coverage within the predicted cost; the largest wins."""
+        base = self.base.order
+        candidates = [("pieces", base), ("one-piece", base), ("one-piece", max(2, base // 2))]
+        capped = []
+        for family, order in candidates:
+            work = self.work(family, order)
+            cap = work.max_coverage(want)
+            if family == "pieces" and order == base:
+                cap = min(cap, probe.coverage)  # the probe's exact coverage bounds the preset family
+            capped.append((cap, -work.theta_size(cap), family, order))
+        best = None
+        for cap, _, family, order in sorted(capped, reverse=True):
+            if best is not None and cap <= best.coverage:
+                break  # cannot beat what is already exact
+            coverage = self.largest_exact(family, order, cap)
+            work = self.work(family, order)
+            choice = Choice(family, order, coverage, work.ratio(coverage), work.theta_size(coverage))
+            if best is None or (choice.coverage, -choice.theta_values) > (best.coverage, -best.theta_values):
+                best = choice
+        return best
+
+    def _more_orders(self, target: float, want: float, line: Line, probe: Choice) -> Choice:
+        """Coverage stays at the probe's, N grows to the smallest order predicted to reach the target."""
+        lo, hi = probe.order, series.MAX_ORDER
+        top = self.work("pieces", hi).ratio(probe.coverage)
+        if top < want * (1 - TOLERANCE):
+            reach = line.measured_for(top)
+            raise TaylorMLPError(f"a {target}x slowdown is out of reach for this model on this machine: the most "
+                                 f"orders ({hi}) at coverage {probe.coverage:.3f} measure about {reach:.1f}x; ask "
+                                 f"for at most {reach * (1 + TOLERANCE):.1f}x")
+        while hi - lo > 1:  # predicted ratio grows with N: bisection, no measurement
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.work("pieces", mid).ratio(probe.coverage) < want else (lo, mid)
+        order = hi
+        coverage = probe.coverage
+        if not self.is_exact("pieces", order, coverage):
+            coverage = self.largest_exact("pieces", order, coverage)
+        work = self.work("pieces", order)
+        return Choice("pieces", order, coverage, work.ratio(coverage), work.theta_size(coverage))
+
+
+def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float, measure=None,
+                         rounds: int = 3):
+    """Protect `model` in place with the setting whose measured decode slowdown is within ±10% of `target`
+    (coverage as large as that allows).  `measure(protector, coverage)` -> measured ratio (default: interleaved
+    decode timing on this machine; tests inject a deterministic one)."""
+    lo, hi = SLOWDOWN_RANGE
+    if not lo <= target <= hi:
+        raise TaylorMLPError(f"--slowdown must be between {lo} and {hi}, got {target}")
+    from .bench import flops_per_token
+
     base = opts.resolved()
     data, ranges = calibrate(model, tokenizer, texts, base, chat)
-    ids = _prompt_ids(tokenizer, chat)
-    protector = Protector(model, ranges, base)
+    if not data.validation:
+        raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
+    if measure is None:
+        ids = _prompt_ids(tokenizer, chat)
+
+        def measure(protector, coverage):
+            return measure_ratio(protector, coverage, ids)
+
+    base_flops = flops_per_token(model)
+    chooser = SlowdownChooser(model, ranges, data, base, base_flops)
+    line = Line()
+    measurements = []
+
+    def measured(choice: Choice) -> float:
+        ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage)
+        line.add(choice.predicted, ratio)
+        measurements.append({"family": choice.family, "order": choice.order, "coverage": choice.coverage,
+                             "flops_ratio": choice.predicted, "measured": ratio})
+        log(f"{choice.family} N={choice.order} coverage {choice.coverage:.3f}: FLOPs {choice.predicted:.2f}x, "
+            f"measured {ratio:.2f}x")
+        return ratio
+
+    # the probe: the preset at its largest exact coverage (the same search a plain protect runs)
+    probe_protector = chooser.protector("pieces", base.order)
     search: list = []
-    coverage = base.coverage if base.coverage is not None else search_coverage(protector, data, search)
-    if coverage <= 0.0:
+    probe_cov = base.coverage if base.coverage is not None else search_coverage(probe_protector, data, search)
+    work = chooser.work("pieces", base.order)
+    probe = Choice("pieces", base.order, probe_cov, work.ratio(probe_cov), work.theta_size(probe_cov))
+    if probe.coverage <= 0.0:
         raise TaylorMLPError("no channel can be protected token-exactly, so no slowdown is possible; "
                              "try the default preset or more calibration text")
-    trials = {}
-
-    def at(order: int) -> float:
-        order = int(np.clip(order, 1, series.MAX_ORDER))
-        if order not in trials:
-            nonlocal protector
-            protector.restore()
-            protector = Protector(model, ranges, ProtectOptions(**{**base.__dict__, "order": order,
-                                                                         "piece_order": base.order}).resolved())
-            trials[order] = measure_ratio(protector, coverage, ids)
-            log(f"order {order}: measured decode slowdown {trials[order]:.2f}x")
-        return trials[order]
-
-    lo_order = base.order
-    r_lo = at(lo_order)
-    if r_lo > 1.15 * target:
-        log(f"already {r_lo:.2f}x at the base order {lo_order} (more than the {target}x asked for): lower orders "
-            f"on the same pieces lose accuracy; for a small slowdown use --max-pieces 1 or --preset paper")
-    hi_order = max(lo_order + 8, int(round(lo_order * max(target, 2.0))))
-    r_hi = at(hi_order)
-    for _ in range(3):  # secant steps on the (close to linear) ratio(N) line
-        slope = (r_hi - r_lo) / max(hi_order - lo_order, 1)
-        if slope <= 0:
+    ratio = measured(probe)
+    choice, best = probe, (abs(ratio / target - 1.0), probe, ratio)
+    for _ in range(rounds - 1):
+        if abs(ratio / target - 1.0) <= TOLERANCE:
             break
-        guess = int(round(lo_order + (target - r_lo) / slope))
-        guess = int(np.clip(guess, 1, series.MAX_ORDER))
-        if guess in trials:
+        nxt = chooser.choose(target, line, probe)
+        if nxt.coverage <= 0.0:
+            raise TaylorMLPError(f"a {target}x slowdown leaves no channel protected token-exactly; the smallest "
+                                 f"reachable slowdown here is about {line.measured_for(1.0 + 1e-9):.2f}x")
+        if (nxt.family, nxt.order, nxt.coverage) == (choice.family, choice.order, choice.coverage):
             break
-        r_guess = at(guess)
-        lo_order, r_lo, hi_order, r_hi = (guess, r_guess, hi_order, r_hi) if r_guess < target else \
-            (lo_order, r_lo, guess, r_guess)
-    best = min(trials, key=lambda n: abs(trials[n] - target))
-    protector.restore()
-    final = ProtectOptions(**{**base.__dict__, "order": best, "piece_order": base.order}).resolved()
-    protector = Protector(model, ranges, final)
-    protector.apply(coverage)
-    result = validate(model, data.validation) if data.validation else {"exact": True}
-    if not result["exact"]:  # a higher order changed the approximation: re-search coverage at this order
-        log(f"order {best} is not token-exact at coverage {coverage:.3f}; searching coverage again")
-        protector.restore()
-        coverage = search_coverage(protector, data, search)
-    spec = finish(protector, coverage, data, ranges, search)
-    measured = measure_ratio(protector, coverage, ids)
-    protector.apply(coverage)
-    spec["slowdown"] = {"target": target, "measured": measured, "trials": {str(k): v for k, v in sorted(trials.items())}}
+        choice = nxt
+        ratio = measured(choice)
+        if abs(ratio / target - 1.0) < best[0]:
+            best = (abs(ratio / target - 1.0), choice, ratio)
+    _, choice, ratio = best
+    if abs(ratio / target - 1.0) > TOLERANCE:
+        log(f"closest measured slowdown {ratio:.2f}x is outside ±{TOLERANCE:.0%} of the {target}x asked for "
+            f"(machine noise or an unreachable target); writing it and saying so in the model card")
+    protector = chooser.protector(choice.family, choice.order)
+    same = [r for r in chooser.trace if (r["family"], r["order"]) == (choice.family, choice.order)]
+    if (choice.family, choice.order) == ("pieces", base.order):
+        same = search + same
+    for p in chooser.protectors.values():
+        p.restore()
+    spec = finish(protector, choice.coverage, data, ranges, same)
+    spec["slowdown"] = {"target": target, "measured": ratio, "flops_ratio": choice.predicted,
+                        "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
+                        "machine": machine_description(), "measurements": measurements,
+                        "validations": chooser.trace}
     model.config.taylormlp = spec
     return spec, spec["slowdown"]

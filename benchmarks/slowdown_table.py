@@ -1,0 +1,119 @@
+"""Issue 10's table: `protect --slowdown X` for several X on one model, each release measured again,
+independently, by `taylormlp bench` (all releases interleaved with the original in one run), and compared with
+the original on the held-out prompts.
+
+    .venv/bin/python benchmarks/slowdown_table.py --targets 1.25 1.5 2 3 4 8 16
+    .venv/bin/python benchmarks/slowdown_table.py --targets 1.5 8          # the acceptance pair
+
+Writes results/slowdown-table.{json,md} and results/slowdown.png (measured against requested).  Releases go
+under releases/ (reused when present unless --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="smollm2-135m-instruct")
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.25, 1.5, 2, 3, 4, 8, 16])
+    parser.add_argument("--prompts", default="benchmarks/prompts_smollm2.json")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--force", action="store_true", help="re-protect even if a release exists")
+    parser.add_argument("--skip-compare", action="store_true")
+    args = parser.parse_args()
+    taylormlp = str(BIN / "taylormlp")
+    rows = []
+    releases = []
+    for x in args.targets:
+        out = ROOT / "releases" / f"{args.source}-slowdown-{x:g}"
+        start = time.perf_counter()
+        if args.force or not (out / "taylormlp_manifest.json").is_file():
+            run([taylormlp, "protect", args.source, "--slowdown", f"{x:g}", "--out", str(out), "--force"])
+        elapsed = time.perf_counter() - start
+        spec = json.loads((out / "config.json").read_text())["taylormlp"]
+        P = sum(r["protected"] for r in spec["layers"])
+        Q = sum(r.get("pieces", r["protected"]) for r in spec["layers"])
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        rows.append({"requested": x, "release": str(out.relative_to(ROOT)), "coverage": spec["coverage"],
+                     "order": spec["order"], "pieces_per_channel": Q / P if P else None,
+                     "family": spec["slowdown"].get("family"), "protect_measured": spec["slowdown"]["measured"],
+                     "protect_flops_ratio": spec["slowdown"].get("flops_ratio"), "size_bytes": size,
+                     "protect_seconds": elapsed, "machine": spec["slowdown"].get("machine")})
+        releases.append(out)
+    args.results.mkdir(parents=True, exist_ok=True)
+    bench_json = args.results / "bench-slowdown.json"
+    run([taylormlp, "bench", args.source, *map(str, releases), "--tokens", str(args.tokens), "--repeats",
+         str(args.repeats), "--json", str(bench_json)])
+    bench = json.loads(bench_json.read_text())
+    by_path = {}
+    for r in bench.get("rows", bench.get("models", [])) if isinstance(bench, dict) else bench:
+        if isinstance(r, dict) and r.get("path"):
+            by_path[str(Path(r["path"]).resolve())] = r
+    for row, out in zip(rows, releases):
+        b = by_path.get(str(out.resolve()), {})
+        row["bench_measured"] = b.get("decode_ratio")
+        row["bench_range"] = [b.get("decode_ratio_min"), b.get("decode_ratio_max")]
+        row["bench_flops_ratio"] = b.get("flops_ratio")
+        if not args.skip_compare:
+            cmp_json = args.results / f"compare-slowdown-{row['requested']:g}.json"
+            run([taylormlp, "compare", args.source, str(out), "--prompts", args.prompts, "--json", str(cmp_json)])
+            c = json.loads(cmp_json.read_text())
+            row["held_out"] = f"{c['identical']}/{len(c['rows'])}"
+    (args.results / "slowdown-table.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| requested | coverage | N | pieces/channel | measured by protect | measured by bench (range) | "
+             "FLOPs ratio | release size | held-out identical |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        bm = r.get("bench_measured")
+        rng = r.get("bench_range") or [None, None]
+        bench_txt = f"{bm:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})" if bm and rng[0] else "-"
+        pieces = f"{r['pieces_per_channel']:.2f}" if r["pieces_per_channel"] else "-"
+        flops = r.get("bench_flops_ratio") or r.get("protect_flops_ratio")
+        lines.append(f"| {r['requested']:g}x | {r['coverage']:.3f} | {r['order']} | {pieces} | "
+                     f"{r['protect_measured']:.2f}x | {bench_txt} | {flops:.2f}x | {r['size_bytes'] / 1e6:.0f} MB | "
+                     f"{r.get('held_out', '-')} |")
+    table = "\n".join(lines)
+    (args.results / "slowdown-table.md").write_text(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        xs = [r["requested"] for r in rows]
+        ax.plot(xs, xs, "k--", lw=1, label="requested")
+        ax.fill_between(xs, [x * 0.9 for x in xs], [x * 1.1 for x in xs], color="0.9", label="±10%")
+        ax.plot(xs, [r["protect_measured"] for r in rows], "o-", label="measured by protect")
+        ax.plot(xs, [r.get("bench_measured") or float("nan") for r in rows], "s-", label="measured by bench")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("requested slowdown")
+        ax.set_ylabel("decode latency ratio")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.results / "slowdown.png", dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

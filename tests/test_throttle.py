@@ -1,0 +1,101 @@
+"""`--slowdown X` (issue 10): the joint choice of coverage, order and pieces, with a deterministic "machine".
+
+The injected measurement is the predicted FLOPs ratio itself times a fixed machine factor, so the choice can be
+checked exactly: monotone in X, within tolerance, and with the largest coverage among exact candidates."""
+
+import pytest
+import torch
+
+from taylormlp.convert import ProtectOptions
+from taylormlp.errors import TaylorMLPError
+from taylormlp.sources import load_base
+from taylormlp.throttle import TOLERANCE, SlowdownChooser, WorkModel, protect_for_slowdown
+
+from conftest import FAST
+
+# The tiny model's vocabulary projection dwarfs its MLPs (full coverage adds ~10% FLOPs), so this fake machine
+# turns 1 extra FLOPs ratio into 10 extra slowdown: the preset then measures about 2x.
+FACTOR = 10.0
+
+
+def _fake_machine(calls, factor):
+    def measure(protector, coverage):
+        work = WorkModel(protector, calls["base_flops"])
+        calls["n"] += 1
+        return 1.0 + factor * (work.ratio(coverage) - 1.0)
+    return measure
+
+
+def _run(tiny_llama_dir, target, factor=FACTOR):
+    from taylormlp.bench import flops_per_token
+
+    model, tok, _ = load_base(tiny_llama_dir)
+    calls = {"n": 0, "base_flops": flops_per_token(model)}
+    opts = ProtectOptions(preset="default", order=4, **FAST)
+    spec, slow = protect_for_slowdown(model, tok, None, opts, True, target, measure=_fake_machine(calls, factor))
+    return model, spec, slow, calls
+
+
+@pytest.fixture(scope="module")
+def choices(tiny_llama_dir):
+    return {x: _run(tiny_llama_dir, x) for x in (1.25, 1.6, 4.0)}
+
+
+def test_choice_lands_within_tolerance_and_is_recorded(choices):
+    for target, (model, spec, slow, calls) in choices.items():
+        assert abs(slow["measured"] / target - 1.0) <= TOLERANCE, (target, slow)
+        assert slow["target"] == target and slow["flops_ratio"] > 1.0
+        assert slow["machine"]["device"] in ("cpu", "cuda")
+        assert model.config.taylormlp["slowdown"] == slow
+        assert calls["n"] <= 3  # a few full measurements, not a sweep
+        assert spec["validation"]["exact"]
+        assert type(model.model.layers[0].mlp).__name__ == "TaylorMLP"
+
+
+def test_choice_is_monotone_in_the_target(choices):
+    ordered = [choices[x][2] for x in sorted(choices)]
+    ratios = [s["flops_ratio"] for s in ordered]
+    assert ratios == sorted(ratios)
+    covs = [choices[x][1]["coverage"] for x in sorted(choices)]
+    orders = [choices[x][1]["order"] for x in sorted(choices)]
+    assert covs[0] <= covs[1] <= covs[2] or orders[2] > orders[0]
+    assert covs[0] > 0.0  # even a mild throttle protects something
+    assert orders[2] >= orders[0]
+
+
+def test_small_target_keeps_the_largest_exact_coverage(choices, tiny_llama_dir):
+    """Below the preset's cost: no candidate family has an exact setting with more coverage than the chosen one
+    whose predicted slowdown still fits the target."""
+    from taylormlp.bench import flops_per_token
+    from taylormlp.convert import calibrate
+
+    _, spec, slow, _ = choices[1.25]
+    fresh, tok, _ = load_base(tiny_llama_dir)
+    base = ProtectOptions(preset="default", order=4, **FAST).resolved()
+    data, ranges = calibrate(fresh, tok, None, base, True)
+    chooser = SlowdownChooser(fresh, ranges, data, base, flops_per_token(fresh))
+    want = 1.0 + (1.25 - 1.0) / FACTOR  # what this fake machine needs in FLOPs
+    checked = 0
+    for family, order in (("pieces", 4), ("one-piece", 4), ("one-piece", 2)):
+        cap = chooser.work(family, order).max_coverage(want)
+        if cap > spec["coverage"] + 1e-9:
+            checked += 1
+            assert not chooser.is_exact(family, order, cap), (family, order, cap, spec["coverage"])
+    assert spec["coverage"] > 0.0
+    assert checked >= 0  # (every family whose cost cap exceeds the choice was checked above)
+
+
+def test_unreachable_target_is_a_clear_error(tiny_llama_dir):
+    with pytest.raises(TaylorMLPError, match="between 1.25 and 16"):
+        _run(tiny_llama_dir, 40.0)
+    with pytest.raises(TaylorMLPError, match=r"out of reach .* ask for at most"):
+        _run(tiny_llama_dir, 16.0, factor=1.0)  # this machine cannot slow the tiny model 16x at any order
+
+
+def test_slowdown_cli_range(capsys):
+    from taylormlp.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["protect", "x", "--out", "y", "--slowdown", "20"])
+    assert exc.value.code == 2
+    assert "between 1.25 and 16" in capsys.readouterr().err
