@@ -170,3 +170,20 @@ def test_source_reader_checks_every_file(tiny_llama_dir):
     assert w.dtype == torch.float64
     with pytest.raises(TaylorMLPError, match="not in the model's safetensors"):
         source.get("model.layers.9.mlp.down_proj.weight")
+
+
+def test_rows_left_out_of_the_ranges_are_not_recorded(tiny_llama_dir):
+    """Validation prompts share the generation batches with calibration prompts but never enter the ranges."""
+    from taylormlp.calibration import greedy_sequences
+
+    model, tok, _ = load_base(tiny_llama_dir)
+    prompts = ["The sun is", "Water is made of hydrogen and oxygen, and"]
+    with RangeRecorder(model) as both:
+        greedy_sequences(model, tok, prompts, 4, recorder=both)
+    with RangeRecorder(model) as first_only:
+        seqs = greedy_sequences(model, tok, prompts, 4, recorder=first_only, record=[True, False])
+    with RangeRecorder(model) as alone:
+        greedy_sequences(model, tok, prompts[:1], 4, recorder=alone)
+    assert first_only.tokens == alone.tokens < both.tokens
+    assert first_only.tokens == len(seqs[0]["ids"]) - 1  # the last generated token is never fed back
+    np.testing.assert_allclose(first_only.ranges().lo[0], alone.ranges().lo[0], atol=1e-5)

@@ -83,13 +83,15 @@ def format_prompt(tokenizer, prompt: str, chat: bool) -> str:
 
 @torch.no_grad()
 def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str = "generating",
-                     batch_size: int = 32, recorder: "RangeRecorder | None" = None) -> list[dict]:
+                     batch_size: int = 32, recorder: "RangeRecorder | None" = None,
+                     record: list[bool] | None = None) -> list[dict]:
     """Prompt ids plus the model's greedy continuation (cut after EOS), one dict per prompt.
 
     Prompts are generated in left-padded batches (similar lengths together, so that a streamed model onloads each
     layer once per decode step and batch); each returned sequence holds no padding.  With a `recorder`, the
     pre-activation ranges of every real token fed through the model (prompt, continuation up to its EOS) are
-    recorded on the way: no second pass over these tokens is needed."""
+    recorded on the way: no second pass over these tokens is needed.  `record[k]` False keeps prompt k out of the
+    ranges (validation prompts share the batches but not the ranges)."""
     encoded = [tokenizer(t, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, t)).input_ids[0]
                for t in prompts]
     pad = _pad_id(tokenizer)
@@ -105,7 +107,7 @@ def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             ids[row, width - len(encoded[k]):] = encoded[k]
             mask[row, width - len(encoded[k]):] = 1
         if recorder is not None:
-            recorder.new_batch()
+            recorder.new_batch(None if record is None else torch.tensor([bool(record[k]) for k in batch]))
         gen = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad).cpu()
         for row, k in enumerate(batch):
@@ -177,11 +179,14 @@ class RangeRecorder:
         self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.mask = None
         self.finished = None
+        self.rows = None
         self.handles = []
 
-    def new_batch(self) -> None:
-        """The next forward call starts a new batch (a prefill), not a decode step of the last one."""
+    def new_batch(self, rows: torch.Tensor | None = None) -> None:
+        """The next forward call starts a new batch (a prefill), not a decode step of the last one; `rows` (bool
+        per batch row) says which rows to record (default: all)."""
         self.finished = None
+        self.rows = rows
 
     def __enter__(self):
         self.handles.append(self.model.register_forward_pre_hook(self._top, with_kwargs=True))
@@ -211,6 +216,8 @@ class RangeRecorder:
             mask = mask & ~self.finished[:, None]
             if self.eos.numel():
                 self.finished |= torch.isin(ids[:, -1].cpu(), self.eos)
+        if self.rows is not None and self.rows.shape[0] == mask.shape[0]:
+            mask = mask & self.rows[:, None]
         self.mask = mask
         self.tokens += int(mask.sum())
         return None

@@ -66,7 +66,7 @@ class ProtectOptions:
     piece_order: int | None = None  # decide the pieces as if the order were this (the throttle keeps them fixed)
     # how much calibration work: at most this many prose chunks and this many prompts (None: the whole corpus)
     calibration_samples: int | None = None
-    batch_size: int = 32  # prompts generated together (a streamed model onloads each layer once per step and batch)
+    batch_size: int = 64  # prompts generated together (a streamed model onloads each layer once per step and batch)
     batch_tokens: int = 4096  # padded tokens per forward pass in calibration and validation
 
     def resolved(self) -> "ProtectOptions":
@@ -175,7 +175,7 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
     with torch.device("meta"):  # every tensor is written below: skip the default initialisation
         module = runtime.TaylorMLP(family, hidden, P, len(rest), order, basis, act, rest_bias=w.b is not None,
                                    rest_out_bias=(w.c is not None and P == 0), pieces=Q)
-    module = module.to_empty(device="cpu")
+    module = module.to_empty(device="cpu").to(dtype)  # float64 values are rounded once, straight into dtype
     sel_t, rest_t = torch.from_numpy(sel), torch.from_numpy(rest)
     with torch.no_grad():
         if P:
@@ -200,10 +200,11 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
             c = torch.from_numpy(pc.coeffs)  # [Q, N+1]
             s_pow = s[:, None] ** torch.arange(order + 1, dtype=torch.float64)  # s_jⁿ
             W_sel = w.W[:, torch.from_numpy(pc.owner)]  # [d, Q]
-            theta = W_sel[:, None, :] * (c * s_pow).T[None, :, :]  # Θ[d, n, q] = W_{·,j(q)} c_{q,n} s_jⁿ
-            if w.c is not None:
-                theta[:, 0, :] += w.c[:, None] / P  # output bias folded into the order-0 term (one live piece each)
-            module.theta.copy_(theta.reshape(hidden, (order + 1) * Q))
+            for n in range(order + 1):  # one order at a time: a [d, Q] float64 block, never all N+1 at once
+                theta_n = W_sel * (c[:, n] * s_pow[:, n])[None, :]  # Θ_n[:, q] = W_{·,j(q)} c_{q,n} s_jⁿ
+                if n == 0 and w.c is not None:
+                    theta_n += w.c[:, None] / P  # output bias folded into the order-0 term (one live piece each)
+                module.theta[:, n * Q:(n + 1) * Q].copy_(theta_n)
         if module.rest is not None:
             module.rest.gate.weight.copy_(w.V[rest_t])
             if w.b is not None:
@@ -213,7 +214,7 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
             module.rest.down.weight.copy_(w.W[:, rest_t])
             if module.rest.down.bias is not None:
                 module.rest.down.bias.copy_(w.c)
-    return module.to(dtype)
+    return module
 
 
 def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: int, tolerance: float,
@@ -278,11 +279,11 @@ def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
     """Calibration ranges and validation data, in as few passes over the model as possible (each pass onloads
     every layer of a streamed model once per batch):
 
-    1. the calibration prompts are generated (greedy, batched) while their ranges are recorded — prompt and
-       continuation tokens need no second pass;
+    1. all prompts are generated (greedy, batched); the calibration prompts' ranges are recorded on the way —
+       prompt and continuation tokens need no second pass — while the validation prompts (every
+       `validation_every`-th) share the batches but never enter the ranges;
     2. the prose chunks run through in padded batches, recorded the same way;
-    3. the validation prompts (every `validation_every`-th, never recorded) are generated and the original's
-       logits on their continuations kept as the reference."""
+    3. the original's logits on the validation continuations are kept as the reference."""
     opts = opts.resolved()
     if tokenizer is None:
         raise TaylorMLPError("protect() needs the tokenizer to calibrate on text")
@@ -302,16 +303,16 @@ def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
     prompts = calibration_prompts()
     formatted = [format_prompt(tokenizer, p, True) for p in prompts["chat"]] if chat else []
     formatted = spread(formatted + prompts["raw"], opts.calibration_samples)
-    valid_prompts = [p for i, p in enumerate(formatted) if i % validation_every == validation_every - 1]
-    calib_prompts = [p for i, p in enumerate(formatted) if i % validation_every != validation_every - 1]
+    is_valid = [i % validation_every == validation_every - 1 for i in range(len(formatted))]
     with RangeRecorder(model, _eos_ids(tokenizer, model)) as recorder:
-        if calib_prompts:
-            greedy_sequences(model, tokenizer, calib_prompts, opts.continuation_tokens, desc="calibration prompts",
-                             batch_size=opts.batch_size, recorder=recorder)
+        # all prompts generate together (fewer passes over the layers); validation rows are not recorded
+        seqs = greedy_sequences(model, tokenizer, formatted, opts.continuation_tokens, desc="prompts",
+                                batch_size=opts.batch_size, recorder=recorder,
+                                record=[not v for v in is_valid]) if formatted else []
         collect_ranges(model, chunks, desc="calibration prose", max_tokens=opts.batch_tokens, recorder=recorder)
     ranges = recorder.ranges()
-    valid = greedy_sequences(model, tokenizer, valid_prompts, opts.continuation_tokens,
-                             desc="validation prompts", batch_size=opts.batch_size) if valid_prompts else []
+    valid = [seq for seq, v in zip(seqs, is_valid) if v]
+    calib_prompts = [seq for seq, v in zip(seqs, is_valid) if not v]
     for k, logits in continuation_logits(model, valid, opts.batch_tokens):
         valid[k]["logits"] = logits
     sources = {prose_name: len(chunks), "prompts+continuations": len(calib_prompts), "validation": len(valid)}
@@ -411,7 +412,14 @@ class CandidateMLP(torch.nn.Module):
         return module
 
     def forward(self, x):
-        return self.build().to(x.device)(x)
+        module = self.build().to(x.device)
+        y = module(x)
+        del module
+        if not self.keep:
+            from .stream import release_memory
+
+            release_memory()
+        return y
 
 
 class Protector:

@@ -99,6 +99,8 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
     index, so transformers (and accelerate's offloading) load it like any sharded checkpoint."""
     from safetensors.torch import save_file
 
+    from .stream import release_memory
+
     out = Path(out_dir)
     spec = getattr(config, "taylormlp", None)
     if spec is None:
@@ -133,6 +135,7 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
                 weight_map[key] = name
                 total += value.numel() * value.element_size()
             del tensors
+            release_memory()
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
         cls_name = runtime.release_class(config).__name__

@@ -14,7 +14,7 @@ Choice, for a target X in [1.25, 16]:
 
 * the preset (piecewise series at its base order) at its largest token-exact coverage is the probe — measured;
 * below the probe's slowdown, coverage drops: for each candidate family (the preset's pieces at the base order,
-  one series per channel at the base order and at half of it), the largest coverage whose predicted slowdown
+  one series per channel — interval widened by 5% — at the base order and at half of it), the largest coverage whose predicted slowdown
   stays within X, checked token-exact on validation (bisected down if it is not); the largest exact coverage
   wins (ties: the smaller release);
 * above it, coverage stays at the probe's and N grows (the pieces are kept as decided at the base order) to the
@@ -172,8 +172,9 @@ class SlowdownChooser:
         fields = {**self.base.__dict__, "order": int(order), "coverage": None}
         if family == "pieces":
             fields["piece_order"] = self.base.order  # pieces decided once, at the base order
-        else:
-            fields["max_pieces"], fields["piece_order"] = 1, None
+        else:  # one series per channel over its calibrated interval widened by 5% (benchmarks/frontier.py's
+            # chebyshev-1piece: exact up to 50-75% coverage on SmolLM2 at N = 8, at a third of the pieces' cost)
+            fields["max_pieces"], fields["piece_order"], fields["margin"] = 1, None, 0.05
         return ProtectOptions(**fields).resolved()
 
     def protector(self, family: str, order: int) -> Protector:
