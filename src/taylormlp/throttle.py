@@ -218,7 +218,11 @@ class SlowdownChooser:
     def choose(self, target: float, line: Line, probe: Choice) -> Choice:
         want = line.predicted_for(target)
         if want <= probe.predicted:
-            return self._fewer_channels(target, want, probe)
+            best = self._fewer_channels(target, want, probe)
+            if line.measured_for(best.predicted) >= target * (1 - TOLERANCE) or best.coverage <= 0:
+                return best
+            # exactness, not cost, capped the coverage: keep it and raise the order of that family instead
+            return self._more_orders(target, want, line, best)
         return self._more_orders(target, want, line, probe)
 
     def _fewer_channels(self, target: float, want: float, probe: Choice) -> Choice:
@@ -244,23 +248,24 @@ class SlowdownChooser:
         return best
 
     def _more_orders(self, target: float, want: float, line: Line, probe: Choice) -> Choice:
-        """Coverage stays at the probe's, N grows to the smallest order predicted to reach the target."""
+        """Coverage stays at `probe`'s, N grows (same family) to the smallest order predicted to reach the target."""
+        family = probe.family
         lo, hi = probe.order, series.MAX_ORDER
-        top = self.work("pieces", hi).ratio(probe.coverage)
-        if top < want * (1 - TOLERANCE):
+        top = self.work(family, hi).ratio(probe.coverage)
+        if line.measured_for(top) < target * (1 - TOLERANCE):
             reach = line.measured_for(top)
             raise TaylorMLPError(f"a {target}x slowdown is out of reach for this model on this machine: the most "
                                  f"orders ({hi}) at coverage {probe.coverage:.3f} measure about {reach:.1f}x; ask "
                                  f"for at most {reach * (1 + TOLERANCE):.1f}x")
         while hi - lo > 1:  # predicted ratio grows with N: bisection, no measurement
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.work("pieces", mid).ratio(probe.coverage) < want else (lo, mid)
+            lo, hi = (mid, hi) if self.work(family, mid).ratio(probe.coverage) < want else (lo, mid)
         order = hi
         coverage = probe.coverage
-        if not self.is_exact("pieces", order, coverage):
-            coverage = self.largest_exact("pieces", order, coverage)
-        work = self.work("pieces", order)
-        return Choice("pieces", order, coverage, work.ratio(coverage), work.theta_size(coverage))
+        if not self.is_exact(family, order, coverage):
+            coverage = self.largest_exact(family, order, coverage)
+        work = self.work(family, order)
+        return Choice(family, order, coverage, work.ratio(coverage), work.theta_size(coverage))
 
 
 def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float, measure=None,
