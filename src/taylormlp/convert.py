@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import runtime, series
-from .calibration import (RangeRecorder, Ranges, _eos_ids, calibration_prompts, collect_ranges, format_prompt,
+from .calibration import (RangeRecorder, Ranges, _eos_ids, _input_device, calibration_prompts, collect_ranges,
+                          format_prompt,
                           greedy_sequences, padded_batches, stdlib_prose, tokenize_chunks)
 from .errors import TaylorMLPError
 from .progress import bar, log
@@ -129,11 +130,9 @@ def weights_from_tensors(t: dict, arch: dict, layer_index: int, check: bool = Tr
 
 def mlp_weights(mlp, arch: dict, layer_index: int) -> MLPWeights:
     """float64 MLPWeights of one MLP module held in memory."""
-    from .stream import ModuleMLPs
+    from .stream import module_mlp_tensors
 
-    reader = ModuleMLPs.__new__(ModuleMLPs)
-    reader.arch, reader.mlps = arch, {layer_index: mlp}
-    return weights_from_tensors(reader.tensors(layer_index), arch, layer_index)
+    return weights_from_tensors(module_mlp_tensors(mlp, arch), arch, layer_index)
 
 
 # ---------------------------------------------------------------- one layer
@@ -339,10 +338,6 @@ def continuation_logits(model, seqs: list[dict], max_tokens: int = 4096, sort: b
             K = len(seqs[k]["ids"]) - seqs[k]["prompt_len"]
             yield k, out[row, keep - K - 1:-1].clone()
         del out
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()

@@ -107,9 +107,6 @@ class SafetensorsSource:
     def __contains__(self, name: str) -> bool:
         return name in self.location
 
-    def nbytes(self, names=None) -> int:
-        return sum(self.read([n])[n].nbytes for n in (names or self.location))
-
     def read(self, names, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
         """{name: tensor} for `names`, one memory map per file, closed before returning.  Floating tensors are cast
         to `dtype` when given."""
@@ -173,6 +170,19 @@ class SourceMLPs:
         return out
 
 
+def module_mlp_tensors(mlp, arch: dict) -> dict[str, torch.Tensor | None]:
+    """{"V", "b", "U", "W", "c"} of one MLP module held in memory, as float64 CPU copies."""
+    gate, down = getattr(mlp, arch["gate"]), getattr(mlp, arch["down"])
+    up = getattr(mlp, arch["up"]) if arch["up"] else None
+
+    def f64(t):
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    return {"V": f64(runtime.linear_weight(gate)), "b": f64(gate.bias),
+            "U": f64(runtime.linear_weight(up)) if up is not None else None,
+            "W": f64(runtime.linear_weight(down)), "c": f64(down.bias)}
+
+
 class ModuleMLPs:
     """MLP weights of a model held in memory, read from its original MLP modules (float64 copies, per call)."""
 
@@ -181,16 +191,7 @@ class ModuleMLPs:
         self.mlps = [layer.mlp for layer in runtime.decoder_layers(model)]
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor | None]:
-        mlp, arch = self.mlps[layer], self.arch
-        gate, down = getattr(mlp, arch["gate"]), getattr(mlp, arch["down"])
-        up = getattr(mlp, arch["up"]) if arch["up"] else None
-
-        def f64(t):
-            return None if t is None else t.detach().to("cpu", torch.float64)
-
-        return {"V": f64(runtime.linear_weight(gate)), "b": f64(gate.bias),
-                "U": f64(runtime.linear_weight(up)) if up is not None else None,
-                "W": f64(runtime.linear_weight(down)), "c": f64(down.bias)}
+        return module_mlp_tensors(self.mlps[layer], self.arch)
 
 
 # ---------------------------------------------------------------- the streamed model
@@ -206,14 +207,13 @@ def _device_map(config, n_layers: int, device: str) -> dict:
     path = runtime.architecture(config)["layers"].split(".")
     dm: dict[str, str] = {}
     module, prefix = skeleton, ""
-    for depth, part in enumerate(path):
+    for part in path:
         for name, _child in module.named_children():
             if name != part:
                 dm[prefix + name] = device
         module, prefix = getattr(module, part), prefix + part + "."
     for i in range(n_layers):
         dm[f"{prefix}{i}"] = "disk"
-    # parameters or buffers held directly by a module on the path (rare) stay with the device
     return dm
 
 

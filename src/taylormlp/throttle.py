@@ -92,16 +92,13 @@ class WorkModel:
 
     def __init__(self, protector: Protector, base_flops: float):
         order = protector.opts.order
-        per_channel = []
-        for plan in protector.plans:
-            q = np.bincount(plan.pieces.owner, minlength=len(plan.score))  # pieces per channel
-            per_channel.append(plan.hidden * ((order + 1) * q - 1.0))
-        extra = np.concatenate(per_channel)[protector.order_index]  # in ranking order (easiest first)
+        terms = np.concatenate([plan.hidden * (order + 1) * np.bincount(plan.pieces.owner, minlength=len(plan.score))
+                                for plan in protector.plans])[protector.order_index]  # Θ values per channel, ranked
+        hidden = np.concatenate([np.full(len(plan.score), plan.hidden) for plan in protector.plans])
+        extra = terms - hidden[protector.order_index]  # d·((N+1)·q − 1), easiest channels first
         self.cumulative = np.concatenate([[0.0], np.cumsum(2.0 * extra)]) / float(base_flops)
         self.total = protector.total
-        self.theta_values = np.concatenate([[0], np.cumsum(
-            np.concatenate([plan.hidden * (order + 1) * np.bincount(plan.pieces.owner, minlength=len(plan.score))
-                            for plan in protector.plans])[protector.order_index])])
+        self.theta_values = np.concatenate([[0], np.cumsum(terms)])
 
     def ratio(self, coverage: float) -> float:
         return 1.0 + float(self.cumulative[int(round(coverage * self.total))])
