@@ -230,11 +230,11 @@ class RangeRecorder:
             z = z.reshape(-1, z.shape[-1])
             if z.shape[0] == 0:
                 return
-            if not torch.isfinite(z).all():
+            mn, mx = torch.aminmax(z, dim=0)  # NaN propagates: a non-finite z shows in its channel's min or max
+            mn, mx = mn.to("cpu", torch.float64).numpy(), mx.to("cpu", torch.float64).numpy()
+            if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
                 raise TaylorMLPError(f"layer {i}: non-finite MLP pre-activations during calibration "
                                      f"(NaN or Inf weights in the model?)")
-            mn = z.min(0).values.to("cpu", torch.float64).numpy()
-            mx = z.max(0).values.to("cpu", torch.float64).numpy()
             self.lo[i] = mn if self.lo[i] is None else np.minimum(self.lo[i], mn)
             self.hi[i] = mx if self.hi[i] is None else np.maximum(self.hi[i], mx)
         return hook

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound the calibration work: use at most N prose chunks (of 256 tokens) and N calibration "
                         "prompts (every fifth held out for validation), evenly spread over the corpus; default: "
                         "the whole built-in corpus (about 230 prose chunks, 112 prompts)")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="prompts generated together while calibrating (default 64); each decode step reads every "
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="prompts generated together while calibrating (default 128); each decode step reads every "
                         "layer once per batch, so larger is faster for big models and costs more activation memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where calibration, validation and the coverage search run (default auto: cuda when a GPU "

@@ -29,6 +29,7 @@ from .calibration import (RangeRecorder, Ranges, _eos_ids, _input_device, calibr
                           greedy_sequences, padded_batches, stdlib_prose, tokenize_chunks)
 from .errors import TaylorMLPError
 from .progress import bar, log
+from .stream import release_memory
 
 PRESETS = {
     # the paper: Taylor series around the midpoint, narrowest channels first
@@ -67,7 +68,7 @@ class ProtectOptions:
     piece_order: int | None = None  # decide the pieces as if the order were this (the throttle keeps them fixed)
     # how much calibration work: at most this many prose chunks and this many prompts (None: the whole corpus)
     calibration_samples: int | None = None
-    batch_size: int = 64  # prompts generated together (a streamed model onloads each layer once per step and batch)
+    batch_size: int = 128  # prompts generated together (a streamed model onloads each layer once per step and batch)
     batch_tokens: int = 4096  # padded tokens per forward pass in calibration and validation
 
     def resolved(self) -> "ProtectOptions":
@@ -106,7 +107,9 @@ class ProtectOptions:
 
 @dataclass
 class MLPWeights:
-    """float64 copies: V [I, d] (gate), b [I] or None, U [I, d] or None (up), W [d, I] (down), c [d] or None."""
+    """CPU tensors: V [I, d] (gate), b [I] or None, U [I, d] or None (up), W [d, I] (down), c [d] or None; float64
+    copies (an MLP in memory) or the source's own dtype (a streamed source: build_taylor_mlp takes float64 only of
+    what the series arithmetic touches, the rest is copied straight into the release dtype)."""
 
     V: torch.Tensor
     b: torch.Tensor | None
@@ -116,7 +119,7 @@ class MLPWeights:
 
 
 def weights_from_tensors(t: dict, arch: dict, layer_index: int, check: bool = True) -> MLPWeights:
-    """MLPWeights from {"V", "b", "U", "W", "c"} float64 tensors (see stream.SourceMLPs / stream.ModuleMLPs);
+    """MLPWeights from {"V", "b", "U", "W", "c"} tensors (see stream.SourceMLPs / stream.ModuleMLPs);
     check=True rejects NaN/Inf (done once per layer, when it is planned)."""
     if arch["family"] == "gated" and (t.get("b") is not None or t.get("c") is not None):
         raise TaylorMLPError("gated MLPs with biases (mlp_bias=True) are not supported yet")
@@ -181,10 +184,10 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
             slot = np.searchsorted(sel, pc.owner)  # piece -> released channel index
             s_ch = torch.from_numpy(signs[sel]).double()  # ±1 per channel
             s = s_ch[torch.from_numpy(slot)]  # ±1 per piece
-            b = w.b[torch.from_numpy(pc.owner)] if w.b is not None else torch.zeros(Q, dtype=torch.float64)
+            b = w.b[torch.from_numpy(pc.owner)].double() if w.b is not None else torch.zeros(Q, dtype=torch.float64)
             mid = torch.from_numpy((pc.lo + pc.hi) / 2.0)
             h = torch.from_numpy((pc.hi - pc.lo) / 2.0)
-            module.gate.weight.copy_(s_ch[:, None] * w.V[sel_t])
+            module.gate.weight.copy_(s_ch[:, None] * w.V[sel_t].double())
             if module.up is not None:
                 module.up.weight.copy_(w.U[sel_t])
             module.z0.copy_(s * (mid - b))  # public coordinate z = V x
@@ -198,11 +201,11 @@ def build_taylor_mlp(w: MLPWeights, family: str, act: str, pieces: Pieces, prote
                 module.edge_hi.copy_(torch.where(flip, -edge_lo, edge_hi))
             c = torch.from_numpy(pc.coeffs)  # [Q, N+1]
             s_pow = s[:, None] ** torch.arange(order + 1, dtype=torch.float64)  # s_jⁿ
-            W_sel = w.W[:, torch.from_numpy(pc.owner)]  # [d, Q]
+            W_sel = w.W[:, torch.from_numpy(pc.owner)].double()  # [d, Q] float64
             for n in range(order + 1):  # one order at a time: a [d, Q] float64 block, never all N+1 at once
                 theta_n = W_sel * (c[:, n] * s_pow[:, n])[None, :]  # Θ_n[:, q] = W_{·,j(q)} c_{q,n} s_jⁿ
                 if n == 0 and w.c is not None:
-                    theta_n += w.c[:, None] / P  # output bias folded into the order-0 term (one live piece each)
+                    theta_n += w.c[:, None].double() / P  # output bias folded into the order-0 term (one live piece each)
                 module.theta[:, n * Q:(n + 1) * Q].copy_(theta_n)
         if module.rest is not None:
             module.rest.gate.weight.copy_(w.V[rest_t])
@@ -314,9 +317,17 @@ def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
     calib_prompts = [seq for seq, v in zip(seqs, is_valid) if not v]
     for k, logits in continuation_logits(model, valid, opts.batch_tokens):
         valid[k]["logits"] = logits
+    valid.sort(key=logit_margin)  # most fragile first: a walk that may stop early meets failures soonest
     sources = {prose_name: len(chunks), "prompts+continuations": len(calib_prompts), "validation": len(valid)}
     ranges.sources = sources
     return CalibrationData(chunks, valid, sources), ranges
+
+
+def logit_margin(seq: dict) -> float:
+    """The smallest gap between the original's top two logits over a validation continuation: how far its greedy
+    choice is from flipping.  Candidates fail first on the sequences with the smallest margin."""
+    top2 = seq["logits"].topk(2, dim=-1).values if seq["logits"].shape[-1] > 1 else None
+    return float((top2[:, 0] - top2[:, 1]).min()) if top2 is not None and len(top2) else math.inf
 
 
 @torch.no_grad()
@@ -341,16 +352,19 @@ def continuation_logits(model, seqs: list[dict], max_tokens: int = 4096, sort: b
 
 
 @torch.no_grad()
-def validate(model, validation: list[dict], max_tokens: int = 4096, budget: float | None = None) -> dict:
+def validate(model, validation: list[dict], max_tokens: int = 4096, budget: float | None = None,
+             limit: int | None = None) -> dict:
     """Teacher-forced check on the original's greedy continuations: all argmaxes equal ⇔ identical greedy text.
     With a `budget`, walk the sequences in list order in small batches and stop at the first batch that proves
     failure (a token differs or an error exceeds it); the failing sequence moves to the front of `validation`,
-    where the next, similar candidate is likely to fail too."""
+    where the next, similar candidate is likely to fail too.  `limit` checks only the first `limit` sequences
+    (the screen of largest_accepted)."""
     matched = total = seqs_exact = seen = 0
     max_err = 0.0
     failed = False
     early = budget is not None
-    for k, logits in continuation_logits(model, validation, max_tokens, sort=not early,
+    seqs = validation if limit is None else validation[:limit]
+    for k, logits in continuation_logits(model, seqs, max_tokens, sort=not early,
                                          first_tokens=max_tokens // 16 if early else None):
         seq = validation[k]
         same = logits.argmax(-1) == seq["logits"].argmax(-1)
@@ -364,7 +378,7 @@ def validate(model, validation: list[dict], max_tokens: int = 4096, budget: floa
             validation.insert(0, validation.pop(k))
             break
     result = {"tokens_matched": matched, "tokens": total, "sequences_exact": seqs_exact,
-              "sequences": len(validation), "max_logit_error": max_err, "exact": matched == total and not failed}
+              "sequences": len(seqs), "max_logit_error": max_err, "exact": matched == total and not failed}
     if failed:
         result["stopped_after"] = seen
     return result
@@ -409,11 +423,7 @@ class CandidateMLP(torch.nn.Module):
     def forward(self, x):
         module = self.build().to(x.device)
         y = module(x)
-        del module
-        if not self.keep:
-            from .stream import release_memory
-
-            release_memory()
+        del module  # freed here (reference counting); the heap is trimmed once per validation, not per layer
         return y
 
 
@@ -468,7 +478,7 @@ class Protector:
         if opts.selection == "width":
             score = hi - lo
         else:  # worst approximation error on the interval, weighted by the channel's output norm
-            score = error_in * w.W.norm(dim=0).numpy()
+            score = error_in * w.W.double().norm(dim=0).numpy()
         # a one-piece channel's polynomial is trusted (before the runtime's clamp) as far as it stays accurate
         single = np.bincount(pieces.owner, minlength=len(lo))[pieces.owner] == 1
         if opts.trust_tolerance > 0 and single.any():
@@ -591,9 +601,10 @@ def finish(protector: "Protector", chosen: tuple[float, list] | float, data: Cal
     masks = protector.apply(coverage, materialize=materialize)
     extra = {"calibration": ranges.summary(), "seed": opts.seed}
     if data is not None and data.validation:
-        done = [row for row in search if row["coverage"] == coverage and "stopped_after" not in row]
+        done = [row for row in search if row["coverage"] == coverage and "stopped_after" not in row
+                and not row.get("screen")]
         if done:
-            extra["validation"] = {k: v for k, v in done[-1].items() if k not in ("coverage", "accepted")}
+            extra["validation"] = {k: v for k, v in done[-1].items() if k not in ("coverage", "accepted", "screen")}
         else:
             extra["validation"] = validate(model, data.validation, opts.batch_tokens)
     extra["coverage_search"] = search
@@ -602,30 +613,78 @@ def finish(protector: "Protector", chosen: tuple[float, list] | float, data: Cal
     return spec
 
 
+SCREEN = 0.25  # share of the validation tokens a candidate must pass before the whole set is run (the screen)
+
+
+def largest_accepted(check, cap: float, steps: int, floor: float = 0.0) -> float:
+    """Largest coverage on the grid floor + k·(cap − floor)/2^steps (k = 0..2^steps; floor counts as accepted) that
+    `check(coverage, screen=False)` accepts, acceptance assumed to fall as coverage grows: a bisection.
+
+    Screened, because a full validation costs ~5x a screen: `check(coverage, screen=True)` runs only the first few
+    validation sequences (a necessary condition), and the bisection runs on screens alone; only its answer is
+    validated in full.  If that fails, the failing sequence joins the screen (check's job: validate moves it to the
+    front, the screen grows by one) and the bisection resumes below it.  The answer is the one plain bisection with
+    full checks would give, at one full validation plus cheap screens in the usual case."""
+    n = 2 ** steps
+
+    def at(k: int) -> float:
+        return cap if k == n else floor + (cap - floor) * k / n
+
+    good, bad = 0, n + 1  # good: accepted in full; bad: rejected (n + 1: nothing tried yet)
+    while bad - good > 1:
+        a, b = good, bad
+        if b == n + 1:  # the cap itself first: the whole model often passes (default preset)
+            if check(at(n), screen=True):
+                a = n
+            b = n
+        while b - a > 1:
+            m = (a + b) // 2
+            a, b = (m, b) if check(at(m), screen=True) else (a, m)
+        if a == good:
+            break
+        if check(at(a), screen=False):
+            good = a
+            break  # everything above failed a screen, a necessary condition
+        bad = a
+    return at(good) if good else floor
+
+
 def search_coverage(protector: Protector, data: CalibrationData, trace: list) -> float:
     """Largest coverage (bisection on the channel ranking) whose validation is token-exact with every logit
-    within the error budget.  A rejected candidate stops at the first batch that proves it wrong."""
+    within the error budget (largest_accepted: screened bisection, one full validation of the answer)."""
     if data is None or not data.validation:
         raise TaylorMLPError("no validation prompts: cannot choose coverage automatically; pass --coverage")
-    budget = protector.opts.error_budget
+    opts = protector.opts
+    steps = bar(desc="coverage search", unit="check")
+    check = screened_check(protector.model, data.validation, opts.batch_tokens, opts.error_budget,
+                           protector.apply, trace, steps)
+    good = largest_accepted(check, 1.0, opts.search_steps)
+    steps.close()
+    protector.restore()
+    log(f"coverage search: largest accepted coverage {good:.3f} (token-exact, max logit error <= {opts.error_budget})")
+    return good
 
-    def acceptable(coverage: float) -> bool:
-        protector.apply(coverage)
-        result = validate(protector.model, data.validation, protector.opts.batch_tokens, budget=budget)
-        ok = result["exact"] and result["max_logit_error"] <= budget
-        trace.append({"coverage": coverage, "accepted": ok, **result})
+
+def screened_check(model, validation: list[dict], max_tokens: int, budget: float, install, trace: list,
+                   progress=None, extra: dict | None = None):
+    """check(coverage, screen) for largest_accepted: `install(coverage)` puts the candidate in the model, then a
+    validation within `budget` on the screen or the whole set.  The screen is the first sequences of `validation`
+    (most fragile first, see logit_margin) holding a SCREEN share of its tokens; a full check that fails adds its
+    failing sequence (moved to the front by validate) to the screen.  Every check is a row of `trace`."""
+    lengths = np.cumsum([len(seq["ids"]) for seq in validation])
+    size = [int(np.searchsorted(lengths, SCREEN * lengths[-1])) + 1 if len(lengths) else 0]
+
+    def check(coverage: float, screen: bool = False) -> bool:
+        install(coverage)
+        result = validate(model, validation, max_tokens, budget=budget, limit=size[0] if screen else None)
+        release_memory()
+        ok = bool(result["exact"] and result["max_logit_error"] <= budget)
+        if not ok and not screen:
+            size[0] = min(size[0] + 1, len(validation))
+        trace.append({**(extra or {}), "coverage": coverage, "accepted": ok, "screen": screen, **result})
+        if progress is not None:
+            progress.update()
+            progress.set_postfix(coverage=f"{coverage:.3f}", check="screen" if screen else "full", ok=ok)
         return ok
 
-    good, bad = 0.0, 1.0
-    if acceptable(1.0):
-        protector.restore()
-        return 1.0
-    steps = bar(range(protector.opts.search_steps), desc="coverage search", unit="step")
-    for _ in steps:
-        mid = (good + bad) / 2.0
-        ok = acceptable(mid)
-        steps.set_postfix(coverage=f"{mid:.3f}", ok=ok)
-        good, bad = (mid, bad) if ok else (good, mid)
-    protector.restore()
-    log(f"coverage search: largest accepted coverage {good:.3f} (token-exact, max logit error <= {budget})")
-    return good
+    return check

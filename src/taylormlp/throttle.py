@@ -35,7 +35,7 @@ import torch
 
 from . import series
 from .calibration import format_prompt
-from .convert import Protector, ProtectOptions, calibrate, finish, search_coverage, validate
+from .convert import Protector, ProtectOptions, calibrate, finish, largest_accepted, screened_check, search_coverage
 from .errors import TaylorMLPError
 from .progress import log
 
@@ -163,6 +163,7 @@ class SlowdownChooser:
         self.protectors: dict = {}
         self.works: dict = {}
         self.exact: dict = {}
+        self.checks: dict = {}
         self.trace: list = []
 
     def options(self, family: str, order: int) -> ProtectOptions:
@@ -187,30 +188,35 @@ class SlowdownChooser:
         self.protector(family, order)
         return self.works[(family, int(order))]
 
-    def is_exact(self, family: str, order: int, coverage: float) -> bool:
+    def _check(self, family: str, order: int):
+        key = (family, int(order))
+        if key not in self.checks:
+            self.checks[key] = screened_check(self.model, self.data.validation, self.base.batch_tokens,
+                                              self.base.error_budget, self.protector(family, order).apply, self.trace,
+                                              extra={"family": family, "order": int(order)})
+        return self.checks[key]
+
+    def is_exact(self, family: str, order: int, coverage: float, screen: bool = False) -> bool:
+        """Token-exact within the error budget on the whole validation set (screen=True: on its screen only; a full
+        answer already known is used instead)."""
         key = (family, int(order), round(coverage, 6))
+        if coverage <= 0:
+            return True
         if key not in self.exact:
-            if coverage <= 0:
-                self.exact[key] = True
-            else:
-                p = self.protector(family, order)
-                p.apply(coverage)
-                result = validate(self.model, self.data.validation, self.base.batch_tokens, budget=self.base.error_budget)
-                p.restore()
-                self.exact[key] = bool(result["exact"] and result["max_logit_error"] <= self.base.error_budget)
-                self.trace.append({"family": family, "order": int(order), "coverage": coverage,
-                                   "accepted": self.exact[key], **result})
+            self.protector(family, order)  # installs nothing, but puts back any other protector's modules
+            ok = self._check(family, order)(coverage, screen=screen)
+            self.protectors[(family, int(order))].restore()
+            if screen:
+                return ok
+            self.exact[key] = ok
         return self.exact[key]
 
     def largest_exact(self, family: str, order: int, cap: float, steps: int = 5) -> float:
-        """Largest coverage <= cap that validates token-exactly (cap itself first, then bisection below it)."""
-        if cap <= 0 or self.is_exact(family, order, cap):
-            return max(cap, 0.0)
-        good, bad = 0.0, cap
-        for _ in range(steps):
-            mid = round((good + bad) / 2.0, 6)
-            good, bad = (mid, bad) if self.is_exact(family, order, mid) else (good, mid)
-        return good
+        """Largest coverage <= cap that validates token-exactly (convert.largest_accepted: cap itself first, then a
+        screened bisection below it)."""
+        if cap <= 0:
+            return 0.0
+        return largest_accepted(lambda c, screen: self.is_exact(family, order, c, screen), cap, steps)
 
     def choose(self, target: float, line: Line, probe: Choice) -> Choice:
         want = line.predicted_for(target)
