@@ -41,12 +41,24 @@ def main() -> int:
     taylormlp = str(BIN / "taylormlp")
     rows = []
     releases = []
+    unreachable = []
+    table_json = args.results / "slowdown-table.json"
+    before = {r.get("release"): r for r in json.loads(table_json.read_text())} if table_json.is_file() else {}
     for x in args.targets:
         out = ROOT / "releases" / f"{args.source}-slowdown-{x:g}"
         start = time.perf_counter()
         if args.force or not (out / "taylormlp_manifest.json").is_file():
-            run([taylormlp, "protect", args.source, "--slowdown", f"{x:g}", "--out", str(out), "--force"])
-        elapsed = time.perf_counter() - start
+            print("+ protect --slowdown", x, flush=True)
+            done = subprocess.run([taylormlp, "protect", args.source, "--slowdown", f"{x:g}", "--out", str(out),
+                                   "--force"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            sys.stderr.write(done.stderr[-2000:])
+            if done.returncode:  # an unreachable target is a row that says why, not the end of the table
+                lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+                unreachable.append({"requested": x, "error": lines[-1] if lines else f"exit {done.returncode}"})
+                continue
+            elapsed = time.perf_counter() - start
+        else:  # a reused release keeps the protect time measured when it was made (if this table saw it)
+            elapsed = before.get(str(out.relative_to(ROOT)), {}).get("protect_seconds")
         spec = json.loads((out / "config.json").read_text())["taylormlp"]
         P = sum(r["protected"] for r in spec["layers"])
         Q = sum(r.get("pieces", r["protected"]) for r in spec["layers"])
@@ -71,23 +83,29 @@ def main() -> int:
         row["bench_measured"] = b.get("decode_ratio")
         row["bench_range"] = [b.get("decode_ratio_min"), b.get("decode_ratio_max")]
         row["bench_flops_ratio"] = b.get("flops_ratio")
-        if not args.skip_compare:
-            cmp_json = args.results / f"compare-slowdown-{row['requested']:g}.json"
+        cmp_json = args.results / f"compare-slowdown-{row['requested']:g}.json"
+        fresh = cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime
+        if not args.skip_compare and not fresh:  # a comparison newer than its release is reused
             run([taylormlp, "compare", args.source, str(out), "--prompts", args.prompts, "--json", str(cmp_json)])
+        if cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime:
             c = json.loads(cmp_json.read_text())
             row["held_out"] = f"{c['identical']}/{len(c['rows'])}"
-    (args.results / "slowdown-table.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| requested | coverage | N | pieces/channel | measured by protect | measured by bench (range) | "
-             "FLOPs ratio | release size | held-out identical |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table_json.write_text(json.dumps(rows + unreachable, indent=1))
+    lines = ["| requested | family | coverage | N | pieces/channel | measured by protect | measured by bench (range) | "
+             "FLOPs ratio | release size | held-out identical | protect time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         bm = r.get("bench_measured")
         rng = r.get("bench_range") or [None, None]
         bench_txt = f"{bm:.2f}x ({rng[0]:.2f}-{rng[1]:.2f})" if bm and rng[0] else "-"
         pieces = f"{r['pieces_per_channel']:.2f}" if r["pieces_per_channel"] else "-"
         flops = r.get("bench_flops_ratio") or r.get("protect_flops_ratio")
-        lines.append(f"| {r['requested']:g}x | {r['coverage']:.3f} | {r['order']} | {pieces} | "
+        took = f"{r['protect_seconds'] / 60:.1f} min" if r.get("protect_seconds") else "-"
+        lines.append(f"| {r['requested']:g}x | {r['family']} | {r['coverage']:.3f} | {r['order']} | {pieces} | "
                      f"{r['protect_measured']:.2f}x | {bench_txt} | {flops:.2f}x | {r['size_bytes'] / 1e6:.0f} MB | "
-                     f"{r.get('held_out', '-')} |")
+                     f"{r.get('held_out', '-')} | {took} |")
+    for r in unreachable:
+        lines.append(f"| {r['requested']:g}x | not written: {r['error']} |" + " |" * 9)
     table = "\n".join(lines)
     (args.results / "slowdown-table.md").write_text(table + "\n")
     print(table)

@@ -147,3 +147,25 @@ def test_piecewise_series_is_more_accurate_and_partitions_the_line(tiny_model):
     live = ((z >= many.edge_lo) & (z < many.edge_hi)).double()
     per_channel = torch.zeros(z.shape[0], many.protected, dtype=torch.float64).index_add_(1, many.owner, live)
     assert torch.equal(per_channel, torch.ones_like(per_channel))
+
+
+def test_split_pieces_remembered_split_gives_the_same_pieces():
+    """--slowdown refits fixed pieces at many orders: the remembered bisection must give what a fresh one gives."""
+    from taylormlp.convert import forget_splits
+
+    rng = np.random.default_rng(3)
+    lo = -rng.uniform(1, 8, 40)
+    hi = rng.uniform(1, 8, 40)
+    fresh = {}
+    for order in (6, 12, 8):
+        forget_splits()
+        fresh[order] = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8)
+    forget_splits()
+    for order in (8, 12, 6):  # the first call decides the split, the others reuse it
+        pieces, err = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8)
+        want, want_err = fresh[order]
+        assert len(pieces.owner) > len(lo)  # some channels were split
+        for name in ("owner", "lo", "hi", "coeffs", "edge_lo", "edge_hi"):
+            np.testing.assert_array_equal(getattr(pieces, name), getattr(want, name))
+        np.testing.assert_array_equal(err, want_err)
+    forget_splits()

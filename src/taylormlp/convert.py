@@ -17,6 +17,7 @@ sub-interval, Θ_{·,n,q} = W_{·,j(q)} · c_{q,n} · s_jⁿ, live on its part o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -224,9 +225,15 @@ def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: in
     """Bisect each channel's interval where the degree-`split_order` (default: N) series misses the activation by
     more than `tolerance`, worst piece first, up to max_pieces per channel; then fit degree N on every piece.
     Returns the pieces and each piece's in-interval error at degree N."""
+    final_order, order = order, (split_order or order)
+    key = (basis, act, hashlib.sha1(lo.tobytes() + hi.tobytes()).hexdigest(), order, tolerance, max_pieces)
+    if key in _SPLITS:  # the same split at another final order (--slowdown tries several N on fixed pieces)
+        owner, plo, phi = _SPLITS[key]
+        coeffs = series.series_coefficients(basis, act, plo, phi, final_order)
+        err = approximation_error(basis, act, plo, phi, coeffs)
+        return _ordered_pieces(owner, plo.copy(), phi.copy(), coeffs, err)
     owner = np.arange(len(lo))
     plo, phi = lo.copy(), hi.copy()
-    final_order, order = order, (split_order or order)
     coeffs = series.series_coefficients(basis, act, plo, phi, order)
     err = approximation_error(basis, act, plo, phi, coeffs)
     for _ in range(max_pieces - 1):
@@ -249,6 +256,24 @@ def split_pieces(basis: str, act: str, lo: np.ndarray, hi: np.ndarray, order: in
     if order != final_order:
         coeffs = series.series_coefficients(basis, act, plo, phi, final_order)
         err = approximation_error(basis, act, plo, phi, coeffs)
+    if split_order is not None:
+        _SPLITS[key] = (owner, plo.copy(), phi.copy())
+        while len(_SPLITS) > _SPLITS_KEPT:
+            _SPLITS.pop(next(iter(_SPLITS)))
+    return _ordered_pieces(owner, plo, phi, coeffs, err)
+
+
+_SPLITS: dict = {}  # split_pieces' bisections decided at a fixed split_order, most recent last
+_SPLITS_KEPT = 128  # layers' worth (a few KB to a few MB each); throttle.protect_for_slowdown clears it when done
+
+
+def forget_splits() -> None:
+    """Drop split_pieces' remembered bisections (the slowdown search is done with them)."""
+    _SPLITS.clear()
+
+
+def _ordered_pieces(owner, plo, phi, coeffs, err) -> tuple[Pieces, np.ndarray]:
+    """Pieces sorted by channel then position, each channel's outer edges open to ±inf."""
     perm = np.lexsort((plo, owner))
     owner, plo, phi, coeffs, err = owner[perm], plo[perm], phi[perm], coeffs[perm], err[perm]
     first = np.r_[True, owner[1:] != owner[:-1]]

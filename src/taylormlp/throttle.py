@@ -35,7 +35,8 @@ import torch
 
 from . import series
 from .calibration import format_prompt
-from .convert import Protector, ProtectOptions, calibrate, finish, largest_accepted, screened_check, search_coverage
+from .convert import (Protector, ProtectOptions, calibrate, finish, forget_splits, largest_accepted, screened_check,
+                      search_coverage)
 from .errors import TaylorMLPError
 from .progress import log
 
@@ -339,6 +340,7 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
         same = search + same
     for p in chooser.protectors.values():
         p.restore()
+    forget_splits()
     spec = finish(protector, choice.coverage, data, ranges, same)
     spec["slowdown"] = {"target": target, "measured": ratio, "flops_ratio": choice.predicted,
                         "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
