@@ -64,3 +64,38 @@ def test_default_release_protects_nearly_everything_token_exactly(tmp_path):
     subset = prompts[3:6] + prompts[13:16]  # three chat, three raw (not the ones the paper test uses)
     result = compare("smollm2-135m-instruct", out, subset, max_new_tokens=32)
     assert result["identical"] >= 5, json.dumps(result["rows"], indent=1)
+
+
+def test_gguf_streamed_conversion_equals_transformers_whole_model_load(tmp_path):
+    """gguf_convert dequantizes tensor by tensor; transformers' from_pretrained(gguf_file=...) loads the whole model.
+    Same tensors, bit for bit, same config and tokenizer."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from taylormlp.gguf_convert import convert_gguf
+    from taylormlp.sources import BUILTIN_MODELS
+
+    gguf = BUILTIN_MODELS["smollm2-135m-instruct"].gguf_path()
+    convert_gguf(gguf, tmp_path, shard_bytes=128 * 1024 ** 2)  # ~540 MB of float32: several shards and an index
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((tmp_path / name).is_file() for name in shards)
+    ours = {}
+    for name in shards:
+        ours.update(load_file(tmp_path / name))
+    assert set(ours) == set(index["weight_map"])
+    whole = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    theirs = whole.state_dict()
+    tied = {"lm_head.weight"} if whole.config.tie_word_embeddings else set()
+    assert set(ours) == set(theirs) - tied
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # the directory loads as it is
+    assert torch.equal(reloaded.lm_head.weight, whole.lm_head.weight)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [type(whole).__name__]
+    assert config["num_hidden_layers"] == whole.config.num_hidden_layers
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "generation_config.json").is_file()

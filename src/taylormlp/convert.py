@@ -648,8 +648,9 @@ def largest_accepted(check, cap: float, steps: int, floor: float = 0.0) -> float
     Screened, because a full validation costs ~5x a screen: `check(coverage, screen=True)` runs only the first few
     validation sequences (a necessary condition), and the bisection runs on screens alone; only its answer is
     validated in full.  If that fails, the failing sequence joins the screen (check's job: validate moves it to the
-    front, the screen grows by one) and the bisection resumes below it.  The answer is the one plain bisection with
-    full checks would give, at one full validation plus cheap screens in the usual case."""
+    front, the screen grows by one) and the bisection resumes below it.  When acceptance does fall monotonically, the
+    answer is the one plain bisection with full checks gives (tests/test_search.py), at one full validation plus
+    cheap screens in the usual case; either way the answer itself has passed a full validation."""
     n = 2 ** steps
 
     def at(k: int) -> float:

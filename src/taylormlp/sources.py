@@ -1,6 +1,6 @@
 """Where base models come from: a local Hugging Face directory, a ``.gguf`` file, or a built-in name.
 
-GGUF files are dequantized by transformers (slow: 35-80 s on two cores), so the first load caches a
+GGUF files are dequantized tensor by tensor (gguf_convert; slow: 35-80 s on two cores), so the first load caches a
 safetensors copy under ``~/.cache/taylormlp/models`` (``TAYLORMLP_CACHE`` overrides) and every later
 load reads that copy in seconds.
 """
@@ -106,8 +106,7 @@ def _cached_from_gguf(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from .gguf_convert import convert_gguf
     from .progress import status
 
     check_gguf_file(gguf)
@@ -119,20 +118,15 @@ def _cached_from_gguf(gguf: Path) -> Path:
         raise TaylorMLPError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}); set "
                              f"TAYLORMLP_CACHE to a writable directory") from exc
     try:
-        with status(f"dequantizing {gguf.name} once (cached afterwards in {target})"):
+        with status(f"dequantizing {gguf.name} once, tensor by tensor (cached afterwards in {target})"):
             try:
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                convert_gguf(gguf, tmp)
+            except (TaylorMLPError, OSError):
+                raise
             except Exception as exc:  # noqa: BLE001 - any failure to convert names the file
                 detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise TaylorMLPError(f"{gguf}: transformers cannot convert this GGUF file ({detail}); give a GGUF of a "
                                      f"supported architecture, or a Hugging Face model directory") from exc
-        # the weights are plain dequantized tensors now; drop the GGUF marker so they can be saved
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf))
         if target.exists():
             shutil.rmtree(target)
