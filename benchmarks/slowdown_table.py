@@ -43,7 +43,8 @@ def main() -> int:
     releases = []
     unreachable = []
     table_json = args.results / "slowdown-table.json"
-    before = {r.get("release"): r for r in json.loads(table_json.read_text())} if table_json.is_file() else {}
+    times_json = args.results / "slowdown-protect-seconds.json"  # written after every protect: survives a stop
+    times = json.loads(times_json.read_text()) if times_json.is_file() else {}
     for x in args.targets:
         out = ROOT / "releases" / f"{args.source}-slowdown-{x:g}"
         start = time.perf_counter()
@@ -57,8 +58,11 @@ def main() -> int:
                 unreachable.append({"requested": x, "error": lines[-1] if lines else f"exit {done.returncode}"})
                 continue
             elapsed = time.perf_counter() - start
+            times[str(out.relative_to(ROOT))] = elapsed
+            args.results.mkdir(parents=True, exist_ok=True)
+            times_json.write_text(json.dumps(times, indent=1))
         else:  # a reused release keeps the protect time measured when it was made (if this table saw it)
-            elapsed = before.get(str(out.relative_to(ROOT)), {}).get("protect_seconds")
+            elapsed = times.get(str(out.relative_to(ROOT)))
         spec = json.loads((out / "config.json").read_text())["taylormlp"]
         P = sum(r["protected"] for r in spec["layers"])
         Q = sum(r.get("pieces", r["protected"]) for r in spec["layers"])
