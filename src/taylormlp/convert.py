@@ -645,7 +645,7 @@ def largest_accepted(check, cap: float, steps: int, floor: float = 0.0) -> float
     """Largest coverage on the grid floor + k·(cap − floor)/2^steps (k = 0..2^steps; floor counts as accepted) that
     `check(coverage, screen=False)` accepts, acceptance assumed to fall as coverage grows: a bisection.
 
-    Screened, because a full validation costs ~5x a screen: `check(coverage, screen=True)` runs only the first few
+    Screened, because a full validation costs ~4x a screen: `check(coverage, screen=True)` runs only the first few
     validation sequences (a necessary condition), and the bisection runs on screens alone; only its answer is
     validated in full.  If that fails, the failing sequence joins the screen (check's job: validate moves it to the
     front, the screen grows by one) and the bisection resumes below it.  When acceptance does fall monotonically, the
