@@ -99,3 +99,23 @@ def test_slowdown_cli_range(capsys):
         main(["protect", "x", "--out", "y", "--slowdown", "20"])
     assert exc.value.code == 2
     assert "between 1.25 and 16" in capsys.readouterr().err
+
+
+def test_candidate_too_big_for_memory_is_refused_before_it_is_built(tiny_llama_dir, monkeypatch):
+    """A high target raises N until Θ outgrows the machine: a clear error names the bytes, not the OOM killer."""
+    import taylormlp.throttle as throttle
+
+    monkeypatch.setattr(throttle, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
+    with pytest.raises(TaylorMLPError, match=r"4\.0x slowdown needs N = \d+: .* GB of series coefficients .* "
+                                             r"--dtype bfloat16"):
+        _run(tiny_llama_dir, 4.0)
+    monkeypatch.setattr(throttle, "available_memory", lambda: None)  # unknown: no check, the choice goes ahead
+    _, spec, slow, _ = _run(tiny_llama_dir, 4.0)
+    assert slow["within_tolerance"] and spec["order"] > 4
+
+
+def test_available_memory_reads_this_machine():
+    from taylormlp.throttle import available_memory
+
+    value = available_memory()
+    assert value is None or value > 0

@@ -65,6 +65,17 @@ def machine_description() -> dict:
     return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo", encoding="utf-8"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3) -> float:
     """Median over interleaved runs of decode time(release) / decode time(original), on this machine."""
     from .bench import measure_decode
@@ -219,6 +230,20 @@ class SlowdownChooser:
             return 0.0
         return largest_accepted(lambda c, screen: self.is_exact(family, order, c, screen), cap, steps)
 
+    def check_memory(self, target: float, family: str, order: int, coverage: float) -> None:
+        """The candidate is built in memory to be validated and timed: refuse, before building it, one whose series
+        coefficients alone would not fit into the memory this machine has available (instead of the OOM killer)."""
+        available = available_memory()
+        if available is None:
+            return
+        dtype = getattr(self.model, "dtype", torch.float32)
+        need = self.work(family, order).theta_size(coverage) * torch.empty((), dtype=dtype).element_size()
+        if need > 0.8 * available:
+            raise TaylorMLPError(f"a {target}x slowdown needs N = {order}: {need / 1e9:.1f} GB of series coefficients "
+                                 f"({dtype}) in memory to validate and time it, and this machine has "
+                                 f"{available / 1e9:.1f} GB available; ask for less, use --dtype bfloat16 (half the "
+                                 f"bytes), or protect on a machine with more memory")
+
     def choose(self, target: float, line: Line, probe: Choice) -> Choice:
         want = line.predicted_for(target)
         if want <= probe.predicted:
@@ -266,6 +291,7 @@ class SlowdownChooser:
             lo, hi = (mid, hi) if self.work(family, mid).ratio(probe.coverage) < want else (lo, mid)
         order = hi
         coverage = probe.coverage
+        self.check_memory(target, family, order, coverage)
         if not self.is_exact(family, order, coverage):
             coverage = self.largest_exact(family, order, coverage)
         work = self.work(family, order)
