@@ -672,7 +672,7 @@ def largest_accepted(check, cap: float, steps: int, floor: float = 0.0) -> float
             good = a
             break  # everything above failed a screen, a necessary condition
         bad = a
-    return at(good) if good else floor
+    return at(good)
 
 
 def search_coverage(protector: Protector, data: CalibrationData, trace: list) -> float:

@@ -47,22 +47,22 @@ def convert_gguf(gguf: Path, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
     expected = set(skeleton.state_dict())
     tied = {name for name in expected if _is_tied(skeleton, name)}
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
     size = 0
     files: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
 
     def flush() -> None:
-        nonlocal size
-        if not shards[-1]:
+        nonlocal shard, size
+        if not shard:
             return
         name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], out / name, metadata={"format": "pt"})
+        save_file(shard, out / name, metadata={"format": "pt"})
         files.append(name)
-        for key in shards[-1]:
+        for key in shard:
             weight_map[key] = name
-        shards[-1], size = {}, 0
+        shard, size = {}, 0
 
     for tensor in bar(reader.tensors, desc="dequantizing GGUF", unit="tensor"):
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
@@ -70,7 +70,7 @@ def convert_gguf(gguf: Path, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
         if result.name not in names:
             continue
         value = torch.from_numpy(np.array(result.weights, dtype=np.float32))  # a writable float32 copy
-        shards[-1][names[result.name]] = value
+        shard[names[result.name]] = value
         size += value.numel() * 4
         total += value.numel() * 4
         if size >= shard_bytes:

@@ -215,9 +215,8 @@ class SlowdownChooser:
         if coverage <= 0:
             return True
         if key not in self.exact:
-            self.protector(family, order)  # installs nothing, but puts back any other protector's modules
-            ok = self._check(family, order)(coverage, screen=screen)
-            self.protectors[(family, int(order))].restore()
+            ok = self._check(family, order)(coverage, screen=screen)  # installs this protector's candidate
+            self.protector(family, order).restore()
             if screen:
                 return ok
             self.exact[key] = ok
