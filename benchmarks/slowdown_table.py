@@ -5,8 +5,10 @@ the original on the held-out prompts.
     .venv/bin/python benchmarks/slowdown_table.py --targets 1.25 1.5 2 3 4 8 16
     .venv/bin/python benchmarks/slowdown_table.py --targets 1.5 8          # the acceptance pair
 
-Writes results/slowdown-table.{json,md} and results/slowdown.png (measured against requested).  Releases go
-under releases/ (reused when present unless --force).
+Writes results/slowdown-table.{json,md} and results/slowdown.png (measured against requested), bench runs as
+results/bench-slowdown*.json, held-out comparisons as results/compare-slowdown-<X>.json.  Releases go under
+releases/; a release, its bench and its comparison are reused when present and newer than the release (--force:
+everything again).
 """
 
 from __future__ import annotations
@@ -25,6 +27,54 @@ BIN = Path(sys.executable).parent
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def available_memory() -> int:
+    for line in open("/proc/meminfo", encoding="utf-8"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def release_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def bench_rows(results: Path) -> dict:
+    """Release path -> (bench row, when measured) from every results/bench-slowdown*.json (the newest wins)."""
+    rows = {}
+    for path in sorted(results.glob("bench-slowdown*.json"), key=lambda f: f.stat().st_mtime):
+        for r in json.loads(path.read_text()).get("models", []):
+            if r.get("kind") == "release" and r.get("path"):
+                rows[str(Path(r["path"]).resolve())] = (r, path.stat().st_mtime)
+    return rows
+
+
+def bench_releases(taylormlp: str, args, releases: list[Path]) -> dict:
+    """`taylormlp bench` (each release interleaved with the original in one run) for the releases without a bench
+    newer than themselves (all with --force).  bench holds the original and its releases in memory together, so
+    releases are benched in groups that fit into 80% of the available memory (a 16x SmolLM2 release alone is
+    ~18 GB); each group's run is kept as results/bench-slowdown-<targets>.json."""
+    known = bench_rows(args.results)
+    todo = [out for out in releases if args.force or str(out.resolve()) not in known
+            or known[str(out.resolve())][1] <= (out / "config.json").stat().st_mtime]
+    original = min(release_bytes(out) for out in releases) if releases else 0  # no release is smaller
+    budget = 0.8 * available_memory() - original
+    groups, group, used = [], [], 0
+    for out in todo:
+        size = release_bytes(out)
+        if group and used + size > budget:
+            groups.append(group)
+            group, used = [], 0
+        group.append(out)
+        used += size
+    if group:
+        groups.append(group)
+    for group in groups:
+        name = "-".join(out.name.rsplit("-", 1)[-1] for out in group)
+        run([taylormlp, "bench", args.source, *map(str, group), "--tokens", str(args.tokens), "--repeats",
+             str(args.repeats), "--json", str(args.results / f"bench-slowdown-{name}.json")])
+    return {path: row for path, (row, _) in bench_rows(args.results).items()}
 
 
 def main() -> int:
@@ -79,14 +129,7 @@ def main() -> int:
                      "protect_seconds": elapsed, "machine": spec["slowdown"].get("machine")})
         releases.append(out)
     args.results.mkdir(parents=True, exist_ok=True)
-    bench_json = args.results / "bench-slowdown.json"
-    run([taylormlp, "bench", args.source, *map(str, releases), "--tokens", str(args.tokens), "--repeats",
-         str(args.repeats), "--json", str(bench_json)])
-    bench = json.loads(bench_json.read_text())
-    by_path = {}
-    for r in bench.get("rows", bench.get("models", [])) if isinstance(bench, dict) else bench:
-        if isinstance(r, dict) and r.get("path"):
-            by_path[str(Path(r["path"]).resolve())] = r
+    by_path = bench_releases(taylormlp, args, releases)
     for row, out in zip(rows, releases):
         b = by_path.get(str(out.resolve()), {})
         row["bench_measured"] = b.get("decode_ratio")

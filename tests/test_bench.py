@@ -12,6 +12,7 @@ import torch
 from taylormlp import bench  # noqa: E402
 from taylormlp.calibration import collect_ranges  # noqa: E402
 from taylormlp.convert import Protector, ProtectOptions  # noqa: E402
+from taylormlp.errors import TaylorMLPError  # noqa: E402
 from taylormlp.runtime import TaylorMLP  # noqa: E402
 
 
@@ -194,3 +195,17 @@ def test_run_bench_end_to_end(tiny_llama_dir, tiny_release, tmp_path, capsys):
     assert json.loads((tmp_path / "b.json").read_text())["models"][1]["name"] == tiny_release.name
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "slowdown" in capsys.readouterr().out
+
+
+def test_bench_refuses_releases_that_do_not_fit_in_memory_together(tiny_llama_dir, tiny_release, monkeypatch):
+    """bench keeps every release in memory at once: too many bytes for this machine is a clear error before any
+    loading, naming the sizes and the way out (fewer releases per run)."""
+    import taylormlp.stream as stream
+
+    size = sum(f.stat().st_size for f in tiny_release.glob("*.safetensors"))
+    monkeypatch.setattr(stream, "available_memory", lambda: int(1.5 * size))
+    bench.check_bench_memory([tiny_release])  # one fits
+    with pytest.raises(TaylorMLPError, match=r"2 releases hold .* GB .* Bench fewer releases per run"):
+        bench.run_bench(tiny_llama_dir, [tiny_release, tiny_release], tokens=1, repeats=1, memory=False)
+    monkeypatch.setattr(stream, "available_memory", lambda: None)  # unknown: no check
+    bench.check_bench_memory([tiny_release] * 3)

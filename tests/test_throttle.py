@@ -3,6 +3,7 @@
 The injected measurement is the predicted FLOPs ratio itself times a fixed machine factor, so the choice can be
 checked exactly: monotone in X, within tolerance, and with the largest coverage among exact candidates."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,17 +102,59 @@ def test_slowdown_cli_range(capsys):
     assert "between 1.25 and 16" in capsys.readouterr().err
 
 
-def test_candidate_too_big_for_memory_is_refused_before_it_is_built(tiny_llama_dir, monkeypatch):
-    """A high target raises N until Θ outgrows the machine: a clear error names the bytes, not the OOM killer."""
+def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_dir, monkeypatch, tmp_path):
+    """A high target raises N until Θ outgrows the machine (16x on SmolLM2: ~18 GB on a 23 GB machine): such a
+    candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
+    written release are the same as when everything fits."""
     import taylormlp.throttle as throttle
+    from taylormlp.convert import CandidateMLP
+    from taylormlp.release import load_release, save_release
 
     monkeypatch.setattr(throttle, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
-    with pytest.raises(TaylorMLPError, match=r"4\.0x slowdown needs N = \d+: .* GB of series coefficients .* "
-                                             r"--dtype bfloat16"):
-        _run(tiny_llama_dir, 4.0)
-    monkeypatch.setattr(throttle, "available_memory", lambda: None)  # unknown: no check, the choice goes ahead
-    _, spec, slow, _ = _run(tiny_llama_dir, 4.0)
-    assert slow["within_tolerance"] and spec["order"] > 4
+    model, spec, slow, _ = _run(tiny_llama_dir, 4.0)
+    whole_model, whole_spec, whole_slow, _ = choices[4.0]
+    assert (spec["coverage"], spec["order"]) == (whole_spec["coverage"], whole_spec["order"]) and spec["order"] > 4
+    assert slow["held_in_memory"] is False and whole_slow["held_in_memory"] is True
+    assert slow["within_tolerance"] and spec["validation"]["exact"]
+    assert all(isinstance(layer.mlp, CandidateMLP) for layer in model.model.layers)  # nothing built is kept
+    lean = load_release(save_release(model, tmp_path / "lean"))
+    whole = load_release(save_release(whole_model, tmp_path / "whole"))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(lean(ids).logits, whole(ids).logits)
+
+
+def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
+    """measure_ratio on a few layers, scaled by their share of the extra work, gives the ratio of all layers on a
+    machine whose decode time is a sum over layers (here: 1 + extra MACs of the installed TaylorMLPs)."""
+    from taylormlp.bench import flops_per_token
+    from taylormlp.convert import calibrate
+    from taylormlp.throttle import measure_ratio, timed_layers
+
+    model, tok, _ = load_base(tiny_llama_dir)
+    base = ProtectOptions(preset="default", order=4, **FAST).resolved()
+    data, ranges = calibrate(model, tok, None, base, True)
+    protector = SlowdownChooser(model, ranges, data, base, flops_per_token(model)).protector("pieces", 9)
+    values, extra = protector.layer_work(1.0)
+    installed = []
+
+    def timer(m):
+        taylor = [i for i, layer in enumerate(m.model.layers) if type(layer.mlp).__name__ == "TaylorMLP"]
+        installed.append(len(taylor))
+        return 1.0 + 1e-6 * float(extra[taylor].sum())
+
+    element = torch.empty((), dtype=protector.dtype).element_size()
+    full, info = measure_ratio(protector, 1.0, None, budget=None, timer=timer)
+    assert info["layers_timed"] == info["layers"] == len(model.model.layers) and "timed_ratio" not in info
+    budget = 0.6 * float(values.max()) * element  # room for less than one layer: still one is timed
+    part, info = measure_ratio(protector, 1.0, None, budget=budget, timer=timer)
+    assert info["layers_timed"] == 1 < info["layers"] and max(installed[-8:]) == 1
+    assert info["timed_ratio"] < part and part == pytest.approx(full, rel=1e-12)
+    assert full == pytest.approx(1.0 + 1e-6 * float(extra.sum()), rel=1e-12)
+    assert all(type(layer.mlp).__name__ != "TaylorMLP" for layer in model.model.layers)  # restored
+    bytes_ = np.array([5, 5, 5, 5, 5, 5, 5, 5])
+    assert timed_layers(bytes_, None) == list(range(8)) == timed_layers(bytes_, 40)
+    assert timed_layers(bytes_, 20) == [0, 2, 5, 7] and timed_layers(bytes_, 1) == [0]
 
 
 def test_available_memory_reads_this_machine():

@@ -394,6 +394,21 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return [str(p) if names.count(n) > 1 or n == ORIGINAL else n for n, p in zip(names, paths)]
 
 
+def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
+    """bench holds the original and every release in memory at once: refuse, before loading anything, releases
+    whose weights together exceed `share` of the available memory (a 16x SmolLM2 release alone is ~18 GB)."""
+    from .stream import available_memory
+
+    available = available_memory()
+    sizes = [sum(f.stat().st_size for f in Path(r).glob("*.safetensors")) for r in releases]
+    if available is None or sum(sizes) <= share * available:
+        return
+    biggest = max(range(len(sizes)), key=sizes.__getitem__)
+    raise TaylorMLPError(f"these {len(releases)} releases hold {sum(sizes) / 1e9:.1f} GB of weights and bench keeps "
+                         f"them all in memory at once; this machine has {available / 1e9:.1f} GB available. Bench "
+                         f"fewer releases per run (the largest, {releases[biggest]}, is {sizes[biggest] / 1e9:.1f} GB)")
+
+
 def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
               memory: bool = True) -> dict:
     from .release import load_release, release_size
@@ -405,6 +420,7 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     releases = [Path(r) for r in releases]
     if not releases:
         raise TaylorMLPError("give at least one release directory to compare with the original")
+    check_bench_memory(releases)
     with status(f"loading original {source}"):
         base, tokenizer, base_dir = load_base(source)
     models = {ORIGINAL: base}

@@ -515,6 +515,16 @@ class Protector:
             pieces.lo[q], pieces.hi[q] = pmid - half, pmid + half
         return LayerPlan(pieces, score, signs, int(w.W.shape[0]), w.b is not None, w.c is not None)
 
+    def layer_work(self, coverage: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer, for `coverage`: (Θ values, extra multiply-adds per token over the original MLP).  A protected
+        channel j with q_j pieces holds d·(N+1)·q_j values of Θ and adds d·((N+1)·q_j − 1) MACs (throttle.py)."""
+        values, extra = [], []
+        for plan, mask in zip(self.plans, self.masks(coverage)):
+            q = np.bincount(plan.pieces.owner, minlength=len(plan.score))[mask]
+            values.append(plan.hidden * (self.opts.order + 1) * int(q.sum()))
+            extra.append(plan.hidden * int(((self.opts.order + 1) * q - 1).sum()))
+        return np.array(values, dtype=np.int64), np.array(extra, dtype=np.int64)
+
     def masks(self, coverage: float) -> list[np.ndarray]:
         k = int(round(coverage * self.total))
         chosen = np.zeros(self.total, dtype=bool)
@@ -526,14 +536,17 @@ class Protector:
         return build_taylor_mlp(self.weights(i), self.arch["family"], self.act, plan.pieces, mask, plan.signs,
                                 self.opts.order, self.opts.basis, self.dtype)
 
-    def apply(self, coverage: float, materialize: bool | None = None) -> list[np.ndarray]:
+    def apply(self, coverage: float, materialize: bool | None = None, only=None) -> list[np.ndarray]:
         """Install `coverage`'s MLPs: real TaylorMLP modules (materialize=True, the default for a model in memory),
-        or candidates that build each layer's module when it runs and drop it after (the default when streamed)."""
+        or candidates that build each layer's module when it runs and drop it after (the default when streamed).
+        `only`: the layer indices to install (the others keep their original MLP); default all."""
         materialize = not self.streamed if materialize is None else materialize
         masks = self.masks(coverage)
         for i, (layer, mask) in enumerate(zip(self.layers, masks)):
             device = _module_device(self.originals[i])
-            if materialize:
+            if only is not None and i not in only:
+                layer.mlp = self.originals[i]
+            elif materialize:
                 layer.mlp = self.build(i, mask).to(device)
             else:
                 layer.mlp = CandidateMLP(self, i, mask, keep=False)

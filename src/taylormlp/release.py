@@ -60,9 +60,15 @@ def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str 
     spec = getattr(model.config, "taylormlp", None)
     if spec is None:
         raise TaylorMLPError("this model has not been protected: call taylormlp.protect(model, ...) first")
+    from .convert import CandidateMLP
+
     layers = runtime.decoder_layers(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return save_streamed_release(out, model.config, ModelTensors(model), lambda i: layers[i].mlp, dtype, tokenizer,
+    def build_mlp(i: int):  # a candidate (a layer too big to keep, see convert.CandidateMLP) is built here
+        mlp = layers[i].mlp
+        return mlp.build() if isinstance(mlp, CandidateMLP) else mlp
+
+    return save_streamed_release(out, model.config, ModelTensors(model), build_mlp, dtype, tokenizer,
                                  force=force, card=card or model_card(spec), generation_config=model.generation_config)
 
 

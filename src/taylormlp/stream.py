@@ -302,6 +302,17 @@ def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) ->
     return model, source
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo", encoding="utf-8"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def release_memory() -> None:
     """Hand freed heap back to the OS after a layer (glibc keeps large freed blocks otherwise, and peak RSS then
     creeps up layer after layer).  Tensors are freed by reference counting the moment their last name goes; no

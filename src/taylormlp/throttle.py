@@ -21,6 +21,11 @@ Choice, for a target X in [1.25, 16]:
   smallest N predicted to reach X;
 * the choice is measured; if it misses X by more than 10%, the line is refitted with that measurement and the
   choice made again (at most `rounds` measurements in all).
+
+The high end is memory: decode slowdown follows bytes of Θ read per token (16x on SmolLM2 is ~18 GB of float32 Θ).
+A candidate whose Θ exceeds MEMORY_SHARE of the available memory is never held whole: it is validated layer by
+layer (convert.CandidateMLP builds each layer's TaylorMLP when it runs and drops it), timed on evenly spaced layers
+with the rest original and scaled by their share of the extra work (measure_ratio), and written layer by layer.
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ from .convert import (Protector, ProtectOptions, calibrate, finish, forget_split
                       search_coverage)
 from .errors import TaylorMLPError
 from .progress import log
+from .stream import available_memory
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 SLOWDOWN_RANGE = (1.25, 16.0)
 TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
+MEMORY_SHARE = 0.5  # a candidate whose Θ exceeds this share of the available memory is never held whole
 
 
 def _prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
@@ -65,35 +72,63 @@ def machine_description() -> dict:
     return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
-    try:
-        for line in open("/proc/meminfo", encoding="utf-8"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def memory_budget() -> float | None:
+    """Bytes a candidate's Θ may take while the slowdown search holds it whole (None: no limit known)."""
+    available = available_memory()
+    return None if available is None else MEMORY_SHARE * available
 
 
-def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3) -> float:
-    """Median over interleaved runs of decode time(release) / decode time(original), on this machine."""
-    from .bench import measure_decode
+def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
+    """The layers whose candidate MLPs are timed: all of them when their Θ fits into `budget` bytes, else the most
+    evenly spaced layers that do (at least one)."""
+    n = len(theta_bytes)
+    if budget is None or theta_bytes.sum() <= budget:
+        return list(range(n))
+    k = max(1, int(n * budget / theta_bytes.sum()))
+    while True:
+        layers = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+        if k == 1 or theta_bytes[layers].sum() <= budget:
+            return layers
+        k -= 1
 
-    protector.apply(coverage)
+
+def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3,
+                  budget: float | None = None, timer=None) -> tuple[float, dict]:
+    """Median over interleaved runs of decode time(release) / decode time(original), on this machine.
+
+    A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
+    their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
+    ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (decode time is a sum over
+    layers).  Returns (ratio, details: layers timed, and the ratio actually timed when it was scaled)."""
+    if timer is None:
+        from .bench import measure_decode
+
+        def timer(model):
+            return measure_decode(model, input_ids, new_tokens)["decode_s"]
+
+    values, extra = protector.layer_work(coverage)
+    element = torch.empty((), dtype=protector.dtype).element_size()
+    layers = timed_layers(values * element, budget)
+    protector.apply(coverage, materialize=True, only=set(layers))
     taylor = [layer.mlp for layer in protector.layers]
     ratios = []
     with torch.no_grad():
         for rep in range(repeats + 1):  # the first round is a warm-up
             protector.restore()
-            t_orig = measure_decode(protector.model, input_ids, new_tokens)["decode_s"]
+            t_orig = timer(protector.model)
             for layer, mlp in zip(protector.layers, taylor):
                 layer.mlp = mlp
-            t_prot = measure_decode(protector.model, input_ids, new_tokens)["decode_s"]
+            t_prot = timer(protector.model)
             if rep:
                 ratios.append(t_prot / t_orig)
     protector.restore()
-    return statistics.median(ratios)
+    del taylor
+    timed = statistics.median(ratios)
+    details = {"layers_timed": len(layers), "layers": len(values)}
+    if len(layers) == len(values) or extra[layers].sum() == 0:
+        return timed, details
+    scale = float(extra.sum() / extra[layers].sum())
+    return 1.0 + (timed - 1.0) * scale, {**details, "timed_ratio": timed, "scale": scale}
 
 
 # ---------------------------------------------------------------- the predictor
@@ -203,8 +238,13 @@ class SlowdownChooser:
     def _check(self, family: str, order: int):
         key = (family, int(order))
         if key not in self.checks:
+            protector = self.protector(family, order)
+
+            def install(coverage: float):
+                return protector.apply(coverage, materialize=self.in_memory(family, order, coverage))
+
             self.checks[key] = screened_check(self.model, self.data.validation, self.base.batch_tokens,
-                                              self.base.error_budget, self.protector(family, order).apply, self.trace,
+                                              self.base.error_budget, install, self.trace,
                                               extra={"family": family, "order": int(order)})
         return self.checks[key]
 
@@ -229,19 +269,16 @@ class SlowdownChooser:
             return 0.0
         return largest_accepted(lambda c, screen: self.is_exact(family, order, c, screen), cap, steps)
 
-    def check_memory(self, target: float, family: str, order: int, coverage: float) -> None:
-        """The candidate is built in memory to be validated and timed: refuse, before building it, one whose series
-        coefficients alone would not fit into the memory this machine has available (instead of the OOM killer)."""
-        available = available_memory()
-        if available is None:
-            return
-        dtype = getattr(self.model, "dtype", torch.float32)
-        need = self.work(family, order).theta_size(coverage) * torch.empty((), dtype=dtype).element_size()
-        if need > 0.8 * available:
-            raise TaylorMLPError(f"a {target}x slowdown needs N = {order}: {need / 1e9:.1f} GB of series coefficients "
-                                 f"({dtype}) in memory to validate and time it, and this machine has "
-                                 f"{available / 1e9:.1f} GB available; ask for less, use --dtype bfloat16 (half the "
-                                 f"bytes), or protect on a machine with more memory")
+    def theta_bytes(self, family: str, order: int, coverage: float) -> int:
+        element = torch.empty((), dtype=getattr(self.model, "dtype", torch.float32)).element_size()
+        return self.work(family, order).theta_size(coverage) * element
+
+    def in_memory(self, family: str, order: int, coverage: float) -> bool:
+        """Whether a candidate may be held whole (its Θ within MEMORY_SHARE of the available memory).  One that may
+        not is validated layer by layer (each layer's TaylorMLP built when it runs, then dropped), timed on a subset
+        of its layers (measure_ratio) and written layer by layer: the search never holds it whole."""
+        budget = memory_budget()
+        return budget is None or self.theta_bytes(family, order, coverage) <= budget
 
     def choose(self, target: float, line: Line, probe: Choice) -> Choice:
         want = line.predicted_for(target)
@@ -290,7 +327,6 @@ class SlowdownChooser:
             lo, hi = (mid, hi) if self.work(family, mid).ratio(probe.coverage) < want else (lo, mid)
         order = hi
         coverage = probe.coverage
-        self.check_memory(target, family, order, coverage)
         if not self.is_exact(family, order, coverage):
             coverage = self.largest_exact(family, order, coverage)
         work = self.work(family, order)
@@ -311,11 +347,14 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     data, ranges = calibrate(model, tokenizer, texts, base, chat)
     if not data.validation:
         raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
+    details: dict = {}
     if measure is None:
         ids = _prompt_ids(tokenizer, chat)
 
         def measure(protector, coverage):
-            return measure_ratio(protector, coverage, ids)
+            ratio, info = measure_ratio(protector, coverage, ids, budget=memory_budget())
+            details.update(info)
+            return ratio
 
     base_flops = flops_per_token(model)
     chooser = SlowdownChooser(model, ranges, data, base, base_flops)
@@ -323,12 +362,15 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     measurements = []
 
     def measured(choice: Choice) -> float:
+        details.clear()
         ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage)
         line.add(choice.predicted, ratio)
         measurements.append({"family": choice.family, "order": choice.order, "coverage": choice.coverage,
-                             "flops_ratio": choice.predicted, "measured": ratio})
+                             "flops_ratio": choice.predicted, "measured": ratio, **details})
+        scaled = (f" (timed on {details['layers_timed']} of {details['layers']} layers: {details['timed_ratio']:.2f}x, "
+                  f"scaled by their share of the extra work)" if "timed_ratio" in details else "")
         log(f"{choice.family} N={choice.order} coverage {choice.coverage:.3f}: FLOPs {choice.predicted:.2f}x, "
-            f"measured {ratio:.2f}x")
+            f"measured {ratio:.2f}x{scaled}")
         return ratio
 
     # the probe: the preset at its largest exact coverage (the same search a plain protect runs)
@@ -366,10 +408,16 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     for p in chooser.protectors.values():
         p.restore()
     forget_splits()
-    spec = finish(protector, choice.coverage, data, ranges, same)
+    whole = chooser.in_memory(choice.family, choice.order, choice.coverage)
+    if not whole:
+        need, available = chooser.theta_bytes(choice.family, choice.order, choice.coverage), available_memory() or 0
+        log(f"the chosen series coefficients take {need / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
+            f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
+            f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
+    spec = finish(protector, choice.coverage, data, ranges, same, materialize=whole)
     spec["slowdown"] = {"target": target, "measured": ratio, "flops_ratio": choice.predicted,
                         "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
-                        "machine": machine_description(), "measurements": measurements,
+                        "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
                         "validations": chooser.trace}
     model.config.taylormlp = spec
     return spec, spec["slowdown"]
