@@ -174,7 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator
 
     rows = [r for r in rows if "protect_measured" in r]
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     xs = [r["requested"] for r in rows]
     ax.plot(xs, xs, "k--", lw=1, label="requested")
     ax.fill_between(xs, [x * 0.9 for x in xs], [x * 1.1 for x in xs], color="0.9", label="±10%")
@@ -185,7 +185,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for axis in (ax.xaxis, ax.yaxis):  # after set_scale, which resets the locators
         axis.set_major_locator(FixedLocator(xs))
         axis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{x:g}x" for x in xs])
+    ax.set_xticklabels([f"{x:g}x" for x in xs], rotation=45)
     ax.set_yticklabels([f"{x:g}x" for x in xs])
     ax.set_xlabel("requested slowdown")
     ax.set_ylabel("decode latency ratio against the original")
