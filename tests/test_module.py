@@ -169,3 +169,42 @@ def test_split_pieces_remembered_split_gives_the_same_pieces():
             np.testing.assert_array_equal(getattr(pieces, name), getattr(want, name))
         np.testing.assert_array_equal(err, want_err)
     forget_splits()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(basis=st.sampled_from(["taylor", "chebyshev"]), family=st.sampled_from(["gated", "plain"]),
+       order=st.integers(0, 12), channels=st.integers(1, 6), extra_pieces=st.integers(0, 5),
+       tokens=st.integers(1, 5), scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_in_place_features_are_bit_identical_to_the_formulas(basis, family, order, channels, extra_pieces, tokens,
+                                                             scale, seed, dtype):
+    """TaylorMLP.features (one preallocated tensor filled in place, used without autograd) equals
+    features_differentiable (the formulas out of place) bit for bit: inside and outside the intervals (scale 30
+    sends most t past ±1), one or several pieces per channel, every order, NaN inputs included."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, pieces = 4, channels + extra_pieces
+    mlp = runtime.TaylorMLP(family, hidden, channels, 0, order, basis, "silu", pieces=pieces).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+        mlp.h.abs_().add_(0.1)
+        if pieces > channels:
+            mlp.owner.copy_(torch.cat([torch.arange(channels), torch.randint(0, channels, (extra_pieces,),
+                                                                             generator=g)]))
+            cuts = torch.randn(pieces, 2, generator=g, dtype=dtype).sort(-1).values
+            mlp.edge_lo.copy_(cuts[:, 0])
+            mlp.edge_hi.copy_(cuts[:, 1])
+    x = torch.randn(2, tokens, hidden, generator=g, dtype=dtype) * scale
+    x[0, 0, 0] = float("nan")
+    with torch.no_grad():
+        fast = mlp.features(x)
+        reference = mlp.features_differentiable(x)
+    assert fast.dtype == reference.dtype and fast.shape == reference.shape
+    assert torch.equal(torch.nan_to_num(fast, nan=7.0), torch.nan_to_num(reference, nan=7.0))
+    x.requires_grad_(True)  # with autograd recording, the differentiable form runs and gradients reach x
+    mlp(x).nan_to_num().sum().backward()
+    assert x.grad is not None

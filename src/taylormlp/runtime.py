@@ -167,14 +167,62 @@ class TaylorMLP(nn.Module):
         return (f"family={self.family}, protected={self.protected}, pieces={self.pieces}, order={self.order}, "
                 f"basis={self.basis}")
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider."""
+    def coordinates(self, x: torch.Tensor):
+        """Per piece: t_c = t clamped to [-1, 1] with t = (z − z0)/h, the excess t − t_c (zero inside the calibrated
+        interval), u (gated) and which pieces are live (None: one piece per channel); float32 or wider."""
         z, u, active = piece_inputs(self, x)
-        work = z.dtype
-        t = (z - self.z0.to(work)) / self.h.to(work)
+        t = (z - self.z0.to(z.dtype)) / self.h.to(z.dtype)
         t = torch.nan_to_num(t, nan=0.0)  # a NaN input must not poison the series
         tc = t.clamp(-1.0, 1.0)
-        excess = t - tc  # zero inside the calibrated interval
+        return tc, t - tc, u, active
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider.
+
+        Written order by order into one preallocated [..., N+1, P] tensor, each step the same floating-point
+        operations as features_differentiable (φ_n, then φ_n + φ_n'(t_c)·excess outside the interval, then ⊙ live,
+        ⊙ u), so the values are bit-identical to it at a third of its memory traffic: a prefill or validation of
+        many tokens at high N spends its time here.  With autograd recording, the out-of-place form runs."""
+        inputs = [x, self.gate.weight, self.z0, self.h] + ([self.up.weight] if self.up is not None else [])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return self.features_differentiable(x)
+        tc, excess, u, active = self.coordinates(x)
+        work = tc.dtype
+        outside = bool((excess != 0).any())
+        N = self.order
+        basis = torch.empty(*tc.shape[:-1], N + 1, tc.shape[-1], dtype=work, device=tc.device)
+        phi = basis.unbind(-2)  # views: φ_n is written in place
+        phi[0].fill_(1.0)
+        if N >= 1:
+            phi[1].copy_(tc)
+        if self.basis == "taylor":  # φ_n = tⁿ built term by term
+            for n in range(2, N + 1):
+                torch.mul(phi[n - 1], tc, out=phi[n])
+        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
+            two_t = 2.0 * tc
+            for n in range(2, N + 1):
+                torch.mul(two_t, phi[n - 1], out=phi[n])
+                phi[n].sub_(phi[n - 2])
+        if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(t_c)·excess
+            if self.basis == "taylor":  # φ_n' = n tⁿ⁻¹ (φ_n' of φ_{n-1}, read before φ_{n-1} is changed)
+                for n in range(N, 0, -1):
+                    phi[n].add_((n * phi[n - 1]) * excess)
+            else:  # T_n'(±1) = (±1)ⁿ⁺¹ n²
+                sign = torch.where(tc >= 0, 1.0, -1.0).to(work)
+                for n in range(1, N + 1):
+                    phi[n].add_((sign ** (n + 1) * float(n * n)) * excess)
+            # φ_0' = 0: φ_0 stays 1
+        if active is not None:
+            basis.mul_(active.to(work).unsqueeze(-2))
+        if u is not None:
+            basis.mul_(u.unsqueeze(-2))
+        return basis.flatten(-2)
+
+    def features_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """features() out of place, as the formulas read: what autograd runs through (fine-tuning attacks, gradients
+        to the input), and the reference the in-place form is tested against bit for bit."""
+        tc, excess, u, active = self.coordinates(x)
+        work = tc.dtype
         outside = excess != 0
         N = self.order
         phi = [torch.ones_like(tc)]
