@@ -64,6 +64,7 @@ def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str 
 
     layers = runtime.decoder_layers(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
     def build_mlp(i: int):  # a candidate (a layer too big to keep, see convert.CandidateMLP) is built here
         mlp = layers[i].mlp
         return mlp.build() if isinstance(mlp, CandidateMLP) else mlp
