@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from taylormlp.bench import weight_bytes
+from taylormlp.stream import available_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -27,17 +30,6 @@ BIN = Path(sys.executable).parent
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-
-
-def available_memory() -> int:
-    for line in open("/proc/meminfo", encoding="utf-8"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def release_bytes(out: Path) -> int:
-    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
 def bench_rows(results: Path) -> dict:
@@ -58,11 +50,11 @@ def bench_releases(taylormlp: str, args, releases: list[Path]) -> dict:
     known = bench_rows(args.results)
     todo = [out for out in releases if args.force or str(out.resolve()) not in known
             or known[str(out.resolve())][1] <= (out / "config.json").stat().st_mtime]
-    original = min(release_bytes(out) for out in releases) if releases else 0  # no release is smaller
-    budget = 0.8 * available_memory() - original
+    original = min(weight_bytes(out) for out in releases) if releases else 0  # no release is smaller
+    budget = 0.8 * (available_memory() or 0) - original
     groups, group, used = [], [], 0
     for out in todo:
-        size = release_bytes(out)
+        size = weight_bytes(out)
         if group and used + size > budget:
             groups.append(group)
             group, used = [], 0

@@ -394,13 +394,18 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return [str(p) if names.count(n) > 1 or n == ORIGINAL else n for n, p in zip(names, paths)]
 
 
+def weight_bytes(directory) -> int:
+    """Bytes of a release's (or model directory's) safetensors weights: what loading it puts in memory."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
 def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
     """bench holds the original and every release in memory at once: refuse, before loading anything, releases
     whose weights together exceed `share` of the available memory (a 16x SmolLM2 release alone is ~18 GB)."""
     from .stream import available_memory
 
     available = available_memory()
-    sizes = [sum(f.stat().st_size for f in Path(r).glob("*.safetensors")) for r in releases]
+    sizes = [weight_bytes(r) for r in releases]
     if available is None or sum(sizes) <= share * available:
         return
     biggest = max(range(len(sizes)), key=sizes.__getitem__)

@@ -107,8 +107,7 @@ def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: 
             return measure_decode(model, input_ids, new_tokens)["decode_s"]
 
     values, extra = protector.layer_work(coverage)
-    element = torch.empty((), dtype=protector.dtype).element_size()
-    layers = timed_layers(values * element, budget)
+    layers = timed_layers(values * protector.dtype.itemsize, budget)
     protector.apply(coverage, materialize=True, only=set(layers))
     taylor = [layer.mlp for layer in protector.layers]
     ratios = []
@@ -270,8 +269,7 @@ class SlowdownChooser:
         return largest_accepted(lambda c, screen: self.is_exact(family, order, c, screen), cap, steps)
 
     def theta_bytes(self, family: str, order: int, coverage: float) -> int:
-        element = torch.empty((), dtype=getattr(self.model, "dtype", torch.float32)).element_size()
-        return self.work(family, order).theta_size(coverage) * element
+        return self.work(family, order).theta_size(coverage) * getattr(self.model, "dtype", torch.float32).itemsize
 
     def in_memory(self, family: str, order: int, coverage: float) -> bool:
         """Whether a candidate may be held whole (its Θ within MEMORY_SHARE of the available memory).  One that may
