@@ -43,7 +43,7 @@ from .calibration import format_prompt
 from .convert import (Protector, ProtectOptions, calibrate, finish, forget_splits, largest_accepted, screened_check,
                       search_coverage)
 from .errors import TaylorMLPError
-from .progress import log
+from .progress import log, status
 from .stream import available_memory
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
@@ -254,7 +254,10 @@ class SlowdownChooser:
         if coverage <= 0:
             return True
         if key not in self.exact:
-            ok = self._check(family, order)(coverage, screen=screen)  # installs this protector's candidate
+            how = "held whole" if self.in_memory(family, order, coverage) else "layer by layer"
+            with status(f"validating {family} N={order} coverage {coverage:.3f} on the "
+                        f"{'screen' if screen else 'whole validation set'}, {how}"):
+                ok = self._check(family, order)(coverage, screen=screen)  # installs this protector's candidate
             self.protector(family, order).restore()
             if screen:
                 return ok
