@@ -76,14 +76,69 @@ def test_small_target_keeps_the_largest_exact_coverage(choices, tiny_llama_dir):
     data, ranges = calibrate(fresh, tok, None, base, True)
     chooser = SlowdownChooser(fresh, ranges, data, base, flops_per_token(fresh))
     want = 1.0 + (1.25 - 1.0) / FACTOR  # what this fake machine needs in FLOPs
-    checked = 0
+    caps = {}
     for family, order in (("pieces", 4), ("one-piece", 4), ("one-piece", 2)):
-        cap = chooser.work(family, order).max_coverage(want)
-        if cap > spec["coverage"] + 1e-9:
-            checked += 1
+        caps[family, order] = cap = chooser.work(family, order).max_coverage(want)
+        if cap > spec["coverage"] + 1e-9:  # this family could afford more channels: exactness must have stopped it
             assert not chooser.is_exact(family, order, cap), (family, order, cap, spec["coverage"])
     assert spec["coverage"] > 0.0
-    assert checked >= 0  # (every family whose cost cap exceeds the choice was checked above)
+    assert spec["coverage"] <= max(caps.values()) + 1e-9  # and the choice itself fits the cost
+
+
+def _spy_validations(monkeypatch, refuse=lambda family, order, coverage: False):
+    """Record every is_exact call (family, order, coverage, screen); `refuse` makes chosen candidates not exact."""
+    seen = []
+    original = SlowdownChooser.is_exact
+
+    def spy(self, family, order, coverage, screen=False):
+        seen.append((family, int(order), round(coverage, 6), screen))
+        if coverage > 0 and refuse(family, int(order), coverage):
+            if not screen:
+                self.exact[(family, int(order), round(coverage, 6))] = False
+            return False
+        return original(self, family, order, coverage, screen)
+
+    monkeypatch.setattr(SlowdownChooser, "is_exact", spy)
+    return seen
+
+
+def _convex_machine(calls):
+    """Slowdown convex in FLOPs: the straight line through the probe overshoots, so the first raised N misses."""
+    def measure(protector, coverage):
+        calls["n"] += 1
+        extra = WorkModel(protector, calls["base_flops"]).ratio(coverage) - 1.0
+        return 1.0 + 10.0 * extra + 100.0 * extra ** 2
+    return measure
+
+
+def test_raised_orders_are_validated_only_when_kept(tiny_llama_dir, monkeypatch):
+    """Above the probe, a candidate is timed first and validated only if it is kept: the missed first guess is
+    never validated (a validation at high N is the search's dearest step)."""
+    from taylormlp.bench import flops_per_token
+
+    seen = _spy_validations(monkeypatch)
+    model, tok, _ = load_base(tiny_llama_dir)
+    calls = {"n": 0, "base_flops": flops_per_token(model)}
+    opts = ProtectOptions(preset="default", order=4, **FAST)
+    spec, slow = protect_for_slowdown(model, tok, None, opts, True, 4.4, measure=_convex_machine(calls))
+    raised = [m for m in slow["measurements"] if m["order"] > 4]
+    assert len(raised) >= 2 and abs(raised[0]["measured"] / 4.4 - 1.0) > TOLERANCE  # the first guess missed
+    assert slow["within_tolerance"] and spec["validation"]["exact"] and spec["order"] == raised[-1]["order"]
+    validated = {(f, o, c) for f, o, c, screen in seen if o > 4}
+    assert validated == {("pieces", spec["order"], round(spec["coverage"], 6))}  # the kept one, and only it
+
+
+def test_kept_candidate_that_is_not_exact_falls_back_to_its_exact_coverage(tiny_llama_dir, monkeypatch):
+    """Should the kept raised-N candidate fail validation, its largest exact coverage below is written, measured
+    again (the slowdown recorded is that of what is written) and validated."""
+    seen = _spy_validations(monkeypatch, refuse=lambda family, order, coverage: order > 4 and coverage > 0.5)
+    model, spec, slow, calls = _run(tiny_llama_dir, 4.0)
+    assert spec["order"] > 4 and 0.0 < spec["coverage"] <= 0.5
+    assert spec["validation"]["exact"]
+    last = slow["measurements"][-1]
+    assert (last["order"], last["coverage"]) == (spec["order"], spec["coverage"])
+    assert slow["measured"] == last["measured"] and calls["n"] <= 4
+    assert ("pieces", spec["order"], round(spec["coverage"], 6), False) in seen
 
 
 def test_unreachable_target_is_a_clear_error(tiny_llama_dir):
