@@ -203,6 +203,11 @@ class Choice:
 # ---------------------------------------------------------------- the joint choice
 
 
+def _exact_key(family: str, order: int, coverage: float) -> tuple:
+    """How SlowdownChooser remembers a validation's answer."""
+    return family, int(order), round(coverage, 6)
+
+
 class SlowdownChooser:
     """Builds Protectors for (family, N), predicts, validates and remembers every answer (nothing twice)."""
 
@@ -238,6 +243,11 @@ class SlowdownChooser:
         self.protector(family, order)
         return self.works[(family, int(order))]
 
+    def choice(self, family: str, order: int, coverage: float, validated: bool = True) -> Choice:
+        """The setting (family, N, coverage) with its predicted FLOPs ratio and Θ size."""
+        work = self.work(family, order)
+        return Choice(family, int(order), coverage, work.ratio(coverage), work.theta_size(coverage), validated)
+
     def _check(self, family: str, order: int):
         key = (family, int(order))
         if key not in self.checks:
@@ -254,7 +264,7 @@ class SlowdownChooser:
     def is_exact(self, family: str, order: int, coverage: float, screen: bool = False) -> bool:
         """Token-exact within the error budget on the whole validation set (screen=True: on its screen only; a full
         answer already known is used instead)."""
-        key = (family, int(order), round(coverage, 6))
+        key = _exact_key(family, order, coverage)
         if coverage <= 0:
             return True
         if key not in self.exact:
@@ -310,9 +320,7 @@ class SlowdownChooser:
         for cap, _, family, order in sorted(capped, reverse=True):
             if best is not None and cap <= best.coverage:
                 break  # cannot beat what is already exact
-            coverage = self.largest_exact(family, order, cap)
-            work = self.work(family, order)
-            choice = Choice(family, order, coverage, work.ratio(coverage), work.theta_size(coverage))
+            choice = self.choice(family, order, self.largest_exact(family, order, cap))
             if best is None or (choice.coverage, -choice.theta_values) > (best.coverage, -best.theta_values):
                 best = choice
         return best
@@ -330,10 +338,9 @@ class SlowdownChooser:
         while hi - lo > 1:  # predicted ratio grows with N: bisection, no measurement
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.work(family, mid).ratio(probe.coverage) < want else (lo, mid)
-        work = self.work(family, hi)
-        coverage = probe.coverage  # validated only if it is kept (exact_choice): timing does not need it
-        choice = Choice(family, hi, coverage, work.ratio(coverage), work.theta_size(coverage), validated=False)
-        if self.exact.get((family, hi, round(coverage, 6))) is False:  # known not exact: its exact coverage below
+        # validated only if it is kept (exact_choice): timing does not need it
+        choice = self.choice(family, hi, probe.coverage, validated=False)
+        if self.exact.get(_exact_key(family, hi, probe.coverage)) is False:  # known not exact: exact coverage below
             choice = self.exact_choice(choice)
         return choice
 
@@ -343,8 +350,7 @@ class SlowdownChooser:
         coverage = choice.coverage
         if not choice.validated and not self.is_exact(choice.family, choice.order, coverage):
             coverage = self.largest_exact(choice.family, choice.order, coverage)
-        work = self.work(choice.family, choice.order)
-        return Choice(choice.family, choice.order, coverage, work.ratio(coverage), work.theta_size(coverage))
+        return self.choice(choice.family, choice.order, coverage)
 
 
 def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float, measure=None,
@@ -391,8 +397,7 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     probe_protector = chooser.protector("pieces", base.order)
     search: list = []
     probe_cov = base.coverage if base.coverage is not None else search_coverage(probe_protector, data, search)
-    work = chooser.work("pieces", base.order)
-    probe = Choice("pieces", base.order, probe_cov, work.ratio(probe_cov), work.theta_size(probe_cov))
+    probe = chooser.choice("pieces", base.order, probe_cov)
     if probe.coverage <= 0.0:
         raise TaylorMLPError("no channel can be protected token-exactly, so no slowdown is possible; "
                              "try the default preset or more calibration text")
