@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taylormlp.convert import Protector, ProtectOptions, calibrate, validate
+from taylormlp.calibration import calibrate
+from taylormlp.decode import validate
+from taylormlp.options import ProtectOptions
+from taylormlp.protector import Protector
 from taylormlp.sources import is_chat_model, load_base
 
 
@@ -55,9 +58,9 @@ def main() -> int:
             protector = Protector(model, ranges, ProtectOptions(order=order, **VARIANTS[variant]).resolved())
             for cov in [float(c) for c in args.coverages.split(",")]:
                 start = time.perf_counter()
-                masks = protector.apply(cov)
-                r = validate(model, data.validation)
-                protector.restore()
+                masks = protector.masks(cov)
+                with protector.installed(cov):
+                    r = validate(model, data.validation)
                 P = sum(int(m.sum()) for m in masks)
                 Q = sum(int(np.isin(pc.owner, np.flatnonzero(m)).sum()) for pc, m in zip(protector.pieces, masks))
                 row = {"variant": variant, "basis": protector.opts.basis, "order": order, "coverage": cov,

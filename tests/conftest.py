@@ -15,29 +15,52 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_models():
-    """Tiny random models, one per supported architecture."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
-
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-    return {
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2)),
-        "mistral": lambda: MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2)),
-        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2)),
-        "gemma3_text": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8)),
-        "phi": lambda: PhiForCausalLM(PhiConfig(**common)),
-        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_inner=48,
-                                                   bos_token_id=0, eos_token_id=0)),
-    }
+# ---------------------------------------------------------------- tiny random models: the one factory
+# Per architecture: (config class, model class, how the factory's sizes are named in that config, fixed extras).
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "hf", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "hf", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "hf", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "hf",
+                    dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    "phi": ("PhiConfig", "PhiForCausalLM", "hf", dict(num_attention_heads=4)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "gpt2", dict(n_head=4, bos_token_id=0, eos_token_id=0)),
+}
 
 
-@pytest.fixture(params=list(tiny_models()))
+def tiny(arch="llama", vocab=128, hidden=32, inter=64, layers=2, seed=0, **config):
+    """A tiny random causal LM of `arch` (a TINY_ARCHS key) in eval mode, initialised after torch.manual_seed(seed);
+    `config` overrides or adds config fields (tie_word_embeddings=True, activation_function="gelu", ...)."""
+    import transformers
+
+    config_name, model_name, naming, extras = TINY_ARCHS[arch]
+    if naming == "gpt2":
+        sizes = dict(vocab_size=vocab, n_embd=hidden, n_inner=inter, n_layer=layers)
+    else:
+        sizes = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_name)(**{**sizes, **extras, **config})
+    return getattr(transformers, model_name)(cfg).eval()
+
+
+def tiny_llama(vocab=128, hidden=32, inter=64, layers=2, seed=0, **config):
+    """The tiny random Llama most tests use."""
+    return tiny("llama", vocab, hidden, inter, layers, seed, **config)
+
+
+@pytest.fixture(params=list(TINY_ARCHS))
 def tiny_model(request):
-    torch.manual_seed(0)
-    model = tiny_models()[request.param]().eval()
-    return request.param, model
+    """(architecture, tiny random model), one per supported architecture (intermediate size 48)."""
+    return request.param, tiny(request.param, inter=48)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (timings and the tiny models' numbers), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 FAST = dict(continuation_tokens=12, prose_chars=6000, search_steps=4)
@@ -56,13 +79,8 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab=len(smol_tokenizer), tie_word_embeddings=True, bos_token_id=smol_tokenizer.bos_token_id,
+                       eos_token_id=smol_tokenizer.eos_token_id)
     with torch.no_grad():  # spread the gate pre-activations so the series has real work to do
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight.mul_(10.0)

@@ -5,29 +5,29 @@ Tiny random models, protected in memory at full (or half) coverage; the untouche
 
 import copy
 import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ["TAYLORMLP_QUIET"] = "1"
 
-from taylormlp import calibration, convert, runtime  # noqa: E402
+from taylormlp import calibration, convert, options, runtime  # noqa: E402
 from taylormlp.attacks import AuditContext, AuditOptions, coefficient_ratio, distill, factorization, finetune, \
     regression, protected_layers  # noqa: E402
+from taylormlp.attacks import ATTACKS, get_attack, registry, verdict  # noqa: E402
 from taylormlp.audit import audit_model, format_table  # noqa: E402
 from taylormlp.errors import TaylorMLPError  # noqa: E402
+
+from conftest import tiny, tiny_llama  # noqa: E402
 
 FAST = AuditOptions(train_tokens=1024, seq_len=64, eval_prompts=3, eval_prompt_tokens=12, eval_tokens=12,
                     speed_tokens=4, speed_repeats=1, keep_models=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for this module
 
 
 def _calibration_ids():
@@ -38,17 +38,11 @@ def _calibration_ids():
 def make_release(family: str, basis: str, order: int = 8, coverage: float = 1.0, act: str = "gelu_new",
                  max_pieces: int = 1):
     """(release, original): a tiny model protected in memory, and an untouched copy of it."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     calib = _calibration_ids()
     if family == "gated":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+        model = tiny_llama()
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_inner=64, n_layer=2, n_head=4,
-                                           n_positions=128, activation_function=act, bos_token_id=0,
-                                           eos_token_id=0)).eval()
+        model = tiny("gpt2", n_positions=128, activation_function=act)
         # random init leaves GPT-2's pre-activations nearly linear and its biases zero; give them a realistic
         # spread (std 0.3) and random biases, so the hidden biases and signs matter
         with torch.no_grad():
@@ -65,7 +59,7 @@ def make_release(family: str, basis: str, order: int = 8, coverage: float = 1.0,
     original = copy.deepcopy(model)
     ranges = calibration.collect_ranges(model, calib)
     convert.protect(model, calibration=ranges,
-                    options=convert.ProtectOptions(basis=basis, order=order, coverage=coverage, margin=0.0,
+                    options=options.ProtectOptions(basis=basis, order=order, coverage=coverage, margin=0.0,
                                                    max_pieces=max_pieces, piece_tolerance=1e-15, trust_tolerance=0.0))
     return model, original
 
@@ -123,18 +117,14 @@ def test_regression_recovers_weights(exact_release):
 def test_regression_series_features_are_exact_where_the_release_is_not():
     """Wide intervals: the Taylor release is far from the activation, yet the attacker evaluates the release's
     own polynomial (activation, basis, order, z0 = s·mid and h are public) and still recovers W exactly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = tiny_llama()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight.mul_(20.0)
     original = copy.deepcopy(model)
     ranges = calibration.collect_ranges(model, _calibration_ids())
     convert.protect(model, calibration=ranges,
-                    options=convert.ProtectOptions(basis="taylor", order=8, coverage=1.0, margin=0.0))
+                    options=options.ProtectOptions(basis="taylor", order=8, coverage=1.0, margin=0.0))
     ctx = _ctx(model, original)
     assert regression.run(ctx, features="activation")["relative_weight_error"] > 0.1  # release ≠ act here
     out = regression.run(ctx)
@@ -261,3 +251,78 @@ def test_coefficient_ratio_recovers_weights_from_a_piecewise_release(family):
     out = coefficient_ratio.run(ctx)
     assert out["relative_weight_error"] < 1e-3, out
     assert out["sign_accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------- the registry and the one verdict
+
+VERDICTS = [  # (an attack's numbers, its verdict): every threshold on both sides
+    ({"relative_weight_error": 9.9e-4, "theta_residual_max": 0.5}, "weights recovered"),
+    ({"relative_weight_error": 1e-3}, "weights approximately recovered"),
+    ({"relative_weight_error": 0.0499, "fit_residual_max": 0.5}, "weights approximately recovered"),
+    ({"relative_weight_error": 0.05}, "weights not recovered"),
+    ({"relative_weight_error": None, "theta_residual_max": 9.9e-4},
+     "weights recovered (self-consistent fit; no original to score)"),
+    ({"relative_weight_error": None, "theta_residual_max": 1e-3}, "fit inconsistent; recovery unverified"),
+    ({"relative_weight_error": None, "fit_residual_max": 1.26e-5},
+     "weights recovered (fit residual 1.3e-05; no original to score)"),
+    ({"relative_weight_error": None, "fit_residual_max": 1e-3}, "fit inexact; recovery unverified"),
+    ({"relative_weight_error": None, "block_relative_diff": 9.9e-5, "speedup_vs_release": 1.0501},
+     "throttle removed (1.05x faster than the release)"),
+    ({"relative_weight_error": None, "block_relative_diff": 9.9e-5, "speedup_vs_release": 1.05},
+     "collapsed exactly, no measurable speedup here (1.05x)"),
+    ({"relative_weight_error": None, "block_relative_diff": 1e-4, "speedup_vs_release": 3.0}, "collapse inexact"),
+    ({"relative_weight_error": None, "block_relative_diff": 9.9e-5}, "collapsed to one matmul"),
+    ({"relative_weight_error": None, "block_relative_diff": 1e-4}, "collapsed to one matmul (inexact)"),
+    ({"relative_weight_error": None, "train_loss_before": 3.3454, "train_loss_after": 3.3453},
+     "no MLP weights recovered; release fine-tuned without them (loss 3.345 -> 3.345)"),
+    ({"relative_weight_error": None, "train_loss_before": 3.0, "train_loss_after": 3.0},
+     "no MLP weights recovered; fine-tuning did not lower the loss (3.000 -> 3.000)"),
+    ({"relative_weight_error": None, "train_loss_before": math.inf, "train_loss_after": math.nan},
+     "no MLP weights recovered; fine-tuning did not lower the loss (inf -> nan)"),
+    ({"relative_weight_error": 0.02, "heldout_relative_mse": 0.123},
+     "block imitated to relative MSE 1.2e-01; weights approximately recovered"),
+    ({"relative_weight_error": None, "heldout_relative_mse": 0.123}, "block imitated to relative MSE 1.2e-01"),
+]
+
+
+@pytest.mark.parametrize("out,expected", VERDICTS, ids=[v for _, v in VERDICTS])
+def test_one_verdict_for_every_attack(out, expected):
+    assert verdict(out) == expected
+
+
+def test_verdicts_of_the_recorded_audits_are_unchanged():
+    """The audits in results/ (SmolLM2, every attack) were judged by the attacks' former verdict functions."""
+    files = sorted((Path(__file__).parents[1] / "results").glob("audit-smollm2-*.json"))
+    judged = set()
+    for path in files:
+        for name, result in json.loads(path.read_text())["attacks"].items():
+            assert verdict(result) == result["verdict"], (path.name, name)
+            judged.add(name)
+    assert judged == set(ATTACKS), judged
+
+
+def test_attacks_register_themselves_in_canonical_order():
+    assert ATTACKS == ("coefficient_ratio", "regression", "factorization", "finetune", "distill")
+    modules = {"coefficient_ratio": coefficient_ratio, "regression": regression, "factorization": factorization,
+               "finetune": finetune, "distill": distill}
+    for name in ATTACKS:
+        attack = get_attack(name)
+        assert attack.name == name and attack.run is modules[name].run
+        assert attack.description and attack.cost and "\n" not in attack.description + attack.cost
+    assert [get_attack(n).no_grad for n in ATTACKS] == [True, False, True, False, False]
+    with pytest.raises(TaylorMLPError, match="unknown attack 'magic'; choose from coefficient_ratio, regression, "
+                                             "factorization, finetune, distill"):
+        get_attack("magic")
+
+
+def test_a_new_attack_registers_by_its_rank_and_cannot_take_a_name(monkeypatch):
+    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))  # the real table is left as it is
+
+    @registry.register_attack("oracle", rank=0, description="asks the author", cost="free")
+    def run(ctx):
+        return {}
+
+    assert registry.attack_names()[0] == "oracle" and registry.get_attack("oracle").run is run
+    assert registry.attack_names()[1:] == ATTACKS
+    with pytest.raises(ValueError, match="already registered by taylormlp.attacks.regression"):
+        registry.register_attack("regression", rank=9, description="a copy", cost="none")(run)

@@ -11,26 +11,15 @@ import torch
 
 from taylormlp import bench  # noqa: E402
 from taylormlp.calibration import collect_ranges  # noqa: E402
-from taylormlp.convert import Protector, ProtectOptions  # noqa: E402
+from taylormlp.options import ProtectOptions  # noqa: E402
+from taylormlp.protector import Protector  # noqa: E402
 from taylormlp.errors import TaylorMLPError  # noqa: E402
 from taylormlp.runtime import TaylorMLP  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import tiny_llama  # noqa: E402
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for this module
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +107,9 @@ def test_term_benchmark_and_memory_estimates(models):
     assert t["terms"] == 9 and t["protected"] == 64 and t["hidden"] == 32
     for key in ("mlp_ms", "overhead_ms", "plain_matmul_ms"):
         assert t[key] > 0
-    assert t["per_term_ms"] >= 0
+    # per term = (TaylorMLP − its non-series parts) / terms, clamped at 0; and its ratio to the plain matmul
+    assert t["per_term_ms"] == pytest.approx(max(t["mlp_ms"] - t["overhead_ms"], 0.0) / t["terms"])
+    assert t["per_term_vs_matmul"] == pytest.approx(t["per_term_ms"] / t["plain_matmul_ms"])
     assert bench.layer_term_benchmark(models["original"]) is None
     assert bench.series_feature_bytes_per_token(model) == 9 * 64 * 4
     assert bench.weights_bytes(model) > 0
@@ -132,8 +123,17 @@ def test_bench_models_table_and_plot(models, base_and_ranges, tmp_path):
     assert by_name["original"]["decode_ratio"] == pytest.approx(1.0)
     assert by_name["original"]["flops_ratio"] == pytest.approx(1.0)
     assert by_name["n8"]["flops_ratio"] > by_name["taylor4"]["flops_ratio"] > 1.0
-    assert by_name["n8"]["order"] == 8 and by_name["taylor4"]["basis"] == "taylor"
-    assert by_name["n8"]["term_benchmark"]["terms"] == 9
+    # computed from the installed modules and the timings (not the spec the fixture wrote into the config)
+    assert by_name["n8"]["term_benchmark"]["terms"] == 9 and by_name["taylor4"]["term_benchmark"]["terms"] == 5
+    assert by_name["original"]["term_benchmark"] is None
+    assert by_name["taylor4"]["series_feature_bytes_per_token"] == 5 * 64 * 4
+    ref = by_name["original"]
+    for row in rows:
+        assert len(row["runs"]) == 2
+        assert row["decode_ms_per_token"] == pytest.approx(row["decode_s_median"] / 2 * 1e3)
+        assert row["decode_ratio"] == pytest.approx(row["decode_s_median"] / ref["decode_s_median"])
+        paired = [run["decode_s"] / base["decode_s"] for run, base in zip(row["runs"], ref["runs"])]
+        assert (row["decode_ratio_min"], row["decode_ratio_max"]) == pytest.approx((min(paired), max(paired)))
     results = {"source": "tiny", "prompt_tokens": PROMPT.shape[1], "new_tokens": 2, "repeats": 2,
                "machine": {"torch_threads": 1}, "models": rows}
     text = bench.format_table(results)
@@ -141,6 +141,29 @@ def test_bench_models_table_and_plot(models, base_and_ranges, tmp_path):
     png = bench.plot_results(results, tmp_path / "sub" / "bench.png")
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_is_written_atomically(tmp_path, monkeypatch):
+    """A plot that fails half way (a full disk) leaves the file that was there, and no temporary file."""
+    from matplotlib.figure import Figure
+
+    row = {"name": "r", "kind": "release", "order": 8, "basis": "taylor", "preset": "paper", "decode_ratio": 1.7,
+           "validation_max_logit_error": None}
+    results = {"source": "s", "new_tokens": 4, "models": [row]}
+    path = tmp_path / "p.png"
+    path.write_bytes(b"the previous plot")
+
+    def half_written(self, fname, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(TaylorMLPError, match="nothing was written there"):
+        bench.plot_results(results, path)
+    assert path.read_bytes() == b"the previous plot" and sorted(tmp_path.iterdir()) == [path]
+    monkeypatch.undo()
+    bench.plot_results(results, tmp_path / "noext")  # no suffix: matplotlib's default format, still renamed
+    assert (tmp_path / "noext").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 2
 
 
 def test_plot_without_validation(tmp_path):

@@ -491,11 +491,11 @@ def test_json_output_creates_missing_directories(tmp_path):
 ])
 def test_safety_net_turns_escaped_io_errors_into_one_line(exc, message, monkeypatch, capsys, tmp_path):
     """OSError / UnicodeDecodeError / JSON errors that escape every specific check still become one line, exit 2."""
-    import taylormlp.cli
+    import taylormlp.commands
 
     def boom(args):
         raise exc
-    monkeypatch.setattr(taylormlp.cli, "cmd_inspect", boom)
+    monkeypatch.setattr(taylormlp.commands, "cmd_inspect", boom)
     code = main(["inspect", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -3,9 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from taylormlp import runtime, series
-from taylormlp.convert import build_taylor_mlp, mlp_weights, single_pieces, split_pieces
+from taylormlp.pieces import forget_splits, single_pieces, split_pieces
+from taylormlp.protector import build_taylor_mlp, mlp_weights
+from taylormlp.errors import TaylorMLPError
+from taylormlp.release import load_release
 
 
 def _setup(model, gate_scale, seed=0):
@@ -151,7 +155,6 @@ def test_piecewise_series_is_more_accurate_and_partitions_the_line(tiny_model):
 
 def test_split_pieces_remembered_split_gives_the_same_pieces():
     """--slowdown refits fixed pieces at many orders: the remembered bisection must give what a fresh one gives."""
-    from taylormlp.convert import forget_splits
 
     rng = np.random.default_rng(3)
     lo = -rng.uniform(1, 8, 40)
@@ -210,3 +213,57 @@ def test_in_place_features_are_bit_identical_to_the_formulas(basis, family, orde
     assert mlp.theta.grad is not None
     if order > 0 or family == "gated":  # a plain series of order 0 is the constant Θ_0: x has no gradient to get
         assert x.grad is not None
+
+
+# ---------------------------------------------------------------- the series maths the attacks share with the module
+
+
+def _diagonal_block(basis: str, coeffs: torch.Tensor, z0: torch.Tensor, h: torch.Tensor) -> runtime.TaylorMLP:
+    """A TaylorMLP (plain, gate = identity) whose output j is channel j's series Σ_n coeffs[j, n] φ_n(t_j) alone."""
+    P, K = coeffs.shape
+    mlp = runtime.TaylorMLP("plain", P, P, 0, K - 1, basis, "silu").double()
+    with torch.no_grad():
+        mlp.gate.weight.copy_(torch.eye(P, dtype=torch.float64))
+        mlp.z0.copy_(z0)
+        mlp.h.copy_(h)
+        theta = torch.zeros(P, K, P, dtype=torch.float64)  # [outputs, orders, channels]
+        theta[torch.arange(P), :, torch.arange(P)] = coeffs
+        mlp.theta.copy_(theta.reshape(P, -1))
+    return mlp
+
+
+@pytest.mark.parametrize("basis", ["taylor", "chebyshev"])
+@pytest.mark.parametrize("order", [0, 1, 2, 7, 16])
+def test_series_values_is_what_the_module_evaluates(basis, order):
+    """runtime.series_values (Horner / Clenshaw and the edge slopes: what the attacks evaluate) against the module's
+    forward (basis recurrences, one stacked matmul): inside [-1, 1], past both ends, and at a NaN input."""
+    g = torch.Generator().manual_seed(order)
+    P = 6
+    coeffs = torch.randn(P, order + 1, generator=g, dtype=torch.float64)
+    z0 = torch.randn(P, generator=g, dtype=torch.float64)
+    h = torch.rand(P, generator=g, dtype=torch.float64) + 0.2
+    mlp = _diagonal_block(basis, coeffs, z0, h)
+    t = torch.cat([torch.linspace(-3.0, 3.0, 61, dtype=torch.float64)[:, None].expand(-1, P),
+                   torch.randn(40, P, generator=g, dtype=torch.float64) * 2.0])
+    x = t * h + z0
+    x[0, 0] = float("nan")  # the identity gate spreads it over the row: z = NaN for every channel of token 0
+    with torch.no_grad():
+        ref = mlp(x)
+        got = runtime.series_values(basis, coeffs, (mlp.gate(x) - z0) / h)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max()), (basis, order)
+
+
+def test_release_class_without_the_transformers_class_says_to_upgrade(monkeypatch, tmp_path):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    assert runtime.release_class(config).__name__ == "TaylorMLPLlamaForCausalLM"
+    monkeypatch.delitem(vars(runtime), "TaylorMLPLlamaForCausalLM")  # as if this transformers had no Llama
+    with pytest.raises(ValueError) as info:
+        runtime.release_class(config)
+    message = str(info.value)
+    assert "LlamaForCausalLM" in message and transformers.__version__ in message, message
+    assert "upgrade transformers" in message and "\n" not in message, message
+    config.save_pretrained(tmp_path)
+    with pytest.raises(TaylorMLPError, match="LlamaForCausalLM.*upgrade transformers"):
+        load_release(tmp_path, verify=False)

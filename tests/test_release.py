@@ -184,3 +184,40 @@ def test_piecewise_release_round_trips(tiny_llama_dir, tmp_path, smol_tokenizer)
     a, _ = generate_ids(original, smol_tokenizer, "The history of bread", False, 16)
     b, _ = generate_ids(model, smol_tokenizer, "The history of bread", False, 16)
     assert torch.equal(a, b)
+
+
+def test_release_spec_round_trips_and_shapes_the_modules(tiny_release):
+    """config.json's taylormlp section -> ReleaseSpec -> dict is the identity, and the shapes it gives are the
+    loaded modules' own (protected channels, pieces, rest channels, order)."""
+    config = json.loads((tiny_release / "config.json").read_text())
+    spec = runtime.ReleaseSpec.from_dict(config["taylormlp"])
+    assert spec.to_dict() == config["taylormlp"]
+    assert "validation" in spec.record and "calibration" in spec.record  # what protect measured, kept as recorded
+    model = load_release(tiny_release)
+    for shape, layer in zip(spec.layers, model.model.layers):
+        mlp = layer.mlp
+        assert (mlp.protected, mlp.pieces, mlp.order) == (shape.protected, shape.pieces, spec.order)
+        assert (mlp.rest.gate.out_features if mlp.rest is not None else 0) == shape.rest
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(format_version=2), r"unknown taylormlp format_version 2"),
+    (lambda s: s.pop("format_version"), r"unknown taylormlp format_version None"),
+    (lambda s: s.pop("basis"), r"lacks basis"),
+    (lambda s: s["layers"][0].pop("protected"), r"layers are malformed"),
+])
+def test_release_spec_refuses_other_formats_and_damage(tiny_release, change, message):
+    spec = json.loads((tiny_release / "config.json").read_text())["taylormlp"]
+    change(spec)
+    with pytest.raises(ValueError, match=message):
+        runtime.ReleaseSpec.from_dict(spec)
+
+
+def test_release_spec_reads_layers_without_pieces_as_one_piece_per_channel():
+    """Releases written before piecewise series had no 'pieces' per layer: one piece per protected channel."""
+    spec = runtime.ReleaseSpec.from_dict({"format_version": runtime.FORMAT_VERSION, "family": "gated",
+                                          "hidden_size": 8, "activation": "silu", "order": 3, "basis": "taylor",
+                                          "coverage": 0.5, "layers": [{"protected": 2, "rest": 2}]})
+    module = runtime.TaylorMLP(spec.family, spec.hidden_size, spec.layers[0].protected, spec.layers[0].rest,
+                               spec.order, spec.basis, spec.activation, pieces=spec.layers[0].pieces)
+    assert module.pieces == 2 and module.theta.shape == (8, 4 * 2)

@@ -1,10 +1,10 @@
-"""convert.largest_accepted: the screened bisection gives plain bisection's answer with one full validation when
+"""search.largest_accepted: the screened bisection gives plain bisection's answer with one full validation when
 the screen is already decisive, and stays right when the screen lets candidates through that fail in full."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taylormlp.convert import largest_accepted
+from taylormlp.search import largest_accepted
 
 
 def plain_bisection(accept, steps: int) -> float:

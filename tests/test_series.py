@@ -4,8 +4,9 @@ import mpmath as mp
 import numpy as np
 import pytest
 from numpy.polynomial import chebyshev as C
+from numpy.polynomial import polynomial as Poly
 
-from taylormlp import series
+from taylormlp import runtime, series
 
 mp.mp.dps = 50
 REFERENCE = {
@@ -108,3 +109,31 @@ def test_runtime_values_continue_linearly_outside():
     c = series.series_coefficients("chebyshev", "silu", np.array([-2.0]), np.array([1.0]), 8)
     v = series.runtime_values("chebyshev", c, np.array([1.0, 2.0, 3.0, -1.0, -2.0, -3.0]))[0]
     assert np.isclose(v[2] - v[1], v[1] - v[0]) and np.isclose(v[5] - v[4], v[4] - v[3])
+
+
+@pytest.mark.parametrize("basis", ["taylor", "chebyshev"])
+def test_edge_slopes_are_the_basis_derivatives_at_both_ends(basis):
+    der, val = (C.chebder, C.chebval) if basis == "chebyshev" else (Poly.polyder, Poly.polyval)
+    for order in range(20):
+        eye = np.eye(order + 1)
+        want = [[val(end, der(eye[n])) for n in range(order + 1)] for end in (1.0, -1.0)]
+        np.testing.assert_array_equal(np.array(runtime.edge_slopes(basis, order)), np.array(want))
+    with pytest.raises(ValueError, match="unknown basis"):
+        runtime.edge_slopes("legendre", 4)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_new"])
+def test_runtime_continuation_is_the_activations_tangent(name):
+    """Tangent-end Chebyshev coefficients: what the runtime evaluates past either end of the interval is the
+    activation's tangent line there (mpmath value and derivative)."""
+    lo, hi = np.array([-3.0, 0.5]), np.array([1.5, 4.0])
+    c = series.chebyshev_coefficients(name, lo, hi, 10)
+    half = (hi - lo) / 2
+    f = REFERENCE["gelu_pytorch_tanh" if name == "gelu_new" else name]
+    delta = np.array([0.25, 2.0])
+    for side, end in ((1.0, hi), (-1.0, lo)):
+        got = series.runtime_values("chebyshev", c, side * (1.0 + delta))  # [channels, points]
+        for j, e in enumerate(end):
+            e = mp.mpf(e)
+            want = [float(f(e) + mp.diff(f, e) * side * d * half[j]) for d in delta]
+            np.testing.assert_allclose(got[j], want, rtol=1e-8, atol=1e-10)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from taylormlp.convert import ProtectOptions
+from taylormlp.options import ProtectOptions
 from taylormlp.errors import TaylorMLPError
 from taylormlp.sources import load_base
 from taylormlp.throttle import TOLERANCE, SlowdownChooser, WorkModel, protect_for_slowdown
@@ -33,7 +33,9 @@ def _run(tiny_llama_dir, target, factor=FACTOR):
     model, tok, _ = load_base(tiny_llama_dir)
     calls = {"n": 0, "base_flops": flops_per_token(model)}
     opts = ProtectOptions(preset="default", order=4, **FAST)
-    spec, slow = protect_for_slowdown(model, tok, None, opts, True, target, measure=_fake_machine(calls, factor))
+    spec, slow, protector = protect_for_slowdown(model, tok, None, opts, True, target,
+                                                 measure=_fake_machine(calls, factor))
+    calls["protector"] = protector
     return model, spec, slow, calls
 
 
@@ -68,7 +70,7 @@ def test_small_target_keeps_the_largest_exact_coverage(choices, tiny_llama_dir):
     """Below the preset's cost: no candidate family has an exact setting with more coverage than the chosen one
     whose predicted slowdown still fits the target."""
     from taylormlp.bench import flops_per_token
-    from taylormlp.convert import calibrate
+    from taylormlp.calibration import calibrate
 
     _, spec, slow, _ = choices[1.25]
     fresh, tok, _ = load_base(tiny_llama_dir)
@@ -120,7 +122,7 @@ def test_raised_orders_are_validated_only_when_kept(tiny_llama_dir, monkeypatch)
     model, tok, _ = load_base(tiny_llama_dir)
     calls = {"n": 0, "base_flops": flops_per_token(model)}
     opts = ProtectOptions(preset="default", order=4, **FAST)
-    spec, slow = protect_for_slowdown(model, tok, None, opts, True, 4.4, measure=_convex_machine(calls))
+    spec, slow, _ = protect_for_slowdown(model, tok, None, opts, True, 4.4, measure=_convex_machine(calls))
     raised = [m for m in slow["measurements"] if m["order"] > 4]
     assert len(raised) >= 2 and abs(raised[0]["measured"] / 4.4 - 1.0) > TOLERANCE  # the first guess missed
     assert slow["within_tolerance"] and spec["validation"]["exact"] and spec["order"] == raised[-1]["order"]
@@ -162,17 +164,22 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
     candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
     written release are the same as when everything fits."""
     import taylormlp.throttle as throttle
-    from taylormlp.convert import CandidateMLP
-    from taylormlp.release import load_release, save_release
+    from taylormlp.pipeline import write_release
+    from taylormlp.release import ModelTensors, load_release, save_release
 
     monkeypatch.setattr(throttle, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
-    model, spec, slow, _ = _run(tiny_llama_dir, 4.0)
+    model, spec, slow, calls = _run(tiny_llama_dir, 4.0)
     whole_model, whole_spec, whole_slow, _ = choices[4.0]
     assert (spec["coverage"], spec["order"]) == (whole_spec["coverage"], whole_spec["order"]) and spec["order"] > 4
     assert slow["held_in_memory"] is False and whole_slow["held_in_memory"] is True
     assert slow["within_tolerance"] and spec["validation"]["exact"]
-    assert all(isinstance(layer.mlp, CandidateMLP) for layer in model.model.layers)  # nothing built is kept
-    lean = load_release(save_release(model, tmp_path / "lean"))
+    # nothing built is kept: the model is still the original (no spec on its config), and cannot be saved as a release
+    assert all(type(layer.mlp).__name__ == "LlamaMLP" for layer in model.model.layers)
+    assert getattr(model.config, "taylormlp", None) is None
+    with pytest.raises(TaylorMLPError, match="not been protected"):
+        save_release(model, tmp_path / "wrong")
+    lean = load_release(write_release(tmp_path / "lean", calls["protector"], spec, ModelTensors(model), torch.float32,
+                                      None))
     whole = load_release(save_release(whole_model, tmp_path / "whole"))
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
@@ -183,7 +190,7 @@ def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
     """measure_ratio on a few layers, scaled by their share of the extra work, gives the ratio of all layers on a
     machine whose decode time is a sum over layers (here: 1 + extra MACs of the installed TaylorMLPs)."""
     from taylormlp.bench import flops_per_token
-    from taylormlp.convert import calibrate
+    from taylormlp.calibration import calibrate
     from taylormlp.throttle import measure_ratio, timed_layers
 
     model, tok, _ = load_base(tiny_llama_dir)
@@ -213,7 +220,39 @@ def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
 
 
 def test_available_memory_reads_this_machine():
+    """Linux: MemAvailable, in bytes, positive and at most MemTotal (both read here from /proc/meminfo)."""
+    from pathlib import Path
+
     from taylormlp.throttle import available_memory
 
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        assert available_memory() is None
+        return
+    fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+              if line.split()[-1] == "kB"}
     value = available_memory()
-    assert value is None or value > 0
+    assert isinstance(value, int) and 0 < value <= fields["MemTotal"]
+    assert value % 1024 == 0  # kB in the file, bytes here
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("MemTotal:       16000 kB\nMemFree:         1000 kB\nMemAvailable:    4242 kB\n", 4242 * 1024),
+    ("MemTotal:       16000 kB\nMemFree:         1000 kB\n", None),  # an old kernel: no MemAvailable line
+    ("MemAvailable: lots kB\n", None),
+    ("MemAvailable:\n", None),
+    (OSError("no /proc here"), None),
+], ids=["available", "no-MemAvailable", "not-a-number", "no-value", "unreadable"])
+def test_available_memory_parses_meminfo_and_is_none_where_unknown(monkeypatch, text, expected):
+    import io
+
+    import taylormlp.stream as stream
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/meminfo"
+        if isinstance(text, Exception):
+            raise text
+        return io.StringIO(text)
+
+    monkeypatch.setattr(stream, "open", fake_open, raising=False)  # found before the builtin by stream's functions
+    assert stream.available_memory() == expected

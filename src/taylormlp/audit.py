@@ -22,7 +22,10 @@ import torch
 
 from .attacks import ATTACKS, AuditContext, AuditOptions, get_attack
 from .errors import TaylorMLPError
+from .paths import check_output_file, write_text_atomically
 from .progress import log
+from .release import load_release
+from .sources import load_base
 
 
 def _jsonable(obj):
@@ -72,13 +75,13 @@ def audit_model(release_model, original_model=None, tokenizer=None, attacks=ATTA
     if ctx.original is not None:  # the release's own fidelity, for comparison with the attackers' models
         report["release_vs_original"] = ctx.tokens_matched(ctx.release)
     for name in names:
-        module = get_attack(name)
+        attack = get_attack(name)
         opts = ctx.options.attack_options.get(name, {})
-        log(f"audit: running {name} ...")
+        log(f"audit: running {name} ({attack.cost}) ...")
         start = time.perf_counter()
         try:
-            with torch.no_grad() if name in ("coefficient_ratio", "factorization") else contextlib.nullcontext():
-                result = module.run(ctx, **opts)
+            with torch.no_grad() if attack.no_grad else contextlib.nullcontext():
+                result = attack.run(ctx, **opts)
         except Exception as exc:  # noqa: BLE001 - reported, not swallowed silently
             if strict:
                 raise
@@ -128,9 +131,6 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
     """Load the release (and the original, for scoring), run the attacks, print a table, write JSON."""
     from transformers import AutoTokenizer
 
-    from .paths import check_output_file, write_text_atomically
-    from .release import load_release
-
     names = _check_attacks(attacks)
     if json_path is not None:
         check_output_file(json_path, "--json")  # before minutes of attacks, not after
@@ -143,8 +143,6 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
         log("audit: the release has no tokenizer; attacker text is random token ids")
     orig_model = None
     if original is not None:
-        from .sources import load_base
-
         orig_model, _, _ = load_base(original)
     report = audit_model(model, orig_model, tokenizer, names, options=options, strict=False)
     report = {"release": str(release_dir), "original": None if original is None else str(original), **report}

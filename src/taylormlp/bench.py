@@ -2,12 +2,12 @@
 
 What is measured, and how:
 
-* **Latency** (``measure_decode``): one greedy run = a prefill forward on the prompt (``use_cache=True``)
-  followed by exactly ``new_tokens`` single-token decode steps that reuse ``past_key_values`` and take the
+* **Latency** (``decode.measure_decode``): one greedy run = a prefill forward on the prompt (``use_cache=True``)
+  followed by exactly ``new_tokens`` single-token decode steps that reuse the KV cache and take the
   argmax.  It never stops early at EOS, so every model does the same amount of work.  Models are timed
-  interleaved (``interleaved_latency``: one warm-up run each, then round robin per repeat, the starting
-  model rotated each repeat) so that noise from other work on the machine hits all of them alike; the
-  slowdown is the ratio of median decode times, and its range is taken over the per-repeat (paired) ratios.
+  interleaved (``interleaved_latency``, over ``decode.interleaved``: one warm-up run each, then round robin per
+  repeat, the starting model rotated each repeat) so that noise from other work on the machine hits all of them
+  alike; the slowdown is the ratio of median decode times, and its range is taken over the per-repeat (paired) ratios.
 * **Work** (``flops_per_token``): matmul FLOPs of one single-token forward counted by
   ``torch.utils.flop_counter.FlopCounterMode`` — deterministic, independent of machine noise.
 * **Time per series term** (``term_benchmark``): for the layer with the most protected channels, the
@@ -38,77 +38,24 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from . import stream
+from .bench_report import format_table, plot_results
+from .calibration import format_prompt
+from .decode import decode_timings, interleaved, measure_decode, paired_ratios, timing_summary
 from .errors import TaylorMLPError
+from .paths import write_text_atomically
 from .progress import bar, log, status
+from .release import load_release, release_size
+from .runtime import TaylorMLP, decoder_layers
+from .sources import is_chat_model, load_base
 
 PROMPT = "Explain in three sentences why the sky is blue during the day and red at sunset."
 ORIGINAL = "original"
 
 
 # ---------------------------------------------------------------- one run, many runs
-
-
-def _forward_kwargs(model) -> tuple[dict, str]:
-    """Extra forward kwargs (logits for the last position only) and the name of the cache argument
-    (``cache`` in recent transformers, ``past_key_values`` before)."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    return extra, ("cache" if "cache" in params else "past_key_values")
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-@torch.no_grad()
-def measure_decode(model, input_ids, new_tokens: int) -> dict:
-    """Time ONE greedy run: prefill on `input_ids`, then `new_tokens` single-token cached decode steps
-    (each reuses the cache returned by the previous forward and feeds back the argmax token).
-
-    Returns {"prefill_s", "decode_s", "decode_tokens_per_s", "prefill_tokens_per_s"} plus "prompt_tokens",
-    "new_tokens" and "tokens" (the ids fed back by the decode steps)."""
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
-    ids = torch.as_tensor(input_ids)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be one non-empty sequence, got shape {tuple(ids.shape)}")
-    extra, cache_arg = _forward_kwargs(model)
-    prompt_len = ids.shape[1]
-    mask = torch.ones(1, prompt_len + new_tokens, dtype=torch.long)
-
-    start = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=mask[:, :prompt_len], use_cache=True, **extra)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    prefill_s = time.perf_counter() - start
-
-    past = _output_cache(out)
-    tokens = []
-    start = time.perf_counter()
-    for step in range(new_tokens):
-        tokens.append(int(nxt))
-        out = model(input_ids=nxt, attention_mask=mask[:, :prompt_len + step + 1], use_cache=True,
-                    **{cache_arg: past}, **extra)
-        past = _output_cache(out)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    decode_s = time.perf_counter() - start
-    return {
-        "prefill_s": prefill_s,
-        "decode_s": decode_s,
-        "decode_tokens_per_s": new_tokens / decode_s if decode_s > 0 else math.inf,
-        "prefill_tokens_per_s": prompt_len / prefill_s if prefill_s > 0 else math.inf,
-        "prompt_tokens": prompt_len,
-        "new_tokens": new_tokens,
-        "tokens": tokens,
-    }
 
 
 def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int) -> dict:
@@ -118,34 +65,8 @@ def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int) 
     slow phases of a shared machine fall on all models alike.  Returns per name: "decode_s_median",
     "decode_s_spread" (max − min), "decode_tokens_per_s_median", "prefill_s_median", "prefill_s_spread",
     "runs" (the measure_decode results without token lists)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    names = list(models)
-    if not names:
-        raise ValueError("no models to time")
-    for name in names:  # warm-up: first-call allocations, lazy init, caches
-        measure_decode(models[name], input_ids, new_tokens)
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for r in bar(range(repeats), desc="timing (interleaved)", unit="repeat"):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
-            res = measure_decode(models[name], input_ids, new_tokens)
-            res.pop("tokens", None)
-            runs[name].append(res)
-    out = {}
-    for name in names:
-        decode = [run["decode_s"] for run in runs[name]]
-        prefill = [run["prefill_s"] for run in runs[name]]
-        out[name] = {
-            "decode_s_median": statistics.median(decode),
-            "decode_s_spread": max(decode) - min(decode),
-            "decode_tokens_per_s_median": statistics.median(run["decode_tokens_per_s"] for run in runs[name]),
-            "prefill_s_median": statistics.median(prefill),
-            "prefill_s_spread": max(prefill) - min(prefill),
-            "prefill_tokens_per_s_median": statistics.median(run["prefill_tokens_per_s"] for run in runs[name]),
-            "runs": runs[name],
-        }
-    return out
+    runs = decode_timings(models, input_ids, new_tokens, repeats)
+    return {name: {**timing_summary(runs[name]), "runs": runs[name]} for name in runs}
 
 
 # ---------------------------------------------------------------- deterministic work, memory estimates
@@ -154,8 +75,6 @@ def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int) 
 @torch.no_grad()
 def flops_per_token(model, token_id: int = 0) -> int:
     """Matmul FLOPs of one single-token forward (no cache), counted by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     ids = torch.tensor([[int(token_id)]])
     counter = FlopCounterMode(display=False)
     with counter:
@@ -164,8 +83,6 @@ def flops_per_token(model, token_id: int = 0) -> int:
 
 
 def taylor_mlps(model) -> list:
-    from .runtime import TaylorMLP
-
     return [m for m in model.modules() if isinstance(m, TaylorMLP)]
 
 
@@ -223,13 +140,7 @@ def term_benchmark(mlp, blocks: int = 7) -> dict | None:
 
     fns = {"mlp": lambda: mlp(x), "overhead": overhead,
            "term": lambda: torch.nn.functional.linear(feat, weight)}
-    timers = {name: _timer(fn)[0] for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for b in range(blocks):  # interleave blocks of the three, rotating the order
-        names = list(fns)
-        for k in range(len(names)):
-            name = names[(b + k) % len(names)]
-            samples[name].append(timers[name]())
+    samples = interleaved({name: _timer(fn)[0] for name, fn in fns.items()}, blocks)  # blocks of the three
     med = {name: statistics.median(v) for name, v in samples.items()}
     per_term = max(med["mlp"] - med["overhead"], 0.0) / (N + 1)
     return {
@@ -281,9 +192,6 @@ def _memory_probe_main(argv: list[str]) -> None:
     kind, path, ids_json, tokens, threads = argv
     import transformers  # noqa: F401  (part of the baseline, as in any user's process)
 
-    from .release import load_release
-    from .sources import load_base
-
     torch.set_num_threads(int(threads))
     base = _maxrss_bytes()
     if kind == "original":
@@ -321,9 +229,6 @@ def memory_probe(kind: str, path, input_ids, tokens: int, timeout: float = 900.0
 
 def prompt_ids(tokenizer, prompt: str = PROMPT) -> tuple[torch.Tensor, bool]:
     """Token ids of the fixed prompt, chat-templated when the tokenizer has a template."""
-    from .calibration import format_prompt
-    from .sources import is_chat_model
-
     chat = is_chat_model(tokenizer)
     text = format_prompt(tokenizer, prompt, chat)
     add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
@@ -359,7 +264,7 @@ def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: s
     rows = []
     for name, model in models.items():
         lat = latency[name]
-        paired = [run["decode_s"] / base["decode_s"] for run, base in zip(lat["runs"], ref["runs"])]
+        paired = paired_ratios(lat["runs"], ref["runs"], "decode_s")
         flops = flops_per_token(model, first_token)
         if name == original:
             ref_flops = flops
@@ -402,9 +307,7 @@ def weight_bytes(directory) -> int:
 def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
     """bench holds the original and every release in memory at once: refuse, before loading anything, releases
     whose weights together exceed `share` of the available memory (a 16x SmolLM2 release alone is ~18 GB)."""
-    from .stream import available_memory
-
-    available = available_memory()
+    available = stream.available_memory()
     sizes = [weight_bytes(r) for r in releases]
     if available is None or sum(sizes) <= share * available:
         return
@@ -416,10 +319,6 @@ def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
 
 def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
               memory: bool = True) -> dict:
-    from .release import load_release, release_size
-    from .runtime import decoder_layers
-    from .sources import load_base
-
     if tokens < 1 or repeats < 1:
         raise TaylorMLPError("--tokens and --repeats must be positive")
     releases = [Path(r) for r in releases]
@@ -470,120 +369,9 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     }
     print(format_table(results))
     if json_path is not None:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1, default=str))
+        json_path = write_text_atomically(Path(json_path), json.dumps(results, indent=1, default=str), "--json")
         log(f"wrote {json_path}")
     if plot_path is not None:
         plot_results(results, plot_path)
         log(f"wrote {plot_path}")
     return results
-
-
-# ---------------------------------------------------------------- output
-
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return none
-    return format(value, spec)
-
-
-def format_table(results: dict) -> str:
-    rows = results["models"]
-    head = ["model", "N", "basis", "preset", "cover", "prefill ms", "decode ms/tok", "spread", "tok/s", "slowdown",
-            "(range)", "FLOPs x", "peak RSS MB", "weights MB", "size MB"]
-    table = [head]
-    for r in rows:
-        mem = r.get("memory") or {}
-        rss = mem.get("rss_peak_bytes")
-        table.append([
-            r["name"], _fmt(r["order"], "d"), r["basis"] or "-", r["preset"] or "-", _fmt(r["coverage"], ".2f"),
-            _fmt(r["prefill_s_median"] * 1e3, ".1f"), _fmt(r["decode_ms_per_token"], ".2f"),
-            _fmt(r["decode_s_spread"] / results["new_tokens"] * 1e3, ".2f"),
-            _fmt(r["decode_tokens_per_s_median"], ".1f"), _fmt(r["decode_ratio"], ".2f") + "x",
-            f"{r['decode_ratio_min']:.2f}-{r['decode_ratio_max']:.2f}", _fmt(r["flops_ratio"], ".2f") + "x",
-            _fmt(rss / 2**20 if rss is not None else None, ".0f", "n/a"),
-            _fmt(r["weights_bytes"] / 2**20, ".0f"), _fmt(r.get("size_bytes", 0) / 2**20, ".0f"),
-        ])
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    lines = [f"{results['source']}: prompt {results['prompt_tokens']} tokens, {results['new_tokens']} decode tokens, "
-             f"{results['repeats']} interleaved repeats ({results['machine']['torch_threads']} threads)", ""]
-    for k, row in enumerate(table):
-        lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    terms = [r for r in rows if r.get("term_benchmark")]
-    if terms:
-        lines += ["", "time per series term (one token, the layer with most protected channels):"]
-        for r in terms:
-            t = r["term_benchmark"]
-            lines.append(f"  {r['name']}: layer {t['layer']}, P={t['protected']}, Q={t.get('pieces', t['protected'])}, {t['terms']} terms: TaylorMLP "
-                         f"{t['mlp_ms']:.3f} ms, non-series parts {t['overhead_ms']:.3f} ms -> {t['per_term_ms']:.4f} "
-                         f"ms per term vs {t['plain_matmul_ms']:.4f} ms for one plain [{t['hidden']}x{t.get('pieces', t['protected'])}]"
-                         f" matmul ({t['per_term_vs_matmul']:.2f}x)")
-    errors = [f"  {r['name']}: {r['memory']['error']}" for r in rows if (r.get("memory") or {}).get("error")]
-    if errors:
-        lines += ["", "memory probe problems:", *errors]
-    lines += ["", "spread = (max - min) decode ms/tok over repeats. slowdown = median decode time / original's; "
-                  "range over paired (same-repeat) ratios. FLOPs x = matmul FLOPs per token / original's. "
-                  "peak RSS = fresh process, above its size after imports, load + one run. "
-                  "Timings on shared machines vary: compare within one run."]
-    return "\n".join(lines)
-
-
-def _group(row: dict) -> str:
-    return f"{row.get('preset') or '?'} / {row.get('basis') or '?'}"
-
-
-def plot_results(results: dict, path) -> Path:
-    """PNG with two panels: decode slowdown vs order, and validation max logit error vs order."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in results["models"] if r.get("kind") == "release" and r.get("order") is not None]
-    groups = sorted({_group(r) for r in rows})
-    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for g in groups:
-        sel = [r for r in rows if _group(r) == g]
-        orders = [r["order"] for r in sel]
-        ratio = [r["decode_ratio"] for r in sel]
-        lo = [max(r["decode_ratio"] - r.get("decode_ratio_min", r["decode_ratio"]), 0.0) for r in sel]
-        hi = [max(r.get("decode_ratio_max", r["decode_ratio"]) - r["decode_ratio"], 0.0) for r in sel]
-        ax1.errorbar(orders, ratio, yerr=[lo, hi], fmt="o", capsize=3, color=colors[g], label=g)
-        val = [(r["order"], r["validation_max_logit_error"]) for r in sel
-               if r.get("validation_max_logit_error") is not None]
-        if val:
-            ax2.plot([v[0] for v in val], [max(v[1], 1e-12) for v in val], "o", color=colors[g], label=g)
-    for r in rows:
-        ax1.annotate(r["name"], (r["order"], r["decode_ratio"]), fontsize=7, xytext=(4, 4),
-                     textcoords="offset points")
-    ax1.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="original")
-    from matplotlib.ticker import MaxNLocator
-
-    ax1.set_ylim(bottom=0.0)
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax1.set_xlabel("series order N")
-    ax1.set_ylabel("decode time / original")
-    ax1.set_title(f"decode slowdown ({results.get('new_tokens', '?')} tokens, median)")
-    ax1.legend(fontsize=8)
-    ax2.set_xlabel("series order N")
-    ax2.set_ylabel("max |logit - original logit|")
-    ax2.set_title("validation max logit error")
-    if any(r.get("validation_max_logit_error") is not None for r in rows):
-        ax2.set_yscale("log")
-        ax2.legend(fontsize=8)
-    else:
-        ax2.text(0.5, 0.5, "no validation data in these releases", ha="center", va="center",
-                 transform=ax2.transAxes)
-    fig.suptitle(str(results.get("source", "")), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

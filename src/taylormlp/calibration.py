@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -25,8 +26,11 @@ import numpy as np
 import torch
 
 from . import runtime
+from .decode import continuation_logits, input_device, padded_batches
 from .errors import TaylorMLPError
-from .progress import bar
+from .hooks import HookSet
+from .options import ProtectOptions
+from .progress import bar, log
 
 PROSE_MODULES = (
     "json", "csv", "argparse", "logging", "pathlib", "collections", "functools", "itertools", "datetime",
@@ -39,14 +43,17 @@ PROSE_MODULES = (
 )
 
 
-def module_docstrings(modules, max_chars: int, min_len: int = 200) -> list[str]:
-    """Docstrings (at least min_len characters) of `modules` and their public functions and classes."""
+def module_docstrings(modules, max_chars: int, min_len: int = 200, missing: list | None = None) -> list[str]:
+    """Docstrings (at least min_len characters) of `modules` and their public functions and classes; the names of
+    modules that cannot be imported here are appended to `missing`."""
     texts: list[str] = []
     total = 0
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a missing optional stdlib module is fine
+        except ImportError:  # an optional stdlib module this Python lacks: said, since the corpus changes
+            if missing is not None:
+                missing.append(name)
             continue
         docs = [inspect.getdoc(module) or ""]
         for attr in sorted(dir(module)):
@@ -65,9 +72,9 @@ def module_docstrings(modules, max_chars: int, min_len: int = 200) -> list[str]:
     return texts
 
 
-def stdlib_prose(max_chars: int = 200_000) -> list[str]:
-    """The built-in calibration prose: docstrings of PROSE_MODULES."""
-    return module_docstrings(PROSE_MODULES, max_chars)
+def stdlib_prose(max_chars: int = 200_000, missing: list | None = None) -> list[str]:
+    """The built-in calibration prose: docstrings of PROSE_MODULES (modules this Python lacks go to `missing`)."""
+    return module_docstrings(PROSE_MODULES, max_chars, missing=missing)
 
 
 def calibration_prompts() -> dict:
@@ -95,7 +102,7 @@ def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     encoded = [tokenizer(t, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, t)).input_ids[0]
                for t in prompts]
     pad = _pad_id(tokenizer)
-    device = _input_device(model)
+    device = input_device(model)
     out: list[dict | None] = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -112,7 +119,7 @@ def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                              do_sample=False, pad_token_id=pad).cpu()
         for row, k in enumerate(batch):
             new = gen[row, width:]
-            stop = _eos_ids(tokenizer, model)
+            stop = eos_ids(tokenizer, model)
             hits = torch.isin(new, torch.tensor(sorted(stop), dtype=new.dtype)) if stop else torch.zeros_like(new, dtype=torch.bool)
             if hits.any():
                 new = new[: int(hits.nonzero()[0, 0]) + 1]
@@ -120,7 +127,7 @@ def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def _eos_ids(tokenizer, model=None) -> set[int]:
+def eos_ids(tokenizer, model=None) -> set[int]:
     ids = set()
     for value in (getattr(tokenizer, "eos_token_id", None),
                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -129,10 +136,6 @@ def _eos_ids(tokenizer, model=None) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def _has_bos(tokenizer, text: str) -> bool:
@@ -152,11 +155,6 @@ class Ranges:
     hi: list[np.ndarray]
     tokens: int = 0
     sources: dict = field(default_factory=dict)
-
-    def merge(self, other: "Ranges") -> "Ranges":
-        return Ranges([np.minimum(a, b) for a, b in zip(self.lo, other.lo)],
-                      [np.maximum(a, b) for a, b in zip(self.hi, other.hi)],
-                      self.tokens + other.tokens, {**self.sources, **other.sources})
 
     def summary(self) -> dict:
         widths = np.concatenate([h - l for l, h in zip(self.lo, self.hi)])
@@ -180,7 +178,7 @@ class RangeRecorder:
         self.mask = None
         self.finished = None
         self.rows = None
-        self.handles = []
+        self.hooks = HookSet()
 
     def new_batch(self, rows: torch.Tensor | None = None) -> None:
         """The next forward call starts a new batch (a prefill), not a decode step of the last one; `rows` (bool
@@ -189,16 +187,13 @@ class RangeRecorder:
         self.rows = rows
 
     def __enter__(self):
-        self.handles.append(self.model.register_forward_pre_hook(self._top, with_kwargs=True))
+        self.hooks.pre(self.model, self._top, with_kwargs=True)
         for i, layer in enumerate(self.layers):
-            gate = getattr(layer.mlp, self.arch["gate"])
-            self.handles.append(gate.register_forward_hook(self._hook(i)))
+            self.hooks.post(getattr(layer.mlp, self.arch["gate"]), self._hook(i))
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self.hooks.remove()
         return False
 
     def _top(self, _module, args, kwargs):
@@ -245,35 +240,6 @@ class RangeRecorder:
         return Ranges(list(self.lo), list(self.hi), self.tokens)
 
 
-def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "right", sort: bool = True,
-                   first_tokens: int | None = None):
-    """Batches of at most `max_tokens` (padded) tokens, length-sorted unless sort=False (then in list order):
-    yields (indices, ids, attention_mask).  With `first_tokens`, the first batch holds at most that many tokens
-    and each next one twice as many (up to max_tokens): a walk that may stop early stops after little work."""
-    order = list(range(len(sequences)))
-    if sort:
-        order.sort(key=lambda k: len(sequences[k]))
-    limit = min(first_tokens or max_tokens, max_tokens)
-    batch: list[int] = []
-    for k in order + [None]:
-        if k is not None and (not batch or
-                              (len(batch) + 1) * max(len(sequences[j]) for j in batch + [k]) <= limit):
-            batch.append(k)
-            continue
-        if batch:
-            width = max(len(sequences[j]) for j in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, j in enumerate(batch):
-                n = len(sequences[j])
-                sl = slice(0, n) if side == "right" else slice(width - n, width)
-                ids[row, sl] = sequences[j]
-                mask[row, sl] = 1
-            yield batch, ids, mask
-            limit = min(2 * limit, max_tokens)
-        batch = [k] if k is not None else []
-
-
 @torch.no_grad()
 def collect_ranges(model, sequences: list[torch.Tensor], desc: str = "calibrating", max_tokens: int = 4096,
                    recorder: "RangeRecorder | None" = None) -> Ranges:
@@ -281,7 +247,7 @@ def collect_ranges(model, sequences: list[torch.Tensor], desc: str = "calibratin
     min/max of every MLP's z.  With a `recorder`, add to its ranges instead of starting new ones."""
     own = recorder is None
     rec = RangeRecorder(model) if own else recorder
-    device = _input_device(model)
+    device = input_device(model)
     batches = list(padded_batches(sequences, max_tokens))
     with (rec if own else contextlib.nullcontext()):
         for _, ids, mask in bar(batches, desc=desc, unit="batch"):
@@ -303,3 +269,81 @@ def tokenize_chunks(tokenizer, texts: list[str], max_length: int) -> list[torch.
             if len(piece) >= 2:
                 chunks.append(piece)
     return chunks
+
+
+# ---------------------------------------------------------------- calibration and validation data
+
+
+@dataclass
+class CalibrationData:
+    calibration: list[torch.Tensor]  # prose chunks (prompt sequences were recorded while they were generated)
+    validation: list[dict]  # {"ids", "prompt_len", "logits"}: the original's logits on the continuation
+    sources: dict = field(default_factory=dict)
+
+
+def spread(items: list, limit: int | None) -> list:
+    """At most `limit` items, evenly spread over the list (all of them when limit is None)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[int(k)] for k in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+@torch.no_grad()
+def calibrate(model, tokenizer, texts: list[str] | None, opts: ProtectOptions,
+              chat: bool | None = None, validation_every: int = 5) -> tuple[CalibrationData, Ranges]:
+    """Calibration ranges and validation data, in as few passes over the model as possible (each pass onloads
+    every layer of a streamed model once per batch):
+
+    1. all prompts are generated (greedy, batched); the calibration prompts' ranges are recorded on the way —
+       prompt and continuation tokens need no second pass — while the validation prompts (every
+       `validation_every`-th) share the batches but never enter the ranges;
+    2. the prose chunks run through in padded batches, recorded the same way;
+    3. the original's logits on the validation continuations are kept as the reference."""
+    opts = opts.resolved()
+    if tokenizer is None:
+        raise TaylorMLPError("protect() needs the tokenizer to calibrate on text")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    missing: list[str] = []
+    if texts is None:
+        texts = stdlib_prose(opts.prose_chars, missing)
+        prose_name = "python-stdlib-docstrings"
+        if missing:
+            log(f"calibration prose: this Python lacks {', '.join(missing)}; their docstrings are left out, so the "
+                f"ranges differ from those of a full standard library")
+    else:
+        prose_name = "user-corpus"
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise TaylorMLPError("the calibration text is empty; give a file with real text (--calibration FILE)")
+    chunks = spread(tokenize_chunks(tokenizer, texts, opts.max_length), opts.calibration_samples)
+    if not chunks:
+        raise TaylorMLPError("the calibration text is too short: it tokenizes to fewer than 2 tokens")
+    prompts = calibration_prompts()
+    formatted = [format_prompt(tokenizer, p, True) for p in prompts["chat"]] if chat else []
+    formatted = spread(formatted + prompts["raw"], opts.calibration_samples)
+    is_valid = [i % validation_every == validation_every - 1 for i in range(len(formatted))]
+    with RangeRecorder(model, eos_ids(tokenizer, model)) as recorder:
+        # all prompts generate together (fewer passes over the layers); validation rows are not recorded
+        seqs = greedy_sequences(model, tokenizer, formatted, opts.continuation_tokens, desc="prompts",
+                                batch_size=opts.batch_size, recorder=recorder,
+                                record=[not v for v in is_valid]) if formatted else []
+        collect_ranges(model, chunks, desc="calibration prose", max_tokens=opts.batch_tokens, recorder=recorder)
+    ranges = recorder.ranges()
+    valid = [seq for seq, v in zip(seqs, is_valid) if v]
+    calib_prompts = [seq for seq, v in zip(seqs, is_valid) if not v]
+    for k, logits in continuation_logits(model, valid, opts.batch_tokens):
+        valid[k]["logits"] = logits
+    valid.sort(key=logit_margin)  # most fragile first: a walk that may stop early meets failures soonest
+    sources = {prose_name: len(chunks), "prompts+continuations": len(calib_prompts), "validation": len(valid)}
+    if missing:
+        sources["prose_modules_missing"] = missing
+    ranges.sources = sources
+    return CalibrationData(chunks, valid, sources), ranges
+
+
+def logit_margin(seq: dict) -> float:
+    """The smallest gap between the original's top two logits over a validation continuation: how far its greedy
+    choice is from flipping.  Candidates fail first on the sequences with the smallest margin."""
+    top2 = seq["logits"].topk(2, dim=-1).values if seq["logits"].shape[-1] > 1 else None
+    return float((top2[:, 0] - top2[:, 1]).min()) if top2 is not None and len(top2) else math.inf

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .errors import TaylorMLPError
-
-SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
-                    "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
-
+from .options import PRESETS
+from .progress import quiet
+from .release import DTYPES
+from .runtime import BASES
+from .sources import BUILTIN_MODELS
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -36,9 +36,6 @@ def _slowdown(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .release import DTYPES
-    from .sources import BUILTIN_MODELS
-
     parser = argparse.ArgumentParser(
         prog="taylormlp",
         description="Release language models as TaylorMLP series coefficients: token-exact, throttled, audited.",
@@ -50,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate, convert every MLP to TaylorMLP form and write a release directory.")
     p.add_argument("source", help=f"model: a Hugging Face model directory, a .gguf file, or a built-in name ({builtins})")
     p.add_argument("--out", required=True, type=Path, help="release directory to create")
-    p.add_argument("--preset", choices=["default", "paper"], default="default",
+    p.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="'paper': Taylor basis, midpoint expansion, narrowest channels first (Wang et al. 2024); "
                         "'default': piecewise Chebyshev series (value and slope of the activation at every piece "
                         "edge), intervals widened by half their width, channels ranked by output error (full "
@@ -60,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target decode slowdown against the original on this machine (1.25 to 16): chooses coverage, "
                         "order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode timing "
                         "confirms it) and records requested, measured and FLOPs ratios and the machine")
-    p.add_argument("--basis", choices=["taylor", "chebyshev"], help="override the preset's basis")
+    p.add_argument("--basis", choices=list(BASES), help="override the preset's basis")
     p.add_argument("--coverage", type=_unit_float,
                    help="share of MLP channels to protect (0..1); default: the largest that stays token-exact "
                         "on the validation prompts")
@@ -116,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="protect SmolLM2 and show original vs protected generations side by side")
     d.add_argument("--out", type=Path, default=Path("releases/smollm2-paper"), help="release directory to use/create")
-    d.add_argument("--preset", choices=["default", "paper"], default="paper", help="preset (default paper)")
+    d.add_argument("--preset", choices=list(PRESETS), default="paper", help="preset (default paper)")
     d.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens per prompt (default 48)")
     d.add_argument("--force", action="store_true", help="re-protect even if --out exists")
 
@@ -158,8 +155,6 @@ def _unexpected_io_error(exc: BaseException) -> str:
 
 def _quiet_libraries() -> None:
     """With TAYLORMLP_QUIET=1, transformers' own progress bars and warnings stay off stderr as well."""
-    from .progress import quiet
-
     if not quiet():
         return
     try:
@@ -176,8 +171,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        handler = globals()[f"cmd_{args.command}"]
-        return handler(args) or 0
+        from . import commands  # after parsing: --help and usage errors need none of the models' libraries
+
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
     except TaylorMLPError as exc:
         print(f"taylormlp {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -187,121 +183,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
-
-
-def _check_outputs(**paths) -> None:
-    """Output files named by flags (--json, --plot) can be written: checked before any work is done."""
-    from .paths import check_output_file
-
-    for flag, path in paths.items():
-        if path is not None:
-            check_output_file(path, f"--{flag}")
-
-
-def _check_plot_format(path) -> None:
-    if path is None or not Path(path).suffix:
-        return
-    from matplotlib.figure import Figure
-
-    formats = Figure().canvas.get_supported_filetypes()
-    if Path(path).suffix[1:].lower() not in formats:
-        raise TaylorMLPError(f"--plot {path}: matplotlib cannot write {Path(path).suffix!r} files; use one of "
-                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. bench.png)")
-
-
-# ---------------------------------------------------------------- commands
-
-
-def cmd_protect(args) -> int:
-    from .pipeline import protect_to_release
-
-    summary = protect_to_release(
-        args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
-        slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
-        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
-        max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
-        device=args.device)
-    print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
-          f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
-    if summary.get("slowdown"):
-        print(f"measured decode slowdown {summary['slowdown']['measured']:.2f}x (target {summary['slowdown']['target']}x)")
-    print(SECURITY_POINTER)
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from .pipeline import generate_text, load_any
-
-    model, tokenizer = load_any(args.release, base=args.base)
-    start = time.perf_counter()
-    text, n = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
-    elapsed = time.perf_counter() - start
-    print(text)
-    print(f"[{n} tokens in {elapsed:.2f}s]", file=sys.stderr)
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from .pipeline import inspect_release
-
-    info = inspect_release(args.release, leak_source=args.leak_check)
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return 1 if info.get("leak_check", {}).get("leaks") else 0
-    print(f"release {args.release}")
-    for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
-                "pieces_per_protected_channel", "size_bytes"):
-        print(f"  {key:28} {info[key]}")
-    print("  layer  protected  pieces  rest")
-    for row in info["layers"]:
-        print(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces', row['protected']):6}  {row['rest']:4}")
-    if "leak_check" in info:
-        lc = info["leak_check"]
-        print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")
-        for row in lc["tensors"]:
-            print(f"  {row['name']:60} {row['kind']}")
-        for leak in lc["leaks"]:
-            print(f"  LEAK: {leak}")
-        return 1 if lc["leaks"] else 0
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from .evaluate import compare, print_comparison, read_prompts
-    from .pipeline import dump_json
-
-    _check_outputs(json=args.json)
-    prompts = read_prompts(args.prompts)
-    result = compare(args.source, args.release, prompts, args.max_new_tokens)
-    print_comparison(result)
-    if args.json:
-        dump_json(result, args.json)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, preset=args.preset, max_new_tokens=args.max_new_tokens, force=args.force)
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from .bench import run_bench
-
-    _check_outputs(json=args.json, plot=args.plot)
-    _check_plot_format(args.plot)
-    run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot)
-    return 0
-
-
-def cmd_audit(args) -> int:
-    from .audit import run_audit
-
-    _check_outputs(json=args.json)
-    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
-    return 0
 
 
 if __name__ == "__main__":

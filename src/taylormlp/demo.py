@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .decode import first_divergence
 from .pipeline import generate_ids, protect_to_release
 from .release import load_release, verify_release
 from .errors import TaylorMLPError
@@ -57,9 +58,8 @@ def run_demo(out: Path, preset: str = "paper", max_new_tokens: int = 48, force: 
             a, ta = _timed_generate(original, tokenizer, prompt, chat, max_new_tokens)
             b, tb = _timed_generate(release, tokenizer, prompt, chat, max_new_tokens)
             t_orig, t_prot = t_orig + ta, t_prot + tb
-            n = min(len(a), len(b))
-            same = int((a[:n] == b[:n]).sum())
-            exact = len(a) == len(b) and same == len(a)
+            same = first_divergence(a, b)  # tokens matched: those before the first divergence
+            exact = len(a) == len(b) == same
             matched_prompts += exact
             rows.append((kind, prompt, tokenizer.decode(a, skip_special_tokens=True),
                          tokenizer.decode(b, skip_special_tokens=True), same, max(len(a), len(b)), exact))

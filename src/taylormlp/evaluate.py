@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .decode import first_divergence
 from .errors import TaylorMLPError
-from .pipeline import generate_ids, load_any
+from .pipeline import check_prompt, generate_ids, load_any
 from .progress import bar
 from .sources import is_chat_model, load_base
 
@@ -20,8 +21,6 @@ PROMPT_FILE_SHAPE = ('{"prompts": [{"kind": "chat" or "raw", "text": "..."}, ...
 
 def read_prompts(path: Path) -> list[dict]:
     """The prompts of a prompt file; any other shape is a TaylorMLPError naming the file and the expected shape."""
-    from .pipeline import check_prompt
-
     path = Path(path)
     if not path.is_file():
         raise TaylorMLPError(f"prompt file {path} not found" + (" (it is a directory)" if path.is_dir() else "")
@@ -81,10 +80,8 @@ def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> d
         start = time.perf_counter()
         b, _ = generate_ids(protected, tokenizer, item["text"], chat, max_new_tokens)
         t_prot += time.perf_counter() - start
-        n = min(len(a), len(b))
-        prefix = int(n if bool((a[:n] == b[:n]).all()) else int((a[:n] != b[:n]).nonzero()[0, 0]))
         rows.append({"kind": item["kind"], "prompt": item["text"], "identical": bool(torch.equal(a, b)),
-                     "tokens_original": len(a), "tokens_release": len(b), "first_divergence": prefix,
+                     "tokens_original": len(a), "tokens_release": len(b), "first_divergence": first_divergence(a, b),
                      "original": tokenizer.decode(a, skip_special_tokens=True),
                      "release": tokenizer.decode(b, skip_special_tokens=True)})
     spec = protected.config.taylormlp

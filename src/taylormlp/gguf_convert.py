@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import TaylorMLPError
+from .progress import bar
 
 SHARD_BYTES = 2 * 1024 ** 3
 
@@ -30,8 +31,6 @@ def convert_gguf(gguf: Path, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
-
-    from .progress import bar
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):

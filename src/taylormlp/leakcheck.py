@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import runtime
+from .sources import load_base
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16, "I64": np.int64,
               "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
@@ -66,7 +67,6 @@ def classify(name: str) -> str:
 
 
 def leak_check(release_dir, source) -> dict:
-    from .sources import load_base
 
     original, _, _ = load_base(source)
     arch = runtime.architecture(original.config)

@@ -54,19 +54,25 @@ def write_text_atomically(path, text: str, flag: str = "output file") -> Path:
     """Write `text` to `path` through a temporary file beside it, renamed into place only when complete: a failure
     (a full disk, a read-only directory) is a TaylorMLPError and leaves `path` as it was, no temporary file and no
     directory this call created."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "x", encoding="utf-8") as fh:  # "x": the umask's permissions, never an existing file
+            fh.write(text)
+    return write_atomically(path, write, flag)
+
+
+def write_atomically(path, write, flag: str = "output file") -> Path:
+    """`write(tmp)` fills a temporary file beside `path` (same directory, same suffix: a writer that picks its
+    format by the suffix, such as matplotlib's savefig, still does), which is then renamed onto `path`.  A failure
+    is a TaylorMLPError and leaves `path` as it was, no temporary file and no directory this call created."""
     path = Path(path)
     missing = []  # parent directories this call creates, removed again on failure
     parent = path.parent
     while not os.path.lexists(parent) and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as fh:  # "x": the umask's permissions, never an existing file
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+
+    def clean_up() -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         for directory in missing:  # innermost first
@@ -74,6 +80,15 @@ def write_text_atomically(path, text: str, flag: str = "output file") -> Path:
                 directory.rmdir()
             except OSError:
                 break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        clean_up()
         raise TaylorMLPError(f"cannot write {flag} {path} ({exc.strerror or exc}; disk full or not writable?); "
                              f"nothing was written there") from exc
+    except BaseException:  # the writer's own error, an interrupt: nothing half written stays behind either
+        clean_up()
+        raise
     return path

@@ -9,14 +9,20 @@ from pathlib import Path
 
 import torch
 
-from . import runtime
-from .convert import Protector, ProtectOptions, calibrate, choose_coverage, finish
+from .calibration import calibrate, format_prompt
+from .convert import choose_coverage, finish
 from .errors import TaylorMLPError
+from .leakcheck import leak_check
+from .options import ProtectOptions
+from .paths import write_text_atomically
 from .progress import log
-from .release import (DTYPES, check_output_dir, load_release, model_card, release_size, save_release,
+from .protector import Protector
+from .runtime import ReleaseSpec
+from .release import (DTYPES, ModelTensors, check_output_dir, load_release, model_card, release_size, save_release,
                       save_streamed_release, verify_release)
 from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
 from .stream import SafetensorsSource, SourceMLPs, open_streamed, read_config, resolve_device
+from .throttle import protect_for_slowdown
 
 
 def read_calibration_file(path: Path) -> list[str]:
@@ -52,12 +58,15 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     texts = read_calibration_file(Path(calibration_file)) if calibration_file else None
     opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed, **tuning).resolved()
     if slowdown is not None:
-        from .throttle import protect_for_slowdown
-
         model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
-        spec, slow = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
-        save_release(model, out, tokenizer, force=force, card=model_card(spec, slowdown=slow))
+        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
+        card = model_card(spec, slowdown=slow)
+        if slow["held_in_memory"]:
+            save_release(model, out, tokenizer, force=force, card=card)
+        else:  # too big to hold: the model stayed the original; each layer's TaylorMLP is built as it is written
+            write_release(out, protector, spec, ModelTensors(model), DTYPES[dtype], tokenizer, force=force, card=card,
+                          generation_config=model.generation_config)
         return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
                 "size_bytes": release_size(out), "slowdown": slow}
     model_dir = resolve_source(source)
@@ -69,15 +78,22 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         model, weights = open_streamed(model_dir, DTYPES[dtype], device, offload)
         data, ranges = calibrate(model, tokenizer, texts, opts, chat)
         protector = Protector(model, ranges, opts, mlps=SourceMLPs(weights, model.config), streamed=True)
-        spec = finish(protector, choose_coverage(protector, data), data, ranges, materialize=False)
-        protector.restore()
-        masks = protector.masks(spec["coverage"])
-        config = copy.deepcopy(model.config)
-        config.taylormlp = spec
-        save_streamed_release(out, config, weights, lambda i: protector.build(i, masks[i]), DTYPES[dtype], tokenizer,
-                              force=force, card=model_card(spec), model_dir=model_dir)
+        spec = finish(protector, choose_coverage(protector, data), data, ranges, materialize=False, install=False)
+        write_release(out, protector, spec, weights, DTYPES[dtype], tokenizer, force=force, card=model_card(spec),
+                      model_dir=model_dir)
     return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
             "size_bytes": release_size(out), "slowdown": None}
+
+
+def write_release(out, protector: Protector, spec: dict, tensors, dtype, tokenizer, **kwargs):
+    """Write the release of `spec` layer by layer: the model's other tensors from `tensors` (a streamed source or
+    release.ModelTensors), each layer's TaylorMLP built by `protector` as it is written (the model itself is left
+    as it is)."""
+    masks = protector.masks(spec["coverage"])
+    config = copy.deepcopy(protector.model.config)
+    config.taylormlp = spec
+    return save_streamed_release(out, config, tensors, lambda i: protector.build(i, masks[i]), dtype, tokenizer,
+                                 **kwargs)
 
 
 def load_any(path, base: bool = False):
@@ -122,8 +138,6 @@ def check_prompt(prompt, where: str = "the prompt") -> str:
 def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int) -> tuple[torch.Tensor, int]:
     """Greedy continuation of `prompt` (new token ids, prompt length).  An empty prompt starts from the BOS token; a
     prompt that, with `max_new_tokens`, runs past the model's context is refused."""
-    from .calibration import format_prompt
-
     check_prompt(prompt)
     if chat and not is_chat_model(tokenizer):
         raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template; drop --chat to use the "
@@ -163,42 +177,34 @@ def generate_text(model, tokenizer, prompt: str, chat: bool = False, max_new_tok
 
 def inspect_release(directory, leak_source=None) -> dict:
     config = verify_release(directory)
-    spec = config["taylormlp"]
+    spec = ReleaseSpec.from_dict(config["taylormlp"])
     info = {
-        "format_version": spec["format_version"],
+        "format_version": spec.format_version,
         "architecture": config.get("model_type"),
-        "family": spec["family"],
-        "activation": spec["activation"],
-        "basis": spec["basis"],
-        "order": spec["order"],
-        "preset": spec.get("preset"),
-        "coverage": spec["coverage"],
+        "family": spec.family,
+        "activation": spec.activation,
+        "basis": spec.basis,
+        "order": spec.order,
+        "preset": spec.preset,
+        "coverage": spec.coverage,
         "pieces_per_protected_channel": _pieces_ratio(spec),
-        "layers": [{"layer": i, **row} for i, row in enumerate(spec["layers"])],
+        "layers": [{"layer": i, **row} for i, row in enumerate(spec.to_dict()["layers"])],
         "size_bytes": release_size(directory),
-        "calibration": spec.get("calibration"),
-        "validation": spec.get("validation"),
+        "calibration": spec.record.get("calibration"),
+        "validation": spec.record.get("validation"),
     }
     if leak_source is not None:
-        from .leakcheck import leak_check
-
         info["leak_check"] = leak_check(directory, leak_source)
     return info
 
 
-def _pieces_ratio(spec: dict) -> float | None:
-    P = sum(row["protected"] for row in spec["layers"])
-    Q = sum(row.get("pieces", row["protected"]) for row in spec["layers"])
+def _pieces_ratio(spec: ReleaseSpec) -> float | None:
+    P = sum(shape.protected for shape in spec.layers)
+    Q = sum(shape.protected if shape.pieces is None else shape.pieces for shape in spec.layers)
     return Q / P if P else None
-
-
-def architecture_names() -> list[str]:
-    return sorted(runtime.ARCHITECTURES)
 
 
 def dump_json(obj, path: Path, flag: str = "--json") -> None:
     """Write `obj` as JSON to `path` atomically; a path that cannot be written is a TaylorMLPError naming it."""
-    from .paths import write_text_atomically
-
     write_text_atomically(Path(path), json.dumps(obj, indent=1), flag)
     log(f"wrote {path}")

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .errors import TaylorMLPError
+from .errors import TaylorMLPError, first_line
+from .paths import check_creatable
+from .progress import bar
+from .stream import release_memory
 
 MANIFEST = "taylormlp_manifest.json"
 MODELING_FILE = "modeling_taylormlp.py"
@@ -42,8 +45,6 @@ def sha256_file(path: Path) -> str:
 def check_output_dir(out: Path, force: bool) -> None:
     """Fail now, before any work, if the release directory `out` could not be written: it exists (without force), it
     is a file, or it lies under a file or in a directory where nothing can be created."""
-    from .paths import check_creatable
-
     out = Path(out)
     if out.exists() and not force:
         raise TaylorMLPError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
@@ -60,16 +61,12 @@ def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str 
     spec = getattr(model.config, "taylormlp", None)
     if spec is None:
         raise TaylorMLPError("this model has not been protected: call taylormlp.protect(model, ...) first")
-    from .convert import CandidateMLP
-
     layers = runtime.decoder_layers(model)
+    if not all(isinstance(layer.mlp, runtime.TaylorMLP) for layer in layers):
+        raise TaylorMLPError("this model's MLPs are not all TaylorMLP modules: save_release writes a model after "
+                             "taylormlp.protect(model, ...) has installed them")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-
-    def build_mlp(i: int):  # a candidate (a layer too big to keep, see convert.CandidateMLP) is built here
-        mlp = layers[i].mlp
-        return mlp.build() if isinstance(mlp, CandidateMLP) else mlp
-
-    return save_streamed_release(out, model.config, ModelTensors(model), build_mlp, dtype, tokenizer,
+    return save_streamed_release(out, model.config, ModelTensors(model), lambda i: layers[i].mlp, dtype, tokenizer,
                                  force=force, card=card or model_card(spec), generation_config=model.generation_config)
 
 
@@ -106,8 +103,6 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
     index, so transformers (and accelerate's offloading) load it like any sharded checkpoint."""
     from safetensors.torch import save_file
 
-    from .stream import release_memory
-
     out = Path(out_dir)
     spec = getattr(config, "taylormlp", None)
     if spec is None:
@@ -124,8 +119,6 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
             groups[int(index) + 1].append(name)
 
     def fill(tmp: Path) -> None:
-        from .progress import bar
-
         weight_map, total = {}, 0
         files = n_layers + 1
         for k in bar(range(files), desc="writing release", unit="shard"):
@@ -247,12 +240,10 @@ def verify_release(directory) -> dict:
         raise TaylorMLPError(f"{d / 'config.json'} is not valid JSON ({exc}); {redo}") from exc
     if not isinstance(config, dict):
         raise TaylorMLPError(f"{d / 'config.json'} is not a JSON object; {redo}")
-    spec = config.get("taylormlp")
-    if not isinstance(spec, dict):
-        raise TaylorMLPError(f"{d / 'config.json'} has no 'taylormlp' section: not a taylormlp release")
-    if spec.get("format_version") != runtime.FORMAT_VERSION:
-        raise TaylorMLPError(f"{d / 'config.json'}: unknown taylormlp format_version {spec.get('format_version')!r}; "
-                             f"this taylormlp reads version {runtime.FORMAT_VERSION}")
+    try:
+        runtime.ReleaseSpec.from_dict(config.get("taylormlp"))
+    except ValueError as exc:
+        raise TaylorMLPError(f"{d / 'config.json'}: {exc}") from exc
     return config
 
 
@@ -376,7 +367,7 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
         config = AutoConfig.from_pretrained(d)
     except (OSError, ValueError, KeyError) as exc:
         raise TaylorMLPError(f"{d / 'config.json'}: cannot read the release config "
-                             f"({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
+                             f"({first_line(exc)})") from exc
     try:
         cls = runtime.release_class(config)
     except ValueError as exc:
@@ -388,7 +379,7 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
         try:
             model = cls.from_pretrained(d, config=config, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise TaylorMLPError(f"cannot load the release {d} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+            raise TaylorMLPError(f"cannot load the release {d} ({first_line(exc)}); "
                                  f"re-download it or run `taylormlp protect` again") from exc
     else:
         try:

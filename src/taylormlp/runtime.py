@@ -24,7 +24,9 @@ the line (outer edges ±inf), so exactly one piece serves each input.  Cost grow
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -98,6 +100,51 @@ def torch_activation(name: str):
         return ACT2FN[name]
     except KeyError as exc:
         raise ValueError(f"activation {name!r} is not supported") from exc
+
+
+# ---------------------------------------------------------------- the basis: one implementation of the series' maths
+
+
+@functools.lru_cache(maxsize=None)
+def edge_slopes(basis: str, order: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(φ_n'(+1), φ_n'(−1)) for n = 0..order (exact integers, as floats): the slopes of the runtime's linear
+    continuation past ±1.  Power basis: φ_n' = n tⁿ⁻¹, so ±n;  Chebyshev: T_n'(±1) = (±1)ⁿ⁺¹ n²."""
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+    plus = tuple(float(n if basis == "taylor" else n * n) for n in range(order + 1))
+    return plus, tuple(s if n % 2 else -s for n, s in enumerate(plus))  # odd n: same slope at -1, even n: negated
+
+
+def series_slopes(basis: str, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p'(+1) and p'(−1) of p = Σ_n c_n φ_n for coefficients ``coeffs`` [..., N+1] (order last), in their dtype."""
+    plus, minus = (torch.tensor(s, dtype=coeffs.dtype, device=coeffs.device)
+                   for s in edge_slopes(basis, coeffs.shape[-1] - 1))
+    return coeffs @ plus, coeffs @ minus
+
+
+def series_values(basis: str, coeffs: torch.Tensor, t: torch.Tensor, slopes=None) -> torch.Tensor:
+    """Σ_n c_n φ_n(t) as the runtime evaluates it: NaN counts as 0, t is clamped to t_c ∈ [-1, 1], and past ±1 the
+    value continues linearly with the edge slope, p(t_c) + p'(t_c)·(t − t_c).  ``coeffs`` [..., N+1] has the order
+    last, ``coeffs[..., n]`` broadcasting against t; one pass of Horner (power basis) or Clenshaw (Chebyshev), no
+    basis tensor.  ``slopes``: ``series_slopes(basis, coeffs)``, for a caller that keeps them."""
+    if basis not in BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
+    t = torch.nan_to_num(t, nan=0.0)
+    tc = t.clamp(-1.0, 1.0)
+    N = coeffs.shape[-1] - 1
+    if basis == "taylor":  # Horner
+        p = coeffs[..., N]
+        for n in range(N - 1, -1, -1):
+            p = p * tc + coeffs[..., n]
+    else:  # Clenshaw: b_n = 2t b_{n+1} − b_{n+2} + c_n,  p = t b_1 − b_2 + c_0
+        two_t = 2.0 * tc
+        b1 = torch.zeros_like(tc)
+        b2 = torch.zeros_like(tc)
+        for n in range(N, 0, -1):
+            b1, b2 = two_t * b1 - b2 + coeffs[..., n], b1
+        p = tc * b1 - b2 + coeffs[..., 0]
+    plus, minus = series_slopes(basis, coeffs) if slopes is None else slopes
+    return p + (t - tc) * torch.where(t > 0, plus, minus)
 
 
 # ---------------------------------------------------------------- the module
@@ -203,15 +250,11 @@ class TaylorMLP(nn.Module):
             for n in range(2, N + 1):
                 torch.mul(two_t, phi[n - 1], out=phi[n])
                 phi[n].sub_(phi[n - 2])
-        if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(t_c)·excess
-            if self.basis == "taylor":  # φ_n' = n tⁿ⁻¹ (φ_n' of φ_{n-1}, read before φ_{n-1} is changed)
-                for n in range(N, 0, -1):
-                    phi[n].add_((n * phi[n - 1]) * excess)
-            else:  # T_n'(±1) = (±1)ⁿ⁺¹ n²
-                sign = torch.where(tc >= 0, 1.0, -1.0).to(work)
-                for n in range(1, N + 1):
-                    phi[n].add_((sign ** (n + 1) * float(n * n)) * excess)
-            # φ_0' = 0: φ_0 stays 1
+        if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(±1)·excess (φ_0' = 0: φ_0 stays 1)
+            plus, minus = edge_slopes(self.basis, N)
+            magnitude = excess.abs()  # φ_n'(−1) = ±φ_n'(+1): the term is φ_n'(+1)·excess (same) or φ_n'(+1)·|excess|
+            for n in range(1, N + 1):
+                phi[n].add_(plus[n] * (excess if minus[n] == plus[n] else magnitude))
         if active is not None:
             basis.mul_(active.to(work).unsqueeze(-2))
         if u is not None:
@@ -226,18 +269,17 @@ class TaylorMLP(nn.Module):
         outside = excess != 0
         N = self.order
         phi = [torch.ones_like(tc)]
-        dphi = [torch.zeros_like(tc)]  # φ_n'(t_c), needed only where |t| > 1
-        if self.basis == "taylor":  # φ_n = tⁿ built term by term; φ_n' = n tⁿ⁻¹
+        if self.basis == "taylor":  # φ_n = tⁿ built term by term
             for n in range(1, N + 1):
-                dphi.append(n * phi[n - 1])
                 phi.append(phi[n - 1] * tc)
-        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1};  T_n'(±1) = (±1)ⁿ⁺¹ n²
-            sign = torch.where(tc >= 0, 1.0, -1.0).to(work)
+        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
             for n in range(1, N + 1):
                 phi.append(tc if n == 1 else 2.0 * tc * phi[n - 1] - phi[n - 2])
-                dphi.append(sign ** (n + 1) * float(n * n))
         basis = torch.stack(phi, dim=-2)  # [..., N+1, P]
-        if bool(outside.any()):
+        if bool(outside.any()):  # φ_n'(±1) on the side of t_c, needed only where |t| > 1
+            plus, minus = edge_slopes(self.basis, N)
+            right = tc >= 0
+            dphi = [torch.zeros_like(tc)] + [torch.where(right, plus[n], minus[n]) for n in range(1, N + 1)]
             basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
         if active is not None:
             basis = basis * active.to(work).unsqueeze(-2)
@@ -256,16 +298,78 @@ class TaylorMLP(nn.Module):
 # ---------------------------------------------------------------- installing empty modules (for loading)
 
 
-def install_taylor_mlps(model, spec: dict) -> None:
+@dataclass
+class LayerShape:
+    """One decoder layer of a release: protected channels, their series pieces, and the plain ``rest`` channels."""
+
+    protected: int
+    rest: int
+    pieces: int | None = None  # None: one piece per protected channel
+    rest_out_bias: bool = False
+
+
+@dataclass
+class ReleaseSpec:
+    """The ``taylormlp`` section of a release's config.json, typed: what the runtime needs to rebuild the empty
+    TaylorMLPs, and what protect recorded (calibration, validation, coverage search, slowdown) in ``record``.
+    ``from_dict`` is the one place a spec's format_version is checked."""
+
+    family: str
+    hidden_size: int
+    activation: str
+    order: int
+    basis: str
+    coverage: float
+    layers: list
+    rest_bias: bool = False
+    preset: str | None = None
+    selection: str | None = None
+    margin: float | None = None
+    max_pieces: int | None = None
+    record: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        out = {"format_version": self.format_version}
+        for f in fields(self):
+            if f.name not in ("format_version", "record", "layers"):
+                out[f.name] = getattr(self, f.name)
+        out["layers"] = [asdict(shape) if isinstance(shape, LayerShape) else dict(shape) for shape in self.layers]
+        return {**out, **self.record}
+
+    @classmethod
+    def from_dict(cls, spec) -> "ReleaseSpec":
+        if not isinstance(spec, dict):
+            raise ValueError("config.json has no 'taylormlp' section: this is not a taylormlp release")
+        version = spec.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unknown taylormlp format_version {version!r}; this runtime reads version "
+                             f"{FORMAT_VERSION} (a release from another taylormlp version?)")
+        names = {f.name for f in fields(cls)} - {"record", "layers"}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        absent = [name for name in required if name not in spec]
+        if absent:
+            raise ValueError(f"the taylormlp section of config.json lacks {', '.join(absent)}: a damaged release")
+        try:
+            layers = [LayerShape(**{k: row[k] for k in ("protected", "rest", "pieces", "rest_out_bias") if k in row})
+                      for row in spec["layers"]]
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"the taylormlp section's layers are malformed ({exc}): a damaged release") from exc
+        known = {k: v for k, v in spec.items() if k in names}
+        record = {k: v for k, v in spec.items() if k not in names and k != "layers"}
+        return cls(**known, layers=layers, record=record)
+
+
+def install_taylor_mlps(model, spec: ReleaseSpec | dict) -> None:
     """Replace every decoder layer's MLP by an empty TaylorMLP shaped as ``spec`` (config["taylormlp"])."""
+    spec = spec if isinstance(spec, ReleaseSpec) else ReleaseSpec.from_dict(spec)
     layers = decoder_layers(model)
-    shapes = spec["layers"]
-    if len(shapes) != len(layers):
-        raise ValueError(f"release describes {len(shapes)} layers, the model has {len(layers)}")
-    for layer, shape in zip(layers, shapes):
-        layer.mlp = TaylorMLP(spec["family"], spec["hidden_size"], shape["protected"], shape["rest"], spec["order"],
-                              spec["basis"], spec["activation"], rest_bias=spec.get("rest_bias", False),
-                              rest_out_bias=shape.get("rest_out_bias", False), pieces=shape.get("pieces"))
+    if len(spec.layers) != len(layers):
+        raise ValueError(f"release describes {len(spec.layers)} layers, the model has {len(layers)}")
+    for layer, shape in zip(layers, spec.layers):
+        layer.mlp = TaylorMLP(spec.family, spec.hidden_size, shape.protected, shape.rest, spec.order, spec.basis,
+                              spec.activation, rest_bias=spec.rest_bias, rest_out_bias=shape.rest_out_bias,
+                              pieces=shape.pieces)
 
 
 def _make_release_class(base_name: str):
@@ -275,20 +379,21 @@ def _make_release_class(base_name: str):
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        spec = getattr(config, "taylormlp", None)
-        if spec is None:
-            raise ValueError("config.json has no 'taylormlp' section: this is not a taylormlp release")
-        if spec.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported taylormlp format_version {spec.get('format_version')!r}; "
-                             f"this runtime reads version {FORMAT_VERSION}")
-        install_taylor_mlps(self, spec)
+        install_taylor_mlps(self, ReleaseSpec.from_dict(getattr(config, "taylormlp", None)))
 
     return type("TaylorMLP" + base_name, (base,), {"__init__": __init__})
 
 
 def release_class(config):
-    """The transformers class that loads a release of this architecture."""
-    return globals()["TaylorMLP" + architecture(config)["model_class"]]
+    """The transformers class that loads a release of this architecture (ValueError if this transformers lacks it)."""
+    base_name = architecture(config)["model_class"]
+    cls = globals().get("TaylorMLP" + base_name)
+    if cls is None:  # the module-level loop below found no such class in the installed transformers
+        import transformers
+
+        raise ValueError(f"this release needs transformers' {base_name}, which the installed transformers "
+                         f"{transformers.__version__} lacks; upgrade transformers (pip install -U transformers)")
+    return cls
 
 
 for _entry in ARCHITECTURES.values():

@@ -24,7 +24,10 @@ import functools
 import math
 
 import numpy as np
+import torch
 from numpy.polynomial import chebyshev as C
+
+from . import runtime
 
 MAX_ORDER = 96
 
@@ -276,19 +279,8 @@ def rescale_coefficients(basis: str, coeffs: np.ndarray, radius: np.ndarray) -> 
 
 
 def runtime_values(basis: str, coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """What the runtime evaluates at t (float64 reference): the series on [-1, 1], and outside it the
-    first-order continuation p(t_c) + p'(t_c)(t - t_c) from the clamped point t_c.  Returns [I, points]."""
-    t = np.asarray(t, dtype=np.float64)
-    tc = np.clip(t, -1.0, 1.0)
-    order = coeffs.shape[-1] - 1
-    value = coeffs @ basis_values(basis, tc, order).T
-    if basis == "taylor":
-        deriv_basis = np.stack([n * tc ** max(n - 1, 0) for n in range(order + 1)], -1)
-    else:  # d/dt T_n in the Chebyshev basis of degree N-1
-        D = np.zeros((order + 1, max(order, 1)))
-        for n in range(1, order + 1):
-            d = C.chebder(np.eye(order + 1)[n])
-            D[n, : len(d)] = d
-        deriv_basis = basis_values(basis, tc, max(order - 1, 0)) @ D.T
-    slope = coeffs @ deriv_basis.T
-    return value + slope * (t - tc)[None, :]
+    """What the runtime evaluates at t (float64): the series on [-1, 1], and outside it the first-order continuation
+    p(t_c) + p'(t_c)(t - t_c) from the clamped point t_c — ``runtime.series_values`` itself.  coeffs [..., N+1],
+    t [points]; returns [..., points]."""
+    c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64))[..., None, :]
+    return runtime.series_values(basis, c, torch.as_tensor(np.asarray(t, dtype=np.float64))).numpy()

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import TaylorMLPError
+from .errors import TaylorMLPError, first_line
+from .gguf_convert import convert_gguf
+from .progress import status
+from .stream import SafetensorsSource
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def check_gguf_file(gguf: Path) -> None:
         reader = GGUFReader(gguf)
         count = len(reader.tensors)
     except Exception as exc:  # noqa: BLE001 - the GGUF parser raises many types; any failure means a bad file
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = first_line(exc)
         raise TaylorMLPError(f"{gguf}: not a readable GGUF file ({detail}); it is truncated, corrupt or another format "
                              f"named .gguf: re-download or re-convert it") from exc
     if count == 0:
@@ -106,8 +109,6 @@ def _cached_from_gguf(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
-    from .gguf_convert import convert_gguf
-    from .progress import status
 
     check_gguf_file(gguf)
     root_existed = target.parent.exists()
@@ -124,7 +125,7 @@ def _cached_from_gguf(gguf: Path) -> Path:
             except (TaylorMLPError, OSError):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure to convert names the file
-                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                detail = first_line(exc)
                 raise TaylorMLPError(f"{gguf}: transformers cannot convert this GGUF file ({detail}); give a GGUF of a "
                                      f"supported architecture, or a Hugging Face model directory") from exc
         (tmp / ".complete").write_text(str(gguf))
@@ -172,16 +173,9 @@ def check_model_files(model_dir: Path) -> None:
                                  f"(mislabelled?); {fix}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_base(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, model_dir) for SOURCE; the model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .stream import SafetensorsSource
 
     model_dir = resolve_source(source)
     check_model_files(model_dir)
@@ -189,7 +183,7 @@ def load_base(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types; each means a model it cannot load
-        raise TaylorMLPError(f"could not load the model from {model_dir} ({_first_line(exc)}); check that it is a "
+        raise TaylorMLPError(f"could not load the model from {model_dir} ({first_line(exc)}); check that it is a "
                              f"complete Hugging Face model directory (re-download or re-save it)") from exc
     tokenizer = load_tokenizer(model_dir)
     model.eval()
@@ -203,7 +197,7 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for a malformed tokenizer.json
-        raise TaylorMLPError(f"could not load the tokenizer from {model_dir} ({_first_line(exc)}); its tokenizer "
+        raise TaylorMLPError(f"could not load the tokenizer from {model_dir} ({first_line(exc)}); its tokenizer "
                              f"files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: re-download "
                              f"or re-save the model with its tokenizer") from exc
 

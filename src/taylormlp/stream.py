@@ -10,7 +10,7 @@
   peak memory is one layer's weights plus activations, whatever the depth.
 
 The same model object serves calibration (``calibration.RangeRecorder``), the original's continuations and
-reference logits, and the coverage search's validation passes (``convert.CandidateMLP`` stands in for a
+reference logits, and the coverage search's validation passes (``protector.CandidateMLP`` stands in for a
 layer's MLP and builds its TaylorMLP from the source when called).
 """
 
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import runtime
-from .errors import TaylorMLPError
+from .errors import TaylorMLPError, first_line
+from .hooks import HookSet
 
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -217,21 +218,22 @@ def _device_map(config, n_layers: int, device: str) -> dict:
     return dm
 
 
-class LayerOnloader:
-    """Hooks that onload a decoder layer's tensors from the source right before it runs and drop them after."""
+class LayerOnloader(HookSet):
+    """Hooks that onload a decoder layer's tensors from the source right before it runs and drop them after
+    (``remove()`` takes them off again; the layers are then left on the meta device)."""
 
     def __init__(self, model, source: SafetensorsSource, dtype: torch.dtype, device):
         from accelerate.hooks import remove_hook_from_module
 
+        super().__init__()
         self.source, self.dtype, self.device = source, dtype, torch.device(device)
         self.prefix = runtime.architecture(model.config)["layers"]
         self.layers = runtime.decoder_layers(model)
-        self.handles = []
         for i, layer in enumerate(self.layers):
             remove_hook_from_module(layer, recurse=True)  # accelerate's per-tensor hooks: replaced by one per layer
             self._to_meta(layer)
-            self.handles.append(layer.register_forward_pre_hook(self._onload(i)))
-            self.handles.append(layer.register_forward_hook(self._offload))
+            self.pre(layer, self._onload(i))
+            self.post(layer, self._offload)
 
     @staticmethod
     def _tensors(layer):
@@ -271,7 +273,7 @@ def read_config(model_dir):
         json.loads(path.read_text(encoding="utf-8"))
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise TaylorMLPError(f"{path}: cannot read the model config ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+        raise TaylorMLPError(f"{path}: cannot read the model config ({first_line(exc)}); "
                              f"re-download or re-save the model") from exc
     try:
         runtime.architecture(config)
@@ -293,7 +295,7 @@ def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) ->
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=dm,
                                                      offload_folder=str(offload_folder), use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise TaylorMLPError(f"could not load model from {model_dir}: {str(exc).splitlines()[0]}") from exc
+        raise TaylorMLPError(f"could not load model from {model_dir}: {first_line(exc)}") from exc
     model.eval()
     for name, p in model.named_parameters():
         if not name.startswith(runtime.architecture(config)["layers"] + ".") and not torch.isfinite(p).all():

@@ -27,7 +27,7 @@ Choice, for a target X in [1.25, 16]:
 
 The high end is memory: decode slowdown follows bytes of Θ read per token (16x on SmolLM2 is ~18 GB of float32 Θ).
 A candidate whose Θ exceeds MEMORY_SHARE of the available memory is never held whole: it is validated layer by
-layer (convert.CandidateMLP builds each layer's TaylorMLP when it runs and drops it), timed on evenly spaced layers
+layer (protector.CandidateMLP builds each layer's TaylorMLP when it runs and drops it), timed on evenly spaced layers
 with the rest original and scaled by their share of the extra work (measure_ratio), and written layer by layer.
 """
 
@@ -42,11 +42,17 @@ import numpy as np
 import torch
 
 from . import series
-from .calibration import format_prompt
-from .convert import (Protector, ProtectOptions, calibrate, finish, forget_splits, largest_accepted, screened_check,
-                      search_coverage)
+from .bench import flops_per_token
+from .calibration import calibrate, format_prompt
+from .convert import finish
+from .decode import interleaved, measure_decode, paired_ratios
 from .errors import TaylorMLPError
+from .hooks import swapped
+from .options import ProtectOptions
+from .pieces import forget_splits
 from .progress import log, status
+from .protector import Protector
+from .search import largest_accepted, screened_check, search_coverage
 from .stream import available_memory
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
@@ -97,35 +103,28 @@ def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
 
 def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3,
                   budget: float | None = None, timer=None) -> tuple[float, dict]:
-    """Median over interleaved runs of decode time(release) / decode time(original), on this machine.
+    """Median over interleaved runs (decode.interleaved) of decode time(release) / decode time(original) in the same
+    round, on this machine.  `timer(model)` is one run's seconds (default: decode.measure_decode's decode steps).
 
     A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
     their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
     ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (decode time is a sum over
     layers).  Returns (ratio, details: layers timed, and the ratio actually timed when it was scaled)."""
     if timer is None:
-        from .bench import measure_decode
-
         def timer(model):
             return measure_decode(model, input_ids, new_tokens)["decode_s"]
 
     values, extra = protector.layer_work(coverage)
     layers = timed_layers(values * protector.dtype.itemsize, budget)
-    protector.apply(coverage, materialize=True, only=set(layers))
-    taylor = [layer.mlp for layer in protector.layers]
-    ratios = []
+    taylor = protector.modules(coverage, materialize=True, only=set(layers))
+
+    def release():
+        with swapped(protector.layers, taylor):
+            return timer(protector.model)
     with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round is a warm-up
-            protector.restore()
-            t_orig = timer(protector.model)
-            for layer, mlp in zip(protector.layers, taylor):
-                layer.mlp = mlp
-            t_prot = timer(protector.model)
-            if rep:
-                ratios.append(t_prot / t_orig)
-    protector.restore()
-    del taylor
-    timed = statistics.median(ratios)
+        times = interleaved({"original": lambda: timer(protector.model), "release": release}, repeats)
+    del taylor, release
+    timed = statistics.median(paired_ratios(times["release"], times["original"]))
     details = {"layers_timed": len(layers), "layers": len(values)}
     if len(layers) == len(values) or extra[layers].sum() == 0:
         return timed, details
@@ -140,14 +139,11 @@ class WorkModel:
     """Predicted FLOPs ratio of every coverage of one Protector (its family of pieces and its order)."""
 
     def __init__(self, protector: Protector, base_flops: float):
-        order = protector.opts.order
-        terms = np.concatenate([plan.hidden * (order + 1) * np.bincount(plan.pieces.owner, minlength=len(plan.score))
-                                for plan in protector.plans])[protector.order_index]  # Θ values per channel, ranked
-        hidden = np.concatenate([np.full(len(plan.score), plan.hidden) for plan in protector.plans])
-        extra = terms - hidden[protector.order_index]  # d·((N+1)·q − 1), easiest channels first
-        self.cumulative = np.concatenate([[0.0], np.cumsum(2.0 * extra)]) / float(base_flops)
+        values, extra = protector.channel_work()  # protector.channel_work: d·(N+1)·q and d·((N+1)·q − 1)
+        ranked = protector.order_index  # easiest channels first
+        self.cumulative = np.concatenate([[0.0], np.cumsum(2.0 * extra[ranked])]) / float(base_flops)
         self.total = protector.total
-        self.theta_values = np.concatenate([[0], np.cumsum(terms)])
+        self.theta_values = np.concatenate([[0], np.cumsum(values[ranked])])
 
     def ratio(self, coverage: float) -> float:
         return 1.0 + float(self.cumulative[int(round(coverage * self.total))])
@@ -211,8 +207,6 @@ def _exact_key(family: str, order: int, coverage: float) -> tuple:
 class SlowdownChooser:
     """Builds Protectors for (family, N), predicts, validates and remembers every answer (nothing twice)."""
 
-    FAMILIES = ("pieces", "one-piece")
-
     def __init__(self, model, ranges, data, base: ProtectOptions, base_flops: float):
         self.model, self.ranges, self.data, self.base, self.base_flops = model, ranges, data, base, base_flops
         self.protectors: dict = {}
@@ -233,8 +227,6 @@ class SlowdownChooser:
     def protector(self, family: str, order: int) -> Protector:
         key = (family, int(order))
         if key not in self.protectors:
-            for p in self.protectors.values():
-                p.restore()
             self.protectors[key] = Protector(self.model, self.ranges, self.options(family, order))
             self.works[key] = WorkModel(self.protectors[key], self.base_flops)
         return self.protectors[key]
@@ -254,7 +246,7 @@ class SlowdownChooser:
             protector = self.protector(family, order)
 
             def install(coverage: float):
-                return protector.apply(coverage, materialize=self.in_memory(family, order, coverage))
+                return protector.installed(coverage, materialize=self.in_memory(family, order, coverage))
 
             self.checks[key] = screened_check(self.model, self.data.validation, self.base.batch_tokens,
                                               self.base.error_budget, install, self.trace,
@@ -271,15 +263,14 @@ class SlowdownChooser:
             how = "held whole" if self.in_memory(family, order, coverage) else "layer by layer"
             with status(f"validating {family} N={order} coverage {coverage:.3f} on the "
                         f"{'screen' if screen else 'whole validation set'}, {how}"):
-                ok = self._check(family, order)(coverage, screen=screen)  # installs this protector's candidate
-            self.protector(family, order).restore()
+                ok = self._check(family, order)(coverage, screen=screen)  # this protector's candidate, installed
             if screen:
                 return ok
             self.exact[key] = ok
         return self.exact[key]
 
     def largest_exact(self, family: str, order: int, cap: float, steps: int = 5) -> float:
-        """Largest coverage <= cap that validates token-exactly (convert.largest_accepted: cap itself first, then a
+        """Largest coverage <= cap that validates token-exactly (search.largest_accepted: cap itself first, then a
         screened bisection below it)."""
         if cap <= 0:
             return 0.0
@@ -355,14 +346,14 @@ class SlowdownChooser:
 
 def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float, measure=None,
                          rounds: int = 3):
-    """Protect `model` in place with the setting whose measured decode slowdown is within ±10% of `target`
-    (coverage as large as that allows).  `measure(protector, coverage)` -> measured ratio (default: interleaved
+    """The setting whose measured decode slowdown is within ±10% of `target` (coverage as large as that allows):
+    returns (spec, slowdown, protector).  When its Θ fits in memory, `model` is protected in place (TaylorMLP modules
+    installed, spec on its config); when it does not, `model` stays the original and the release is written layer
+    by layer from protector.build (pipeline.write_release).  `measure(protector, coverage)` -> measured ratio (default: interleaved
     decode timing on this machine; tests inject a deterministic one)."""
     lo, hi = SLOWDOWN_RANGE
     if not lo <= target <= hi:
         raise TaylorMLPError(f"--slowdown must be between {lo} and {hi}, got {target}")
-    from .bench import flops_per_token
-
     base = opts.resolved()
     data, ranges = calibrate(model, tokenizer, texts, base, chat)
     if not data.validation:
@@ -440,8 +431,6 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     same = [r for r in chooser.trace if (r["family"], r["order"]) == (choice.family, choice.order)]
     if (choice.family, choice.order) == ("pieces", base.order):
         same = search + same
-    for p in chooser.protectors.values():
-        p.restore()
     forget_splits()
     whole = chooser.in_memory(choice.family, choice.order, choice.coverage)
     if not whole:
@@ -449,10 +438,12 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
         log(f"the chosen series coefficients take {need / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
             f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
             f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
-    spec = finish(protector, choice.coverage, data, ranges, same, materialize=whole)
+    spec = finish(protector, choice.coverage, data, ranges, same, materialize=whole, install=False)
     spec["slowdown"] = {"target": target, "measured": ratio, "flops_ratio": choice.predicted,
                         "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
                         "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
                         "validations": chooser.trace}
-    model.config.taylormlp = spec
-    return spec, spec["slowdown"]
+    if whole:
+        protector.apply(choice.coverage)
+        model.config.taylormlp = spec
+    return spec, spec["slowdown"], protector

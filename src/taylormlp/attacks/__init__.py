@@ -1,6 +1,7 @@
 """Attacks on a TaylorMLP release, and the shared machinery they use (``AuditContext``).
 
-Every attack module exposes ``NAME`` and ``run(ctx, **options) -> dict``.  An attack may use only what a
+Every attack module registers its ``run(ctx, **options) -> dict`` with ``register_attack`` (``ATTACKS`` and
+``get_attack`` read that table) and ends it with ``ctx.conclude`` (the one ``verdict``).  An attack may use only what a
 release user has: the release model (Θ, the signed gate rows, W_up, z0, h, the public ``rest`` MLP, all
 non-MLP weights), its tokenizer and text of its own.  The original model, when given, is used only to
 SCORE the result (``ctx.score_*``), never by the attack itself.
@@ -14,7 +15,6 @@ into a stock transformers model of the original architecture: no TaylorMLP, no t
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from dataclasses import dataclass, field
 
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from ..calibration import module_docstrings
-from .. import runtime
+from .. import decode, runtime
 from ..errors import TaylorMLPError
-
-ATTACKS = ("coefficient_ratio", "regression", "factorization", "finetune", "distill")
+from ..hooks import HookSet
+from .registry import Attack, attack_names, get_attack, register_attack  # noqa: F401 - the attacks' API
+from .verdicts import verdict
+from ..protector import mlp_weights
 
 # Text the attacker trains on, and text the audit evaluates on: docstrings of standard-library modules that
 # the release's built-in calibration corpus (calibration.PROSE_MODULES) does not read, in two disjoint sets.
@@ -211,9 +213,9 @@ class AuditContext:
         if self.options.keep_models:
             self.models[name] = model
 
-    def conclude(self, name: str, attacker, out: dict, verdict) -> dict:
+    def conclude(self, name: str, attacker, out: dict) -> dict:
         """The common end of every attack: teacher-forced agreement of the attacker's model with the reference,
-        the attack's verdict on its numbers, and the model kept for inspection."""
+        the verdict on its numbers, and the model kept for inspection."""
         out.update(self.tokens_matched(attacker))
         out["verdict"] = verdict(out)
         self.keep(name, attacker)
@@ -263,17 +265,13 @@ class AuditContext:
         if "inputs" not in self._cache:
             start = time.perf_counter()
             captured = {i: [] for i, _ in self.layers}
-            hooks = []
-            for i, mlp in self.layers:
-                hooks.append(mlp.register_forward_pre_hook(
-                    lambda _m, args, i=i: captured[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))))
-            try:
+            with HookSet() as hooks:
+                for i, mlp in self.layers:
+                    hooks.pre(mlp, lambda _m, args, i=i: captured[i].append(
+                        args[0].detach().reshape(-1, args[0].shape[-1])))
                 for ids in self.train_sequences():
                     ids = ids.reshape(1, -1)
                     self.release(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
             self._cache["inputs"] = {i: torch.cat(v, 0) for i, v in captured.items()}
             self.capture_time = time.perf_counter() - start
         return self._cache["inputs"]
@@ -288,25 +286,14 @@ class AuditContext:
             model = self.original if self.original is not None else self.release
             out = []
             for prompt in self.eval_prompts():
-                ids = greedy(model, prompt.reshape(1, -1), self.options.eval_tokens)
+                ids = decode.greedy(model, prompt.reshape(1, -1), self.options.eval_tokens).ids
                 out.append({"ids": ids[0], "prompt_len": prompt.numel()})
             self._cache["reference"] = out
         return self._cache["reference"]
 
-    @torch.no_grad()
     def tokens_matched(self, model) -> dict:
         """Teacher-forced greedy agreement with the reference on held-out prompts (all equal ⇔ same greedy text)."""
-        matched = total = exact = 0
-        for seq in self.reference():
-            ids = seq["ids"].reshape(1, -1)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
-            pred = logits[seq["prompt_len"] - 1:-1].argmax(-1)
-            same = pred == seq["ids"][seq["prompt_len"]:]
-            matched += int(same.sum())
-            total += same.numel()
-            exact += int(bool(same.all()))
-        return {"tokens_matched": matched, "tokens": total, "sequences_exact": exact,
-                "sequences": len(self.reference()), "reference": self.reference_name()}
+        return {**decode.tokens_matched(model, self.reference()), "reference": self.reference_name()}
 
     # ------------------------------------------------------------ scoring against the original
     def sign_accuracy(self, signs: dict) -> float:
@@ -323,8 +310,6 @@ class AuditContext:
         if self.original is None:
             return None
         if "match" not in self._cache:
-            from ..convert import mlp_weights
-
             out = {}
             orig_layers = runtime.decoder_layers(self.original)
             for i, mlp in self.layers:
@@ -384,57 +369,7 @@ class AuditContext:
         return out
 
 
-# ---------------------------------------------------------------- decoding and timing
-
-
-def _cache_arg(model) -> str:
-    """Name of the KV-cache forward argument: ``cache`` in recent transformers, ``past_key_values`` before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-@torch.no_grad()
-def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache and no stopping rule (the same count of tokens for every model)."""
-    arg = _cache_arg(model)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    past = _output_cache(out)
-    seq = [ids]
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    mask = torch.ones_like(ids)
-    for _ in range(new_tokens - 1):
-        seq.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{arg: past})
-        past = _output_cache(out)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    seq.append(nxt)
-    return torch.cat(seq, 1)
-
-
-def decode_speed(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of each model, best of `repeats` interleaved runs (after one warm-up run each)."""
-    ids = prompt.reshape(1, -1)
-    best = {name: float("inf") for name in models}
-    for name, model in models.items():
-        greedy(model, ids, 2)
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            greedy(model, ids, tokens)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: tokens / t for name, t in best.items()}
+# ---------------------------------------------------------------- timing an attack
 
 
 class Timer:
@@ -449,7 +384,7 @@ class Timer:
         self.elapsed += time.perf_counter() - self._start
 
 
-def get_attack(name: str):
-    if name not in ATTACKS:
-        raise TaylorMLPError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    return importlib.import_module(f"{__name__}.{name}")
+# the attack modules register themselves on import and import the machinery above (a true cycle): so, last
+from . import coefficient_ratio, distill, factorization, finetune, regression  # noqa: E402,F401
+
+ATTACKS = attack_names()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import series
-from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, theta_blocks
+from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, register_attack, theta_blocks
 
 NAME = "coefficient_ratio"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -139,6 +139,8 @@ def recover_layer(mlp, act: str, search: dict | None = None) -> tuple[RecoveredL
     return rec, info
 
 
+@register_attack(NAME, rank=1, cost="closed form, seconds", no_grad=True,
+                 description="W_down, the signs and the hidden biases in closed form from Θ; the model is never run")
 def run(ctx: AuditContext, search: dict | None = None) -> dict:
     timer = Timer()
     recovered, misfits, residuals, signs = {}, [], [], {}
@@ -164,16 +166,4 @@ def run(ctx: AuditContext, search: dict | None = None) -> dict:
     if score is not None:
         out.update(score)
         out["sign_accuracy"] = ctx.sign_accuracy(signs)
-    return ctx.conclude(NAME, attacker, out, verdict)
-
-
-def verdict(out: dict) -> str:
-    err = out.get("relative_weight_error")
-    if err is None:
-        return ("weights recovered (self-consistent fit; no original to score)" if out["theta_residual_max"] < 1e-3
-                else "fit inconsistent; recovery unverified")
-    if err < 1e-3:
-        return "weights recovered"
-    if err < 0.05:
-        return "weights approximately recovered"
-    return "weights not recovered"
+    return ctx.conclude(NAME, attacker, out)

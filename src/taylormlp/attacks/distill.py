@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import runtime
-from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel
+from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, register_attack
 from .factorization import shared_copy
 
 NAME = "distill"
@@ -92,6 +92,8 @@ def train_layer(mlp, act: str, x: torch.Tensor, steps: int, lr: float, batch: in
     return student.eval(), {"loss_before": before, "loss_after": after, "heldout_loss": held}
 
 
+@register_attack(NAME, rank=5, cost="training, minutes",
+                 description="trains ordinary MLP blocks to imitate each released block (a black-box baseline)")
 def run(ctx: AuditContext, steps: int = 200, lr: float = 3e-3, batch: int = 256, holdout: float = 0.2) -> dict:
     timer = Timer()
     inputs = ctx.layer_inputs()
@@ -123,14 +125,4 @@ def run(ctx: AuditContext, steps: int = 200, lr: float = 3e-3, batch: int = 256,
     score = ctx.score_weights(recovered)
     if score is not None:
         out["relative_weight_error"] = score["relative_weight_error"]
-    return ctx.conclude(NAME, attacker, out, verdict)
-
-
-def verdict(out: dict) -> str:
-    fid = out["heldout_relative_mse"]
-    err = out.get("relative_weight_error")
-    parts = [f"block imitated to relative MSE {fid:.1e}"]
-    if err is not None:
-        parts.append("weights recovered" if err < 1e-3 else
-                     "weights approximately recovered" if err < 0.05 else "weights not recovered")
-    return "; ".join(parts)
+    return ctx.conclude(NAME, attacker, out)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .. import runtime
-from . import AuditContext, Timer, decode_speed, theta_blocks
+from ..decode import decode_speed
+from . import AuditContext, RecoveredLayer, Timer, register_attack, theta_blocks
 
 NAME = "factorization"
 
@@ -52,36 +53,18 @@ class CollapsedMLP(nn.Module):
             if bias is not None:
                 self.down.bias.copy_(bias.to(dtype))
         # slopes of p at t = ±1 for the runtime's linear continuation outside the interval
-        n = torch.arange(self.order + 1, dtype=torch.float64)
-        if self.basis == "taylor":
-            d_plus, d_minus = n, n * (-1.0) ** (n - 1)
-        else:
-            d_plus, d_minus = n * n, (-1.0) ** (n + 1) * n * n
-        qd = q.double()
-        self.register_buffer("slope_plus", (d_plus[:, None] * qd).sum(0).to(self.q.dtype))
-        self.register_buffer("slope_minus", (d_minus[:, None] * qd).sum(0).to(self.q.dtype))
+        plus, minus = runtime.series_slopes(self.basis, q.double().T)
+        self.register_buffer("slope_plus", plus.to(self.q.dtype))
+        self.register_buffer("slope_minus", minus.to(self.q.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z, u, active = runtime.piece_inputs(self, x)
         work = z.dtype
         active = active.to(work) if active is not None else None
         t = (z - self.z0.to(work)) / self.h.to(work)
-        t = torch.nan_to_num(t, nan=0.0)
-        tc = t.clamp(-1.0, 1.0)
-        q = self.q.to(work)
-        N = self.order
-        if self.basis == "taylor":  # Horner
-            p = q[N].expand_as(tc)
-            for n in range(N - 1, -1, -1):
-                p = p * tc + q[n]
-        else:  # Clenshaw: p = Σ q_n T_n(t)
-            b1 = torch.zeros_like(tc)
-            b2 = torch.zeros_like(tc)
-            for n in range(N, 0, -1):
-                b1, b2 = 2.0 * tc * b1 - b2 + q[n], b1
-            p = tc * b1 - b2 + q[0]
-        excess = t - tc
-        p = p + excess * torch.where(t > 0, self.slope_plus.to(work), self.slope_minus.to(work))
+        # p(t) = Σ q_n φ_n(t) with the runtime's clamp and continuation (q.T: coefficients [P, N+1], order last)
+        p = runtime.series_values(self.basis, self.q.to(work).T, t,
+                                  slopes=(self.slope_plus.to(work), self.slope_minus.to(work)))
         if active is not None:
             p = p * active
         if u is not None:
@@ -124,6 +107,8 @@ def shared_copy(model, replace: dict):
     return copy.deepcopy(model, memo)
 
 
+@register_attack(NAME, rank=3, cost="closed form, seconds (its decode timing: minutes)", no_grad=True,
+                 description="collapses each block's N+1 stacked matmuls into one (throttle gone, activation unknown)")
 def run(ctx: AuditContext, speed: bool = True) -> dict:
     timer = Timer()
     replace, infos = {}, []
@@ -168,25 +153,11 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
         if "original" in tps:
             out["release_slowdown_vs_original"] = tps["original"] / tps["release"]
             out["attacker_slowdown_vs_original"] = tps["original"] / tps["attacker"]
-    return ctx.conclude(NAME, attacker, out, verdict)
+    return ctx.conclude(NAME, attacker, out)
 
 
 def _as_recovered(module: CollapsedMLP):
-    from . import RecoveredLayer
-
     W = module.down.weight.detach().double()
     if module.pieces > module.protected:  # every piece's column is W_j up to scale: score the first of each channel
         W = W[:, torch.searchsorted(module.owner, torch.arange(module.protected))]
     return RecoveredLayer(V=module.gate.weight.detach().double(), b=None, U=None, W=W, c=None)
-
-
-def verdict(out: dict) -> str:
-    exact = out["block_relative_diff"] < 1e-4
-    if "speedup_vs_release" not in out:
-        return "collapsed to one matmul" + ("" if exact else " (inexact)")
-    s = out["speedup_vs_release"]
-    if exact and s > 1.05:
-        return f"throttle removed ({s:.2f}x faster than the release)"
-    if exact:
-        return f"collapsed exactly, no measurable speedup here ({s:.2f}x)"
-    return "collapse inexact"

@@ -10,11 +10,10 @@ attacker's text, and on held-out text) and how far the adapted model's greedy ou
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
-from . import AuditContext, Timer
+from . import AuditContext, Timer, register_attack
 
 NAME = "finetune"
 
@@ -33,6 +32,8 @@ def _lm_loss(model, seqs) -> float:
     return total / max(count, 1)
 
 
+@register_attack(NAME, rank=4, cost="LoRA steps, minutes",
+                 description="LoRA on the release's attention as released: adapted without any MLP weight")
 def run(ctx: AuditContext, steps: int = 20, lr: float = 1e-3, rank: int = 8, seq_len: int = 128,
         probe: int = 4) -> dict:
     from peft import LoraConfig, get_peft_model
@@ -77,11 +78,4 @@ def run(ctx: AuditContext, steps: int = 20, lr: float = 1e-3, rank: int = 8, seq
         "note": "LoRA on attention needs no MLP weight: the release is adapted as is; W_down stays unknown "
                 "to this attacker (combine with coefficient_ratio to get it).",
     }
-    return ctx.conclude(NAME, peft_model, out, verdict)
-
-
-def verdict(out: dict) -> str:
-    a, b = out["train_loss_before"], out["train_loss_after"]
-    if math.isfinite(b) and b < a:
-        return f"no MLP weights recovered; release fine-tuned without them (loss {a:.3f} -> {b:.3f})"
-    return f"no MLP weights recovered; fine-tuning did not lower the loss ({a:.3f} -> {b:.3f})"
+    return ctx.conclude(NAME, peft_model, out)

@@ -44,8 +44,9 @@ import torch
 
 from .. import series
 
-from ..runtime import torch_activation
-from . import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model
+from ..runtime import series_values, torch_activation
+from . import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model, \
+    register_attack
 
 NAME = "regression"
 
@@ -92,23 +93,6 @@ def _lstsq_fast(D: torch.Tensor, Y: torch.Tensor, max_cond: float = 1e7) -> torc
     return _lstsq(D, Y)
 
 
-def _series_values(mlp, t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Σ_n coef[j, n] φ_n(t_j) exactly as the runtime evaluates it (clamp to [-1, 1], linear continuation)."""
-    tc = t.clamp(-1.0, 1.0)
-    sign = torch.where(tc >= 0, 1.0, -1.0).to(t.dtype)
-    phis, dphis = [torch.ones_like(tc)], [torch.zeros_like(tc)]
-    for n in range(1, coef.shape[1]):
-        if mlp.basis == "taylor":  # φ_n = tⁿ, φ_n' = n tⁿ⁻¹
-            dphis.append(n * phis[n - 1])
-            phis.append(phis[n - 1] * tc)
-        else:  # Chebyshev recurrence; T_n'(±1) = (±1)ⁿ⁺¹ n²
-            phis.append(tc if n == 1 else 2.0 * tc * phis[n - 1] - phis[n - 2])
-            dphis.append(sign ** (n + 1) * float(n * n))
-    val = sum(coef[:, n] * phi for n, phi in enumerate(phis))
-    slope = sum(coef[:, n] * dphi for n, dphi in enumerate(dphis))
-    return val + slope * (t - tc)
-
-
 def recover_gated(mlp, act: str, x: torch.Tensor, features: str = "best") -> tuple[RecoveredLayer, dict]:
     """features: "activation" (act(z) ⊙ u and z ⊙ u), "series" (the release's own per-channel polynomial for
     either sign: the activation, basis, order, z0 = s·mid and h are public, so for s = ±1 the attacker can
@@ -135,7 +119,7 @@ def recover_gated(mlp, act: str, x: torch.Tensor, features: str = "best") -> tup
             mid = (s * z0).numpy()
             c = series.series_coefficients(mlp.basis, act, mid - h.numpy(), mid + h.numpy(), mlp.order)
             c = torch.from_numpy(c * s ** np.arange(mlp.order + 1))
-            cols.append(_series_values(mlp, t, c) * u)
+            cols.append(series_values(mlp.basis, c, t) * u)  # exactly what the release evaluates
         # columns: [p₊ u, p₋ u − p₊ u]: the first block's coefficients are W for either sign
         fits.append(("series", torch.cat([cols[0], cols[1] - cols[0]], 1)))
     best = None
@@ -332,6 +316,8 @@ def recover_plain(mlp, act: str, x: torch.Tensor, iters: int = 100, max_step: fl
                  "sign_margin": float((sigma_real - 0.5).abs().min()) if P else 0.0}
 
 
+@register_attack(NAME, rank=2, cost="least squares, seconds to minutes",
+                 description="queries the released blocks on its own text, regresses W_down on public features")
 def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: str = "best") -> dict:
     timer = Timer()
     inputs = ctx.layer_inputs()
@@ -364,16 +350,4 @@ def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: st
     if score is not None:
         out.update(score)
         out["sign_accuracy"] = ctx.sign_accuracy({i: info["sign"] for i, info in infos.items()})
-    return ctx.conclude(NAME, attacker, out, verdict)
-
-
-def verdict(out: dict) -> str:
-    err = out.get("relative_weight_error")
-    if err is None:
-        return ("weights recovered (fit residual {:.1e}; no original to score)".format(out["fit_residual_max"])
-                if out["fit_residual_max"] < 1e-3 else "fit inexact; recovery unverified")
-    if err < 1e-3:
-        return "weights recovered"
-    if err < 0.05:
-        return "weights approximately recovered"
-    return "weights not recovered"
+    return ctx.conclude(NAME, attacker, out)

@@ -1,0 +1,117 @@
+"""`taylormlp bench`'s output: the table it prints and the plot it writes (bench.run_bench calls both)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .paths import write_atomically
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return none
+    return format(value, spec)
+
+
+def format_table(results: dict) -> str:
+    rows = results["models"]
+    head = ["model", "N", "basis", "preset", "cover", "prefill ms", "decode ms/tok", "spread", "tok/s", "slowdown",
+            "(range)", "FLOPs x", "peak RSS MB", "weights MB", "size MB"]
+    table = [head]
+    for r in rows:
+        mem = r.get("memory") or {}
+        rss = mem.get("rss_peak_bytes")
+        table.append([
+            r["name"], _fmt(r["order"], "d"), r["basis"] or "-", r["preset"] or "-", _fmt(r["coverage"], ".2f"),
+            _fmt(r["prefill_s_median"] * 1e3, ".1f"), _fmt(r["decode_ms_per_token"], ".2f"),
+            _fmt(r["decode_s_spread"] / results["new_tokens"] * 1e3, ".2f"),
+            _fmt(r["decode_tokens_per_s_median"], ".1f"), _fmt(r["decode_ratio"], ".2f") + "x",
+            f"{r['decode_ratio_min']:.2f}-{r['decode_ratio_max']:.2f}", _fmt(r["flops_ratio"], ".2f") + "x",
+            _fmt(rss / 2**20 if rss is not None else None, ".0f", "n/a"),
+            _fmt(r["weights_bytes"] / 2**20, ".0f"), _fmt(r.get("size_bytes", 0) / 2**20, ".0f"),
+        ])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = [f"{results['source']}: prompt {results['prompt_tokens']} tokens, {results['new_tokens']} decode tokens, "
+             f"{results['repeats']} interleaved repeats ({results['machine']['torch_threads']} threads)", ""]
+    for k, row in enumerate(table):
+        lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    terms = [r for r in rows if r.get("term_benchmark")]
+    if terms:
+        lines += ["", "time per series term (one token, the layer with most protected channels):"]
+        for r in terms:
+            t = r["term_benchmark"]
+            lines.append(f"  {r['name']}: layer {t['layer']}, P={t['protected']}, Q={t.get('pieces', t['protected'])}, {t['terms']} terms: TaylorMLP "
+                         f"{t['mlp_ms']:.3f} ms, non-series parts {t['overhead_ms']:.3f} ms -> {t['per_term_ms']:.4f} "
+                         f"ms per term vs {t['plain_matmul_ms']:.4f} ms for one plain [{t['hidden']}x{t.get('pieces', t['protected'])}]"
+                         f" matmul ({t['per_term_vs_matmul']:.2f}x)")
+    errors = [f"  {r['name']}: {r['memory']['error']}" for r in rows if (r.get("memory") or {}).get("error")]
+    if errors:
+        lines += ["", "memory probe problems:", *errors]
+    lines += ["", "spread = (max - min) decode ms/tok over repeats. slowdown = median decode time / original's; "
+                  "range over paired (same-repeat) ratios. FLOPs x = matmul FLOPs per token / original's. "
+                  "peak RSS = fresh process, above its size after imports, load + one run. "
+                  "Timings on shared machines vary: compare within one run."]
+    return "\n".join(lines)
+
+
+def _group(row: dict) -> str:
+    return f"{row.get('preset') or '?'} / {row.get('basis') or '?'}"
+
+
+def plot_results(results: dict, path) -> Path:
+    """PNG with two panels: decode slowdown vs order, and validation max logit error vs order; written atomically
+    (a temporary file beside `path`, renamed into place when complete)."""
+    import matplotlib  # matplotlib only when a plot is asked for: slow to import, and bench runs without one
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    rows = [r for r in results["models"] if r.get("kind") == "release" and r.get("order") is not None]
+    groups = sorted({_group(r) for r in rows})
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for g in groups:
+        sel = [r for r in rows if _group(r) == g]
+        orders = [r["order"] for r in sel]
+        ratio = [r["decode_ratio"] for r in sel]
+        lo = [max(r["decode_ratio"] - r.get("decode_ratio_min", r["decode_ratio"]), 0.0) for r in sel]
+        hi = [max(r.get("decode_ratio_max", r["decode_ratio"]) - r["decode_ratio"], 0.0) for r in sel]
+        ax1.errorbar(orders, ratio, yerr=[lo, hi], fmt="o", capsize=3, color=colors[g], label=g)
+        val = [(r["order"], r["validation_max_logit_error"]) for r in sel
+               if r.get("validation_max_logit_error") is not None]
+        if val:
+            ax2.plot([v[0] for v in val], [max(v[1], 1e-12) for v in val], "o", color=colors[g], label=g)
+    for r in rows:
+        ax1.annotate(r["name"], (r["order"], r["decode_ratio"]), fontsize=7, xytext=(4, 4),
+                     textcoords="offset points")
+    ax1.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="original")
+    ax1.set_ylim(bottom=0.0)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.set_xlabel("series order N")
+    ax1.set_ylabel("decode time / original")
+    ax1.set_title(f"decode slowdown ({results.get('new_tokens', '?')} tokens, median)")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("series order N")
+    ax2.set_ylabel("max |logit - original logit|")
+    ax2.set_title("validation max logit error")
+    if any(r.get("validation_max_logit_error") is not None for r in rows):
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no validation data in these releases", ha="center", va="center",
+                 transform=ax2.transAxes)
+    fig.suptitle(str(results.get("source", "")), fontsize=9)
+    fig.tight_layout()
+    # the format is given: a path without a suffix has a temporary name with one (".tmp-<pid>")
+    fmt = path.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt), "--plot")
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""The CLI's commands, one function each (`cmd_<name>(args)`); cli.py parses the arguments and imports this module
+only then, so that `taylormlp --help` does not load the models' libraries."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .audit import run_audit
+from .bench import run_bench
+from .demo import run_demo
+from .errors import TaylorMLPError
+from .evaluate import compare, print_comparison, read_prompts
+from .paths import check_output_file
+from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
+
+SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
+                    "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
+
+
+def _check_outputs(**paths) -> None:
+    """Output files named by flags (--json, --plot) can be written: checked before any work is done."""
+    for flag, path in paths.items():
+        if path is not None:
+            check_output_file(path, f"--{flag}")
+
+
+def _check_plot_format(path) -> None:
+    if path is None or not Path(path).suffix:
+        return
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix[1:].lower() not in formats:
+        raise TaylorMLPError(f"--plot {path}: matplotlib cannot write {Path(path).suffix!r} files; use one of "
+                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. bench.png)")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_protect(args) -> int:
+    summary = protect_to_release(
+        args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
+        slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
+        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
+        max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
+        device=args.device)
+    print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
+          f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
+    if summary.get("slowdown"):
+        print(f"measured decode slowdown {summary['slowdown']['measured']:.2f}x (target {summary['slowdown']['target']}x)")
+    print(SECURITY_POINTER)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tokenizer = load_any(args.release, base=args.base)
+    start = time.perf_counter()
+    text, n = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    print(text)
+    print(f"[{n} tokens in {elapsed:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_release(args.release, leak_source=args.leak_check)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 1 if info.get("leak_check", {}).get("leaks") else 0
+    print(f"release {args.release}")
+    for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
+                "pieces_per_protected_channel", "size_bytes"):
+        print(f"  {key:28} {info[key]}")
+    print("  layer  protected  pieces  rest")
+    for row in info["layers"]:
+        print(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces', row['protected']):6}  {row['rest']:4}")
+    if "leak_check" in info:
+        lc = info["leak_check"]
+        print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")
+        for row in lc["tensors"]:
+            print(f"  {row['name']:60} {row['kind']}")
+        for leak in lc["leaks"]:
+            print(f"  LEAK: {leak}")
+        return 1 if lc["leaks"] else 0
+    return 0
+
+
+def cmd_compare(args) -> int:
+    _check_outputs(json=args.json)
+    prompts = read_prompts(args.prompts)
+    result = compare(args.source, args.release, prompts, args.max_new_tokens)
+    print_comparison(result)
+    if args.json:
+        dump_json(result, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    run_demo(args.out, preset=args.preset, max_new_tokens=args.max_new_tokens, force=args.force)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    _check_outputs(json=args.json, plot=args.plot)
+    _check_plot_format(args.plot)
+    run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
+              plot_path=args.plot)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    _check_outputs(json=args.json)
+    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
+    return 0
