@@ -542,3 +542,24 @@ def test_make_release_class_subclasses_the_transformers_class_and_installs_the_m
     assert model.config is config and isinstance(model, transformers.LlamaForCausalLM)
     assert [m.mlp.pieces for m in model.model.layers] == [3, 5]
     assert model.model.embed_tokens.weight.shape == (64, 16)  # the base class built the rest of the model
+
+
+def test_release_class_forwards_every_argument_to_the_transformers_class(monkeypatch):
+    """from_pretrained calls cls(config, *model_args, **kwargs): all of them reach the base class."""
+    seen = {}
+
+    class FakeForCausalLM(torch.nn.Module):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__()
+            seen.update(args=args, kwargs=kwargs)
+            self.config = config
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Module() for _ in config.taylormlp["layers"]])
+
+    import sys  # (the module `import transformers` now returns: transformers may have replaced its entry)
+
+    monkeypatch.setattr(sys.modules["transformers"], "FakeForCausalLM", FakeForCausalLM, raising=False)
+    cls = runtime._make_release_class("FakeForCausalLM")
+    model = cls(SimpleNamespace(model_type="llama", taylormlp=SPEC), "positional", flag=True)
+    assert seen == {"args": ("positional",), "kwargs": {"flag": True}}
+    assert [type(m.mlp) for m in model.model.layers] == [runtime.TaylorMLP] * 2

@@ -64,3 +64,74 @@ def test_cap_and_floor():
     assert largest_accepted(v, 0.5, 3) == 0.4375  # grid 0, 1/16, ..., 1/2
     assert largest_accepted(Validation(1.0, []), 0.5, 3) == 0.5  # the cap itself
     assert largest_accepted(Validation(0.1, []), 0.8, 2, floor=0.2) == 0.2  # floor counts as accepted
+
+
+class FakeValidation:
+    """Stands in for decode.validate: accepts a coverage iff it is at most `threshold` and every logit error
+    `error(coverage)` is within the budget; records the screen size (limit) each call sees."""
+
+    def __init__(self, threshold: float, error=lambda c: 0.0):
+        self.threshold, self.error, self.limits = threshold, error, []
+
+    def __call__(self, model, validation, max_tokens, budget=None, limit=None):
+        self.limits.append(limit)
+        return {"exact": self.coverage <= self.threshold, "max_logit_error": self.error(self.coverage),
+                "tokens_matched": 1, "tokens": 1}
+
+
+def _screened(monkeypatch, fake, lengths=(10, 10, 10, 10, 10, 10, 10, 10), extra=None):
+    import contextlib
+
+    import taylormlp.search as search
+
+    monkeypatch.setattr(search, "validate", fake)
+    installed = []
+
+    @contextlib.contextmanager
+    def install(coverage):
+        fake.coverage = coverage
+        installed.append(("in", coverage))
+        yield
+        installed.append(("out", coverage))
+
+    trace = []
+    validation = [{"ids": [0] * n} for n in lengths]
+    return search.screened_check(None, validation, 64, 0.1, install, trace, extra=extra), trace, installed
+
+
+def test_screened_check_installs_around_each_validation_and_records_it(monkeypatch):
+    fake = FakeValidation(0.5)
+    check, trace, installed = _screened(monkeypatch, fake, extra={"family": "pieces"})
+    assert check(0.25, screen=True) is True and check(0.75, screen=False) is False
+    assert installed == [("in", 0.25), ("out", 0.25), ("in", 0.75), ("out", 0.75)]
+    assert [(r["coverage"], r["accepted"], r["screen"], r["family"]) for r in trace] == [
+        (0.25, True, True, "pieces"), (0.75, False, False, "pieces")]
+
+
+def test_screen_holds_a_quarter_of_the_tokens_and_grows_after_a_failed_full_check(monkeypatch):
+    fake = FakeValidation(0.5)
+    check, _, _ = _screened(monkeypatch, fake)  # 8 sequences of 10 tokens: the first 2 hold 25% of the 80
+    check(0.1, screen=True)
+    check(0.1, screen=False)  # a full check that passes: the screen stays
+    check(0.1, screen=True)
+    check(0.9, screen=False)  # a full check that fails: one more sequence in the screen
+    check(0.1, screen=True)
+    check(0.9, screen=True)  # a failed screen does not grow it
+    check(0.1, screen=True)
+    assert fake.limits == [2, None, 2, None, 3, 3, 3]
+
+
+def test_screen_never_exceeds_the_validation_set(monkeypatch):
+    fake = FakeValidation(0.0)
+    check, _, _ = _screened(monkeypatch, fake, lengths=(10, 10))
+    for _ in range(4):
+        check(0.5, screen=False)
+    check(0.5, screen=True)
+    assert fake.limits[-1] == 2
+
+
+def test_an_error_over_budget_rejects_an_exact_candidate(monkeypatch):
+    fake = FakeValidation(1.0, error=lambda c: 0.2 if c > 0.5 else 0.1)  # budget 0.1: at it passes, over fails
+    check, trace, _ = _screened(monkeypatch, fake)
+    assert check(0.5, screen=False) is True
+    assert check(0.6, screen=False) is False and trace[-1]["max_logit_error"] == 0.2

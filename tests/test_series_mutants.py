@@ -390,3 +390,11 @@ def test_tolerance_is_inclusive():
     assert series.series_error("taylor", "silu", lo, hi, coeffs, np.linspace(-4, 4, 17)).max() == 0.0
     np.testing.assert_allclose(series.trust_radius("taylor", "silu", lo, hi, coeffs, 0.0), [4.0], rtol=1e-12)
     np.testing.assert_allclose(series.trust_radius("taylor", "silu", lo, hi, coeffs, 0.0, r_max=1.05), [1.05])
+
+
+def test_trust_radius_never_exceeds_r_max_on_a_grid_that_does_not_divide_it():
+    """r_max = 1.4 with step 0.25: the grid 1.25, 1.5 would overshoot; an exact series is trusted up to 1.4 at most."""
+    lo, hi = np.array([-1.0]), np.array([1.0])
+    coeffs = series.series_coefficients("taylor", "silu", lo, hi, 24)  # accurate far past the interval
+    radius = series.trust_radius("taylor", "silu", lo, hi, coeffs, 1e-3, r_max=1.4, step=0.25)
+    assert 1.0 <= radius[0] <= 1.4

@@ -254,6 +254,7 @@ def trust_radius(basis: str, act: str, lo, hi, coeffs: np.ndarray, tolerance: np
     calibrated interval (a Taylor series up to its radius of convergence); the runtime's clamp should sit there,
     not at the edge of the calibration data."""
     grid = np.arange(1.0 + step, r_max + step / 2, step)
+    grid = grid[grid <= r_max * (1 + 1e-12)]  # arange may overshoot r_max when (r_max - 1) / step is not whole
     if grid.size == 0:
         return np.ones(np.shape(lo))
     t = np.concatenate([grid, -grid])
