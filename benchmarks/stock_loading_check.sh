@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3 check: a fresh virtualenv with ONLY torch, transformers and safetensors loads a release with
-# trust_remote_code=True and generates the same greedy tokens as taylormlp.load_release.
+# trust_remote_code=True and generates the same greedy tokens as taylormlp.load_release; and (format 2 releases) the
+# stock loaders without the release's code (AutoModelForCausalLM without trust_remote_code, the base architecture's
+# own class) refuse it with an error that says how to load it, instead of building random MLPs.
 # usage: benchmarks/stock_loading_check.sh RELEASE_DIR
 set -euo pipefail
 release=$(cd "$1" && pwd)
@@ -22,6 +24,21 @@ out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32
                      pad_token_id=tok.eos_token_id)
 print(" ".join(map(str, out[0, ids.shape[1]:].tolist())))
 PY
+cat > "$env/refuse.py" <<'PY'
+import sys, json, transformers
+from transformers import AutoModelForCausalLM
+d = sys.argv[1]
+arch = json.load(open(d + "/config.json"))["architectures"][0]
+for name, load in (("AutoModelForCausalLM.from_pretrained(DIR)", lambda: AutoModelForCausalLM.from_pretrained(d)),
+                   (f"{arch}.from_pretrained(DIR)", lambda: getattr(transformers, arch).from_pretrained(d))):
+    try:
+        load()
+    except Exception as exc:
+        print(f"{name} refuses: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        continue
+    print(f"{name} LOADED a model without the release's MLPs"); sys.exit(1)
+PY
+(cd /tmp && "$env/bin/python" "$env/refuse.py" "$release")
 stock=$(cd /tmp && "$env/bin/python" "$env/gen.py" "$release")
 ours=$("$here/.venv/bin/python" - "$release" <<'PY'
 import sys, torch

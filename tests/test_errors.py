@@ -278,8 +278,8 @@ CASES = [
     Case("generate/prompt-with-nul", lambda c: ["generate", c.tiny_rel, "--prompt", "a\x00b"],
          r"the prompt is not text: it holds a NUL"),
     Case("generate/release-format-version", lambda c: ["generate", c.release(_manifest(
-        lambda m: {**m, "format_version": 2})), "--prompt", "hi"],
-         r"unknown format_version 2; this taylormlp reads version 1 \(upgrade taylormlp\?\)"),
+        lambda m: {**m, "format_version": 3})), "--prompt", "hi"],
+         r"unknown format_version 3; this taylormlp reads versions 1 and 2 \(upgrade taylormlp\?\)"),
     Case("generate/release-config-format-version", lambda c: ["generate", c.release(_future_config_version),
                                                                "--prompt", "hi"],
          r"config\.json: unknown taylormlp format_version 99"),

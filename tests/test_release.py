@@ -201,7 +201,7 @@ def test_release_spec_round_trips_and_shapes_the_modules(tiny_release):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update(format_version=2), r"unknown taylormlp format_version 2"),
+    (lambda s: s.update(format_version=3), r"unknown taylormlp format_version 3; this runtime reads versions 1 and 2"),
     (lambda s: s.pop("format_version"), r"unknown taylormlp format_version None"),
     (lambda s: s.pop("basis"), r"lacks basis"),
     (lambda s: s["layers"][0].pop("protected"), r"layers are malformed"),

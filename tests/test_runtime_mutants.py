@@ -361,7 +361,7 @@ def test_release_spec_round_trips_and_keeps_what_protect_recorded():
     assert spec.layers[0].pieces is None and spec.layers[0].rest_out_bias is False
     assert spec.record == {"calibration": {"prompts": 4}, "validation": "passed"}
     back = spec.to_dict()
-    assert back == {**SPEC, "selection": None, "margin": None, "max_pieces": None,
+    assert back == {**SPEC, "selection": None, "margin": None, "max_pieces": None, "masked": {},
                     "layers": [{"protected": 3, "rest": 29, "pieces": None, "rest_out_bias": False},
                                SPEC["layers"][1]]}
     assert runtime.ReleaseSpec.from_dict(back) == spec
@@ -377,7 +377,7 @@ def test_release_spec_round_trips_and_keeps_what_protect_recorded():
 @pytest.mark.parametrize("spec, message", [
     (None, "config.json has no 'taylormlp' section: this is not a taylormlp release"),
     ([1, 2], "config.json has no 'taylormlp' section: this is not a taylormlp release"),
-    ({**SPEC, "format_version": 99}, "unknown taylormlp format_version 99; this runtime reads version 1 "
+    ({**SPEC, "format_version": 99}, "unknown taylormlp format_version 99; this runtime reads versions 1 and 2 "
                                      "(a release from another taylormlp version?)"),
     ({k: v for k, v in SPEC.items() if k != "format_version"}, "unknown taylormlp format_version None; "),
     ({k: v for k, v in SPEC.items() if k not in ("order", "coverage")},

@@ -1,6 +1,7 @@
 """The release directory: what a model owner publishes and a user runs.
 
-    DIR/config.json               base config + "taylormlp" section + auto_map for trust_remote_code
+    DIR/config.json               base config, activation masked (runtime.LOAD_NOTICE) + "taylormlp" section +
+                                  auto_map (AutoModel, AutoModelForCausalLM) for trust_remote_code
     DIR/model*.safetensors        weights (sharded above 2 GB, with model.safetensors.index.json)
     DIR/modeling_taylormlp.py     verbatim copy of taylormlp/runtime.py (stock transformers can load DIR)
     DIR/tokenizer*, generation_config.json
@@ -138,10 +139,10 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
             release_memory()
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
-        cls_name = runtime.release_class(config).__name__
-        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{cls_name}"}
+        config.auto_map = {auto: f"{MODELING_FILE[:-3]}.{runtime.release_class(config, base).__name__}"
+                           for auto, base in (("AutoModel", True), ("AutoModelForCausalLM", False))}
         config.dtype = dtype
-        config.save_pretrained(tmp)
+        runtime.masked_config(config).save_pretrained(tmp)  # stock classes refuse it (runtime.LOAD_NOTICE)
         generation = Path(model_dir) / "generation_config.json" if model_dir else None
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -214,9 +215,10 @@ def verify_release(directory) -> dict:
         raise TaylorMLPError(f"{manifest_path} is corrupt ({type(exc).__name__}: {exc}); {redo}") from exc
     except OSError as exc:
         raise TaylorMLPError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
-    if manifest.get("format_version") != runtime.FORMAT_VERSION:
-        raise TaylorMLPError(f"{manifest_path}: unknown format_version {manifest.get('format_version')!r}; "
-                             f"this taylormlp reads version {runtime.FORMAT_VERSION} (upgrade taylormlp?)")
+    if manifest.get("format_version") not in runtime.READABLE_FORMATS:
+        raise TaylorMLPError(f"{manifest_path}: unknown format_version {manifest.get('format_version')!r}; this "
+                             f"taylormlp reads versions {' and '.join(map(str, runtime.READABLE_FORMATS))} "
+                             f"(upgrade taylormlp?)")
     if not isinstance(files, dict) or not all(
             isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
             for info in files.values()):
@@ -405,7 +407,8 @@ def model_card(spec: dict, fidelity: dict | None = None, slowdown: dict | None =
         "",
         "This model's MLP blocks are released as series coefficients Θ₀..Θ_N (TaylorMLP, Wang et al., EMNLP 2024)",
         "instead of plain down-projection weights. Load it with `taylormlp.load_release(DIR)` or",
-        "`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.",
+        "`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; stock classes of the base architecture",
+        "refuse it (its config.json names no real activation), as they cannot build its MLPs.",
         "",
         "| field | value |",
         "| --- | --- |",

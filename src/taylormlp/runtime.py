@@ -24,6 +24,7 @@ the line (outer edges ±inf), so exactly one piece serves each input.  Cost grow
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -31,30 +32,40 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json masks the activation (LOAD_NOTICE) so that stock loaders refuse the release
+READABLE_FORMATS = (1, 2)
 BASES = ("taylor", "chebyshev")
+# A release's config.json holds this in place of its activation names, so a stock class of the base architecture
+# (AutoModelForCausalLM without trust_remote_code, LlamaForCausalLM, `transformers serve`) fails in its ACT2FN lookup
+# with this text instead of loading random MLPs; the release classes put the real names (ReleaseSpec.masked) back.
+LOAD_NOTICE = ("this is a TaylorMLP release, not a stock model: load it with taylormlp.load_release(DIR) or "
+               "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")  # every name a stock MLP may read
 
 # ---------------------------------------------------------------- architecture table (the one place)
 # family "gated": y = W_down(act(W_gate x) * W_up x)    family "plain": y = W act(V x + b) + c
 # Each entry: where the decoder layers live, the MLP attribute, the names of its linear maps, whether the
-# linears are GPT-2 Conv1D ([in, out] weights), and which config key names the activation.
+# linears are GPT-2 Conv1D ([in, out] weights), which config key names the activation, and the transformers classes
+# of the causal LM and of its base model (what AutoModel builds).
 ARCHITECTURES = {
     "llama": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_act", conv1d=False, model_class="LlamaForCausalLM"),
+                  act_key="hidden_act", conv1d=False, model_class="LlamaForCausalLM", base_class="LlamaModel"),
     "mistral": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                    act_key="hidden_act", conv1d=False, model_class="MistralForCausalLM"),
+                    act_key="hidden_act", conv1d=False, model_class="MistralForCausalLM", base_class="MistralModel"),
     "qwen2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_act", conv1d=False, model_class="Qwen2ForCausalLM"),
+                  act_key="hidden_act", conv1d=False, model_class="Qwen2ForCausalLM", base_class="Qwen2Model"),
     "gemma": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_activation", conv1d=False, model_class="GemmaForCausalLM"),
+                  act_key="hidden_activation", conv1d=False, model_class="GemmaForCausalLM", base_class="GemmaModel"),
     "gemma2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                   act_key="hidden_activation", conv1d=False, model_class="Gemma2ForCausalLM"),
+                   act_key="hidden_activation", conv1d=False, model_class="Gemma2ForCausalLM",
+                   base_class="Gemma2Model"),
     "gemma3_text": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                        act_key="hidden_activation", conv1d=False, model_class="Gemma3ForCausalLM"),
+                        act_key="hidden_activation", conv1d=False, model_class="Gemma3ForCausalLM",
+                        base_class="Gemma3TextModel"),
     "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2",
-                act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM"),
+                act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM", base_class="PhiModel"),
     "gpt2": dict(family="plain", layers="transformer.h", gate="c_fc", up=None, down="c_proj",
-                 act_key="activation_function", conv1d=True, model_class="GPT2LMHeadModel"),
+                 act_key="activation_function", conv1d=True, model_class="GPT2LMHeadModel", base_class="GPT2Model"),
 }
 
 
@@ -75,9 +86,11 @@ def activation_name(config) -> str:
     return name
 
 
-def decoder_layers(model) -> nn.ModuleList:
+def decoder_layers(model, base: bool = False) -> nn.ModuleList:
+    """The decoder layers of a causal LM (base=True: of its base model, which holds them one attribute higher)."""
+    parts = architecture(model.config)["layers"].split(".")
     obj = model
-    for part in architecture(model.config)["layers"].split("."):
+    for part in parts[1:] if base else parts:
         obj = getattr(obj, part)
     return obj
 
@@ -326,6 +339,7 @@ class ReleaseSpec:
     selection: str | None = None
     margin: float | None = None
     max_pieces: int | None = None
+    masked: dict = field(default_factory=dict)  # format 2: config keys config.json holds as LOAD_NOTICE -> real values
     record: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -342,9 +356,9 @@ class ReleaseSpec:
         if not isinstance(spec, dict):
             raise ValueError("config.json has no 'taylormlp' section: this is not a taylormlp release")
         version = spec.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"unknown taylormlp format_version {version!r}; this runtime reads version "
-                             f"{FORMAT_VERSION} (a release from another taylormlp version?)")
+        if version not in READABLE_FORMATS:
+            raise ValueError(f"unknown taylormlp format_version {version!r}; this runtime reads versions "
+                             f"{' and '.join(map(str, READABLE_FORMATS))} (a release from another taylormlp version?)")
         names = {f.name for f in fields(cls)} - {"record", "layers"}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         absent = [name for name in required if name not in spec]
@@ -356,14 +370,17 @@ class ReleaseSpec:
         except (TypeError, KeyError) as exc:
             raise ValueError(f"the taylormlp section's layers are malformed ({exc}): a damaged release") from exc
         known = {k: v for k, v in spec.items() if k in names}
+        if not isinstance(known.get("masked", {}), dict):
+            raise ValueError("the taylormlp section's masked keys are not a dict: a damaged release")
         record = {k: v for k, v in spec.items() if k not in names and k != "layers"}
         return cls(**known, layers=layers, record=record)
 
 
-def install_taylor_mlps(model, spec: ReleaseSpec | dict) -> None:
-    """Replace every decoder layer's MLP by an empty TaylorMLP shaped as ``spec`` (config["taylormlp"])."""
+def install_taylor_mlps(model, spec: ReleaseSpec | dict, base: bool = False) -> None:
+    """Replace every decoder layer's MLP by an empty TaylorMLP shaped as ``spec`` (config["taylormlp"]); ``base``:
+    ``model`` is the base model (LlamaModel, ...), not the causal LM."""
     spec = spec if isinstance(spec, ReleaseSpec) else ReleaseSpec.from_dict(spec)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, base)
     if len(spec.layers) != len(layers):
         raise ValueError(f"release describes {len(spec.layers)} layers, the model has {len(layers)}")
     for layer, shape in zip(layers, spec.layers):
@@ -372,21 +389,45 @@ def install_taylor_mlps(model, spec: ReleaseSpec | dict) -> None:
                               pieces=shape.pieces)
 
 
-def _make_release_class(base_name: str):
+def masked_config(config):
+    """A copy of a protected model's config as a release writes it (format 2): every activation name is LOAD_NOTICE,
+    the real ones are kept in the taylormlp section's ``masked``, so that only the release classes build the model."""
+    masked = {key: getattr(config, key) for key in ACTIVATION_KEYS
+              if isinstance(getattr(config, key, None), str) and getattr(config, key) != LOAD_NOTICE}
+    out = copy.deepcopy(config)
+    for key in masked:
+        setattr(out, key, LOAD_NOTICE)
+    out.taylormlp = {**config.taylormlp, "format_version": FORMAT_VERSION, "masked": masked}
+    return out
+
+
+def unmasked_spec(config) -> ReleaseSpec:
+    """The release's spec, after putting the real values of the keys config.json masks back on ``config``."""
+    spec = ReleaseSpec.from_dict(getattr(config, "taylormlp", None))
+    for key, value in spec.masked.items():
+        setattr(config, key, value)
+    return spec
+
+
+def _make_release_class(base_name: str, base: bool = False):
+    """TaylorMLP<base_name>: the transformers class with the release's activation restored and TaylorMLPs installed
+    (``base``: a base model such as LlamaModel, what AutoModel and vLLM's Transformers backend build)."""
     import transformers
 
-    base = getattr(transformers, base_name)
+    parent = getattr(transformers, base_name)
 
     def __init__(self, config, *args, **kwargs):
-        base.__init__(self, config, *args, **kwargs)
-        install_taylor_mlps(self, ReleaseSpec.from_dict(getattr(config, "taylormlp", None)))
+        spec = unmasked_spec(config)  # before the stock layers look the activation up
+        parent.__init__(self, config, *args, **kwargs)
+        install_taylor_mlps(self, spec, base)
 
-    return type("TaylorMLP" + base_name, (base,), {"__init__": __init__})
+    return type("TaylorMLP" + base_name, (parent,), {"__init__": __init__})
 
 
-def release_class(config):
-    """The transformers class that loads a release of this architecture (ValueError if this transformers lacks it)."""
-    base_name = architecture(config)["model_class"]
+def release_class(config, base: bool = False):
+    """The class that loads a release of this architecture: its causal LM, or (base=True) its base model; ValueError
+    if the installed transformers lacks it."""
+    base_name = architecture(config)["base_class" if base else "model_class"]
     cls = globals().get("TaylorMLP" + base_name)
     if cls is None:  # the module-level loop below found no such class in the installed transformers
         import transformers
@@ -397,7 +438,9 @@ def release_class(config):
 
 
 for _entry in ARCHITECTURES.values():
-    try:
-        globals()["TaylorMLP" + _entry["model_class"]] = _make_release_class(_entry["model_class"])
-    except AttributeError:  # an older transformers without this architecture
-        pass
+    for _base in (False, True):
+        _name = _entry["base_class" if _base else "model_class"]
+        try:
+            globals()["TaylorMLP" + _name] = _make_release_class(_name, _base)
+        except AttributeError:  # an older transformers without this architecture
+            pass
