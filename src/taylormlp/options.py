@@ -1,25 +1,15 @@
 """What a protect run can be asked for: the presets and ProtectOptions, checked in one place.
 
-The CLI takes its choices from these tables (PRESETS, SELECTIONS, runtime.BASES, MAX_PIECES); a preset fills
-every option the caller left as None.
+The tables (PRESETS, SELECTIONS, BASES, MAX_ORDER, MAX_PIECES) are defined in choices.py, which the CLI reads
+without importing torch; a preset fills every option the caller left as None.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from . import runtime, series
+from .choices import BASES, MAX_ORDER, MAX_PIECES, PRESETS, SELECTIONS  # noqa: F401 - defined in choices.py
 from .errors import TaylorMLPError
-
-SELECTIONS = ("width", "error")  # channel ranking for coverage: narrowest calibrated range / smallest output error
-MAX_PIECES = 64  # series pieces per channel at most
-
-PRESETS = {
-    # the paper: Taylor series around the midpoint, narrowest channels first
-    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1, max_pieces=1),
-    # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
-    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.5, error_budget=0.1, max_pieces=8),
-}
 
 
 @dataclass
@@ -61,10 +51,10 @@ class ProtectOptions:
         for key, value in PRESETS[self.preset].items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
-        if out.basis not in runtime.BASES:
-            raise TaylorMLPError(f"--basis must be one of {', '.join(runtime.BASES)}, got {out.basis!r}")
-        if not 1 <= out.order <= series.MAX_ORDER:
-            raise TaylorMLPError(f"--order must be between 1 and {series.MAX_ORDER}, got {out.order}")
+        if out.basis not in BASES:
+            raise TaylorMLPError(f"--basis must be one of {', '.join(BASES)}, got {out.basis!r}")
+        if not 1 <= out.order <= MAX_ORDER:
+            raise TaylorMLPError(f"--order must be between 1 and {MAX_ORDER}, got {out.order}")
         if out.coverage is not None and not 0.0 <= out.coverage <= 1.0:
             raise TaylorMLPError(f"--coverage must be between 0 and 1, got {out.coverage}")
         if out.selection not in SELECTIONS:
