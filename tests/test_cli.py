@@ -1,6 +1,7 @@
 """The command line: help, clear errors for bad input, and the inspect/generate round trip."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,28 +17,102 @@ def run_cli(args, capsys):
     return code, out.out, out.err
 
 
+def _commands():
+    return build_parser()._subparsers._group_actions[0].choices
+
+
 def test_help_explains_every_flag(capsys):
-    parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices
-    for name in ("protect", "generate", "inspect", "compare", "bench", "audit", "demo"):
-        assert name in sub
-        for action in sub[name]._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help, f"{name} {action.option_strings} has no help text"
+    from taylormlp.cli import TERMS, Number
+
+    sub = _commands()
+    assert set(sub) == {"protect", "generate", "inspect", "compare", "bench", "audit", "demo"}
+    for name, parser in sub.items():
+        assert parser.description and len(parser.description) > 40, f"{name} has no description"
+        assert TERMS in parser.epilog, f"{name}'s help does not define SOURCE and RELEASE"
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help text"
+            if action.nargs != 0 and not action.required:  # a flag that takes a value says what it is without one
+                assert "default" in action.help.lower(), f"{name} {action.option_strings} does not name its default"
+            if isinstance(action.type, Number):
+                assert action.type.limits in action.help, f"{name} {action.option_strings} does not say its limits"
+    assert "SOURCE" in TERMS and ".gguf file" in TERMS and "smollm2-135m-instruct" in TERMS
 
 
-def test_out_of_range_options_are_rejected(capsys, tmp_path):
-    for bad in (["--coverage", "1.5"], ["--order", "0"], ["--slowdown", "0.5"]):
-        with pytest.raises(SystemExit) as exc:
-            main(["protect", "x", "--out", str(tmp_path / "o"), *bad])
-        assert exc.value.code == 2
-        assert bad[0] in capsys.readouterr().err
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
 
 
-def test_order_above_maximum_is_a_clear_error(capsys, tmp_path, tiny_llama_dir):
-    code, _, err = run_cli(["protect", tiny_llama_dir, "--out", tmp_path / "o", "--order", "500"], capsys)
-    assert code == 2 and "--order must be between 1 and" in err
-    assert not (tmp_path / "o").exists()
+def test_audit_help_names_every_attack_with_its_cost(capsys):
+    from taylormlp.attacks import ATTACKS, get_attack
+
+    text = " ".join(_help(["audit", "--help"], capsys).split())  # argparse wraps lines
+    for name in ATTACKS:
+        attack = get_attack(name)
+        assert f"{name} {' '.join(attack.description.split())} [{attack.cost}]" in text, name
+    assert f"default: all 5: {', '.join(ATTACKS)}" in text
+
+
+def test_version_prints_the_package_version(capsys):
+    import taylormlp
+
+    assert _help(["--version"], capsys).strip() == f"taylormlp {taylormlp.__version__}"
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """`taylormlp --help` answers at once: the parser and everything it imports load neither torch nor transformers
+    (the commands are imported after parsing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, taylormlp.cli as cli; cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'tqdm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    done = subprocess.run([sys.executable, "-m", "taylormlp.cli", "protect", "x", "--out", "y", "--order", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--order must be between 1 and" in done.stderr
+
+
+def test_tables_have_one_definition():
+    """The CLI's torch-free tables are the very ones the heavy modules use; runtime.BASES, which runtime.py (copied
+    into releases) must define itself, equals choices.BASES."""
+    from taylormlp import choices, options, release, runtime, series, sources
+    from taylormlp.attacks import ATTACKS, get_attack
+
+    assert runtime.BASES == choices.BASES
+    assert options.PRESETS is choices.PRESETS and options.MAX_PIECES is choices.MAX_PIECES
+    assert series.MAX_ORDER == choices.MAX_ORDER and sources.BUILTIN_MODELS is choices.BUILTIN_MODELS
+    assert tuple(release.DTYPES) == choices.DTYPE_NAMES
+    assert ATTACKS == choices.DEFAULT_ATTACKS
+    for name, info in choices.ATTACKS.items():
+        attack = get_attack(name)
+        assert (attack.rank, attack.description, attack.cost, attack.no_grad) == (info.rank, info.description,
+                                                                                  info.cost, info.no_grad)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("order", 500, r"order \(--order\) must be a whole number between 1 and 96, got 500"),
+    ("order", 2.5, r"order \(--order\) must be a whole number"),
+    ("error_budget", float("nan"), r"error_budget \(--error-budget\) must be a positive number, got nan"),
+    ("error_budget", -1.0, r"error_budget \(--error-budget\) must be a positive number, got -1\.0"),
+    ("coverage", float("inf"), r"coverage \(--coverage\) must be between 0 and 1, got inf"),
+    ("max_pieces", 100, r"max_pieces \(--max-pieces\) must be a whole number between 1 and 64, got 100"),
+    ("piece_tolerance", 0.0, r"piece_tolerance must be a positive number, got 0\.0"),
+    ("margin", float("nan"), r"margin must be between 0 and 1, got nan"),
+    ("seed", -1, r"seed \(--seed\) must be a whole number of at least 0"),
+])
+def test_protect_options_check_the_python_api(field, value, message):
+    from taylormlp.errors import TaylorMLPError
+    from taylormlp.options import ProtectOptions
+
+    with pytest.raises(TaylorMLPError, match=message):
+        ProtectOptions(**{field: value}).resolved()
+    ProtectOptions(order=8, error_budget=0.5, coverage=1, max_pieces=64, seed=3).resolved()  # the limits are allowed
 
 
 def test_missing_source_names_the_choices(capsys, tmp_path):

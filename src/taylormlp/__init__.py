@@ -7,11 +7,29 @@ Public API (in the spirit of optimum-quanto's quantize/freeze):
     load_release(directory) -> transformers causal LM whose layers' .mlp are TaylorMLP modules
 """
 
+import importlib
+
+from .errors import TaylorMLPError
+
 __version__ = "0.1.0"
 
-from .convert import ProtectOptions, protect  # noqa: E402
-from .errors import TaylorMLPError  # noqa: E402
-from .release import load_release, save_release  # noqa: E402
-from .runtime import TaylorMLP  # noqa: E402
+# The one place where taylormlp imports its own modules lazily: the API names below load torch and transformers on
+# first use (PEP 562), so that `import taylormlp.cli` -- and with it `taylormlp --help` and every usage error -- needs
+# neither (cli.py imports only the torch-free choices.py and errors.py before parsing).
+_LAZY = {"protect": "convert", "ProtectOptions": "options", "save_release": "release", "load_release": "release",
+         "TaylorMLP": "runtime"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = ["protect", "ProtectOptions", "save_release", "load_release", "TaylorMLP", "TaylorMLPError"]

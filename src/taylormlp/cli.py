@@ -1,143 +1,261 @@
-"""The `taylormlp` command line."""
+"""The `taylormlp` command line: the parser.
+
+Before parsing, this module imports only the torch-free tables (choices.py) and errors.py, so that `--help`,
+`--version` and every usage error answer at once; the commands (commands.py, which load torch and transformers)
+are imported after parsing.  A usage error is one line on stderr naming the flag as typed, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
+import textwrap
 from pathlib import Path
 
+from . import __version__
+from .choices import (ATTACKS, BASES, BUILTIN_MODELS, DEFAULT_ATTACKS, DTYPE_NAMES, MAX_ORDER, MAX_PIECES,
+                      PRESETS)
 from .errors import TaylorMLPError
-from .options import PRESETS
-from .progress import quiet
-from .release import DTYPES
-from .runtime import BASES
-from .sources import BUILTIN_MODELS
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# the two words every command uses, defined once and shown under each command's flags
+TERMS = (f"SOURCE   an original (unprotected) model: a Hugging Face model directory, a .gguf file, or a built-in "
+         f"name ({', '.join(BUILTIN_MODELS)})\n"
+         f"RELEASE  a release directory written by `taylormlp protect` (config.json with a \"taylormlp\" section, "
+         f"series coefficients, tokenizer, taylormlp_manifest.json)")
 
 
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+class Number:
+    """An argparse type: a finite int or float within limits.  A bad value says the limits, and the parser's
+    error() puts the flag in front as typed: "--max-pieces must be between 1 and 64, got 100"."""
+
+    def __init__(self, kind: type, low: float, high: float | None = None, low_open: bool = False):
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+        self.__name__ = "whole number" if kind is int else "number"  # argparse names the type by this
+
+    @property
+    def limits(self) -> str:
+        if self.high is not None:
+            return f"between {self.low:g} and {self.high:g}"
+        return f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {self.__name__} ({self.limits}), got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number ({self.limits}), got {text!r}")
+        too_low = value <= self.low if self.low_open else value < self.low
+        if too_low or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.limits}, got {text}")
+        return value
 
 
-def _slowdown(text: str) -> float:
-    value = float(text)
-    if not 1.25 <= value <= 16.0:
-        raise argparse.ArgumentTypeError(f"must be between 1.25 and 16, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="taylormlp",
-        description="Release language models as TaylorMLP series coefficients: token-exact, throttled, audited.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    builtins = ", ".join(BUILTIN_MODELS)
-
-    p = sub.add_parser("protect", help="convert a model's MLPs into series coefficients and write a release",
-                       description="Calibrate, convert every MLP to TaylorMLP form and write a release directory.")
-    p.add_argument("source", help=f"model: a Hugging Face model directory, a .gguf file, or a built-in name ({builtins})")
-    p.add_argument("--out", required=True, type=Path, help="release directory to create")
-    p.add_argument("--preset", choices=list(PRESETS), default="default",
-                   help="'paper': Taylor basis, midpoint expansion, narrowest channels first (Wang et al. 2024); "
-                        "'default': piecewise Chebyshev series (value and slope of the activation at every piece "
-                        "edge), intervals widened by half their width, channels ranked by output error (full "
-                        "coverage on SmolLM2). Default: default")
-    p.add_argument("--order", type=_positive_int, help="series order N (default 8); more orders = slower release")
-    p.add_argument("--slowdown", type=_slowdown,
-                   help="target decode slowdown against the original on this machine (1.25 to 16): chooses coverage, "
-                        "order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode timing "
-                        "confirms it) and records requested, measured and FLOPs ratios and the machine")
-    p.add_argument("--basis", choices=list(BASES), help="override the preset's basis")
-    p.add_argument("--coverage", type=_unit_float,
-                   help="share of MLP channels to protect (0..1); default: the largest that stays token-exact "
-                        "on the validation prompts")
-    p.add_argument("--error-budget", type=float,
-                   help="automatic coverage accepts only validation runs that are token-exact with every logit within "
-                        "this absolute error of the original (default 0.1); smaller = safer on unseen prompts")
-    p.add_argument("--max-pieces", type=_positive_int,
-                   help="split each channel's interval into at most this many series pieces where one degree-N "
-                        "series is not accurate enough (default preset 8, paper preset 1); every piece is real "
-                        "series work at run time")
-    p.add_argument("--calibration", type=Path,
-                   help="UTF-8 text file used as calibration prose instead of the built-in corpus "
-                        "(paragraphs separated by blank lines)")
-    p.add_argument("--calibration-samples", type=_positive_int, metavar="N",
-                   help="bound the calibration work: use at most N prose chunks (of 256 tokens) and N calibration "
-                        "prompts (every fifth held out for validation), evenly spread over the corpus; default: "
-                        "the whole built-in corpus (about 230 prose chunks, 112 prompts)")
-    p.add_argument("--batch-size", type=_positive_int, default=128,
-                   help="prompts generated together while calibrating (default 128); each decode step reads every "
-                        "layer once per batch, so larger is faster for big models and costs more activation memory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where calibration, validation and the coverage search run (default auto: cuda when a GPU "
-                        "is visible); series coefficients are always computed in float64 on the CPU")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the release (default float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the ±1 sign obfuscation (default 0)")
-    p.add_argument("--no-chat", action="store_true", help="do not calibrate through the chat template")
-    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
-
-    g = sub.add_parser("generate", help="generate text with a release (greedy)",
-                       description="Greedy generation with a release directory (or, for comparison, a base model).")
-    g.add_argument("release", help="release directory (or a base model SOURCE with --base)")
-    g.add_argument("--prompt", required=True, help="prompt text")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--base", action="store_true", help="treat RELEASE as an unprotected base model source")
-
-    i = sub.add_parser("inspect", help="describe a release (coverage, order, sizes)",
-                       description="Verify a release against its manifest and describe it.")
-    i.add_argument("release", type=Path, help="release directory")
-    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    i.add_argument("--leak-check", metavar="SOURCE",
-                   help="scan every stored tensor for protected down-projection columns or biases of SOURCE")
-
-    c = sub.add_parser("compare", help="greedy generations of the original and a release on a prompt file",
-                       description="Generate with the original and the release on every prompt and count identical "
-                                   "generations (the token-exactness check).")
-    c.add_argument("source", help="the original model SOURCE")
-    c.add_argument("release", type=Path, help="release directory")
-    c.add_argument("--prompts", type=Path, required=True,
-                   help='JSON file: {"prompts": [{"kind": "chat"|"raw", "text": ...}, ...]}')
-    c.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt (default 64)")
-    c.add_argument("--json", type=Path, help="write the full comparison as JSON here")
-
-    d = sub.add_parser("demo", help="protect SmolLM2 and show original vs protected generations side by side")
-    d.add_argument("--out", type=Path, default=Path("releases/smollm2-paper"), help="release directory to use/create")
-    d.add_argument("--preset", choices=list(PRESETS), default="paper", help="preset (default paper)")
-    d.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens per prompt (default 48)")
-    d.add_argument("--force", action="store_true", help="re-protect even if --out exists")
-
-    b = sub.add_parser("bench", help="latency, memory and size of the original and releases",
-                       description="Prefill and decode latency, peak memory and size, interleaved runs.")
-    b.add_argument("source", help="the original model SOURCE")
-    b.add_argument("releases", nargs="+", type=Path, help="release directories")
-    b.add_argument("--tokens", type=_positive_int, default=32, help="decode tokens per run (default 32)")
-    b.add_argument("--repeats", type=_positive_int, default=3, help="interleaved repeats (default 3)")
-    b.add_argument("--json", type=Path, help="write results as JSON here")
-    b.add_argument("--plot", type=Path, help="write a PNG plot here")
-
-    a = sub.add_parser("audit", help="attack a release the known ways and report what an attacker recovers")
-    a.add_argument("release", type=Path, help="release directory")
-    a.add_argument("--original", help="original model SOURCE, used only to score the attacks")
-    a.add_argument("--json", type=Path, help="write the report as JSON here")
-    a.add_argument("--attacks", default="coefficient_ratio,regression,factorization,finetune,distill",
-                   help="comma-separated subset of attacks to run")
-    return parser
+POSITIVE = Number(int, 1)
+ORDER = Number(int, 1, MAX_ORDER)
+PIECES = Number(int, 1, MAX_PIECES)
+SHARE = Number(float, 0.0, 1.0)
+SLOWDOWN = Number(float, 1.25, 16.0)
+BUDGET = Number(float, 0.0, low_open=True)
+SEED = Number(int, 0)
 
 
 def _one_line(text: str) -> str:
     """An error message on one line: multi-line messages (from transformers, say) are joined."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own, so that definitions and tables keep their lines; a
+    line that starts with a term and two spaces ("SOURCE   an original ...") hangs below its text."""
+
+    def _fill_text(self, text, width, indent):
+        def fill(line: str) -> str:
+            term = re.match(r"\s*\S+\s{2,}", line)
+            hang = indent + " " * (term.end() if term else 0)
+            return textwrap.fill(line, width, initial_indent=indent, subsequent_indent=hang) if line.strip() else ""
+        return "\n".join(fill(line) for line in text.splitlines())
+
+
+class _Parser(argparse.ArgumentParser):
+    commands: dict = {}  # the command parsers, by name (set on the top-level parser)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the command does not know is reported by that command's parser."""
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.commands.get(getattr(args, "command", None), self).error(f"unrecognized arguments: "
+                                                                         f"{' '.join(extras)}")
+        return args
+
+    def error(self, message):
+        """One line, the flag as typed in front: `taylormlp protect: error: --max-pieces must be between 1 and 64,
+        got 100 (see `taylormlp protect --help`)`; exit status 2."""
+        message = re.sub(r"^argument ([^:]+): (?=must )", lambda m: m.group(1).split("/")[-1] + " ", message)
+        message = re.sub(r"^argument ", "", message)
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _preset_values(key: str) -> str:
+    return ", ".join(f"{name} preset {values[key]}" for name, values in PRESETS.items())
+
+
+def _add_protect(sub) -> None:
+    p = _command(sub, "protect", "convert a model's MLPs into series coefficients and write a release",
+                 "Calibrate an original model, convert its MLP channels to TaylorMLP series coefficients and write a "
+                 "RELEASE directory (nothing is written until it is complete).")
+    p.add_argument("source", metavar="SOURCE", help="the original model (see below)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="RELEASE directory to create; it must not exist (--force replaces an earlier release)")
+    p.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="'paper': Taylor basis, midpoint expansion, narrowest channels first (Wang et al. 2024); "
+                        "'default': piecewise Chebyshev series (value and slope of the activation at every piece "
+                        "edge), intervals widened by half their width, channels ranked by output error (full "
+                        "coverage on SmolLM2). Default: default")
+    p.add_argument("--order", type=ORDER,
+                   help=f"series order N, {ORDER.limits} (default: {_preset_values('order')}); more orders = slower "
+                        f"release")
+    p.add_argument("--slowdown", type=SLOWDOWN,
+                   help=f"target decode slowdown against the original on this machine, {SLOWDOWN.limits}: chooses "
+                        "coverage, order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode "
+                        "timing confirms it) and records requested, measured and FLOPs ratios and the machine; "
+                        "default: none (the preset's order, the largest token-exact coverage)")
+    p.add_argument("--basis", choices=list(BASES),
+                   help=f"override the preset's series basis (default: {_preset_values('basis')})")
+    p.add_argument("--coverage", type=SHARE,
+                   help=f"share of MLP channels to protect, {SHARE.limits}; default: the largest that stays "
+                        "token-exact on the validation prompts")
+    p.add_argument("--error-budget", type=BUDGET,
+                   help="automatic coverage accepts only validation runs that are token-exact with every logit within "
+                        f"this absolute error of the original, a number {BUDGET.limits} (default: "
+                        f"{_preset_values('error_budget')}); smaller = safer on unseen prompts")
+    p.add_argument("--max-pieces", type=PIECES,
+                   help="split each channel's interval into at most this many series pieces where one degree-N "
+                        f"series is not accurate enough, {PIECES.limits} (default: {_preset_values('max_pieces')}); "
+                        "every piece is real series work at run time")
+    p.add_argument("--calibration", type=Path,
+                   help="UTF-8 text file used as calibration prose instead of the built-in corpus "
+                        "(paragraphs separated by blank lines); default: the built-in corpus")
+    p.add_argument("--calibration-samples", type=POSITIVE, metavar="N",
+                   help=f"bound the calibration work, N {POSITIVE.limits}: use at most N prose chunks (of 256 tokens) "
+                        "and N calibration prompts (every fifth held out for validation), evenly spread over the "
+                        "corpus; default: the whole built-in corpus (about 230 prose chunks, 112 prompts)")
+    p.add_argument("--batch-size", type=POSITIVE, default=128,
+                   help=f"prompts generated together while calibrating, {POSITIVE.limits} (default 128); each decode "
+                        "step reads every layer once per batch, so larger is faster for big models and costs more "
+                        "activation memory")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where calibration, validation and the coverage search run (default auto: cuda when a GPU "
+                        "is visible); series coefficients are always computed in float64 on the CPU")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="float32",
+                   help="dtype of the release (default float32)")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help=f"seed for the ±1 sign obfuscation, a whole number {SEED.limits} (default 0)")
+    p.add_argument("--no-chat", action="store_true",
+                   help="do not calibrate through the chat template (default: through it when the model has one)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier release (any other existing directory is refused)")
+
+
+def _add_run_commands(sub) -> None:
+    g = _command(sub, "generate", "generate text with a release (greedy)",
+                 "Greedy generation with a RELEASE (or, with --base, with an original model SOURCE, to compare).")
+    g.add_argument("release", metavar="RELEASE", help="the release directory (with --base: an original model SOURCE "
+                                                      "instead)")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (default: the prompt as plain text)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64,
+                   help=f"tokens to generate, {POSITIVE.limits} (default 64)")
+    g.add_argument("--base", action="store_true",
+                   help="run an original model SOURCE instead of a release (unprotected; default: RELEASE)")
+
+    i = _command(sub, "inspect", "describe a release (coverage, order, sizes, validation)",
+                 "Verify a RELEASE against its manifest (every file's size and sha256) and describe it: what is "
+                 "protected, its size, and how closely it matched the original when it was made.")
+    i.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+    i.add_argument("--leak-check", metavar="SOURCE",
+                   help="scan every stored tensor for protected down-projection columns or biases of the original "
+                        "model SOURCE (default: no scan); exit status 1 if any is found")
+
+    c = _command(sub, "compare", "greedy generations of the original and a release on a prompt file",
+                 "Generate with the original and the release on every prompt and count identical generations (the "
+                 "token-exactness check).")
+    c.add_argument("source", metavar="SOURCE", help="the original model (see below)")
+    c.add_argument("release", metavar="RELEASE", type=Path, help="the release directory made from it")
+    c.add_argument("--prompts", type=Path, required=True,
+                   help='JSON file: {"prompts": [{"kind": "chat"|"raw", "text": ...}, ...]}')
+    c.add_argument("--max-new-tokens", type=POSITIVE, default=64,
+                   help=f"tokens per prompt, {POSITIVE.limits} (default 64)")
+    c.add_argument("--json", type=Path, help="write the full comparison as JSON to this new file (default: none)")
+    c.add_argument("--force", action="store_true", help="replace the --json file if it exists")
+
+    d = _command(sub, "demo", "protect SmolLM2 and show original vs protected generations side by side",
+                 "Protect the built-in smollm2-135m-instruct into --out (once: a valid release already there is "
+                 "reused), then print the original's and the release's greedy generations of four prompts side by "
+                 "side, with the tokens matched and the latency ratio.")
+    d.add_argument("--out", type=Path, default=Path("releases/smollm2-paper"),
+                   help="RELEASE directory to reuse or create (default releases/smollm2-paper)")
+    d.add_argument("--preset", choices=list(PRESETS), default="paper",
+                   help="preset when protecting (default paper; see `taylormlp protect --help`)")
+    d.add_argument("--max-new-tokens", type=POSITIVE, default=48,
+                   help=f"tokens per prompt, {POSITIVE.limits} (default 48)")
+    d.add_argument("--force", action="store_true",
+                   help="re-protect even if --out holds a valid release (any other existing directory is refused)")
+
+    b = _command(sub, "bench", "latency, memory and size of the original and releases",
+                 "Prefill and decode latency (interleaved runs), peak memory (one fresh process per model) and size "
+                 "of the original and each release.")
+    b.add_argument("source", metavar="SOURCE", help="the original model (see below)")
+    b.add_argument("releases", nargs="+", type=Path, metavar="RELEASE", help="release directories made from it")
+    b.add_argument("--tokens", type=POSITIVE, default=32, help=f"decode tokens per run, {POSITIVE.limits} (default 32)")
+    b.add_argument("--repeats", type=POSITIVE, default=3, help=f"interleaved repeats, {POSITIVE.limits} (default 3)")
+    b.add_argument("--json", type=Path, help="write results as JSON to this new file (default: none)")
+    b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png (default: none)")
+    b.add_argument("--force", action="store_true", help="replace the --json and --plot files if they exist")
+
+
+def _add_audit(sub) -> None:
+    width = max(len(name) for name in ATTACKS)
+    table = "\n".join(f"  {name:{width}}  {info.description} [{info.cost}]" for name, info in ATTACKS.items())
+    a = _command(sub, "audit", "attack a release the known ways and report what an attacker recovers",
+                 "Run the known attacks on a RELEASE, each using only what a release user has, and report per "
+                 "attack the protected weights it recovers (relative error, scored with --original), the tokens "
+                 "its rebuilt model matches and its time.",
+                 epilog=f"attacks (in their canonical order, with their typical cost on a small model):\n{table}")
+    a.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
+    a.add_argument("--original", metavar="SOURCE",
+                   help="the original model SOURCE, used only to score the attacks (default: none; tokens are then "
+                        "matched against the release itself)")
+    a.add_argument("--json", type=Path, help="write the report as JSON to this new file (default: none)")
+    a.add_argument("--force", action="store_true", help="replace the --json file if it exists")
+    a.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                   help=f"comma-separated attacks to run, from the list below (default: all {len(DEFAULT_ATTACKS)}: "
+                        f"{', '.join(DEFAULT_ATTACKS)})")
+
+
+def _command(sub, name: str, summary: str, description: str, epilog: str = TERMS):
+    epilog = epilog if epilog is TERMS else f"{epilog}\n\n{TERMS}"
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=_Formatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="taylormlp", formatter_class=_Formatter,
+                     description="Release language models as TaylorMLP series coefficients: token-exact, throttled, "
+                                 "audited.",
+                     epilog=f"{TERMS}\n\n`taylormlp COMMAND --help` describes a command and its flags.")
+    parser.add_argument("--version", action="version", version=f"taylormlp {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_protect(sub)
+    _add_run_commands(sub)
+    _add_audit(sub)
+    parser.commands = sub.choices
+    return parser
 
 
 def _unexpected_io_error(exc: BaseException) -> str:
@@ -153,26 +271,13 @@ def _unexpected_io_error(exc: BaseException) -> str:
     return f"an input file is not valid JSON ({exc}); check the files you gave (truncated or damaged?)"
 
 
-def _quiet_libraries() -> None:
-    """With TAYLORMLP_QUIET=1, transformers' own progress bars and warnings stay off stderr as well."""
-    if not quiet():
-        return
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
     try:
         from . import commands  # after parsing: --help and usage errors need none of the models' libraries
 
+        commands.quiet_libraries()
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except TaylorMLPError as exc:
         print(f"taylormlp {args.command}: error: {_one_line(exc)}", file=sys.stderr)

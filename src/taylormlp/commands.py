@@ -15,9 +15,23 @@ from .errors import TaylorMLPError
 from .evaluate import compare, print_comparison, read_prompts
 from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
+from .progress import quiet
 
 SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
                     "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
+
+
+def quiet_libraries() -> None:
+    """With TAYLORMLP_QUIET=1, transformers' own progress bars and warnings stay off stderr as well."""
+    if not quiet():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 def _check_outputs(**paths) -> None:

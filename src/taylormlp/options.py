@@ -1,25 +1,17 @@
 """What a protect run can be asked for: the presets and ProtectOptions, checked in one place.
 
-The CLI takes its choices from these tables (PRESETS, SELECTIONS, runtime.BASES, MAX_PIECES); a preset fills
-every option the caller left as None.
+The tables (PRESETS, SELECTIONS, BASES, MAX_ORDER, MAX_PIECES) are defined in choices.py, which the CLI reads
+without importing torch; a preset fills every option the caller left as None.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
-from . import runtime, series
+from .choices import BASES, MAX_ORDER, MAX_PIECES, PRESETS, SELECTIONS  # noqa: F401 - defined in choices.py
 from .errors import TaylorMLPError
-
-SELECTIONS = ("width", "error")  # channel ranking for coverage: narrowest calibrated range / smallest output error
-MAX_PIECES = 64  # series pieces per channel at most
-
-PRESETS = {
-    # the paper: Taylor series around the midpoint, narrowest channels first
-    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1, max_pieces=1),
-    # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
-    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.5, error_budget=0.1, max_pieces=8),
-}
 
 
 @dataclass
@@ -61,25 +53,45 @@ class ProtectOptions:
         for key, value in PRESETS[self.preset].items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
-        if out.basis not in runtime.BASES:
-            raise TaylorMLPError(f"--basis must be one of {', '.join(runtime.BASES)}, got {out.basis!r}")
-        if not 1 <= out.order <= series.MAX_ORDER:
-            raise TaylorMLPError(f"--order must be between 1 and {series.MAX_ORDER}, got {out.order}")
-        if out.coverage is not None and not 0.0 <= out.coverage <= 1.0:
-            raise TaylorMLPError(f"--coverage must be between 0 and 1, got {out.coverage}")
+        # the Python API's names (with the CLI flag): the CLI's argparse types check each flag first, as typed
+        if out.basis not in BASES:
+            raise TaylorMLPError(f"basis (--basis) must be one of {', '.join(BASES)}, got {out.basis!r}")
+        if not _whole(out.order) or not 1 <= out.order <= MAX_ORDER:
+            raise TaylorMLPError(f"order (--order) must be a whole number between 1 and {MAX_ORDER}, got {out.order!r}")
+        if out.coverage is not None and not (_finite(out.coverage) and 0.0 <= out.coverage <= 1.0):
+            raise TaylorMLPError(f"coverage (--coverage) must be between 0 and 1, got {out.coverage!r}")
         if out.selection not in SELECTIONS:
             raise TaylorMLPError(f"selection must be one of {', '.join(SELECTIONS)}, got {out.selection!r}")
-        if out.error_budget <= 0:
-            raise TaylorMLPError(f"error_budget must be positive, got {out.error_budget}")
-        if not 1 <= out.max_pieces <= MAX_PIECES or out.piece_tolerance <= 0:
-            raise TaylorMLPError(f"max_pieces must be in 1..{MAX_PIECES} and piece_tolerance positive, got "
-                                 f"{out.max_pieces}, {out.piece_tolerance}")
-        if out.trust_tolerance < 0 or out.trust_max < 1.0:
-            raise TaylorMLPError("trust_tolerance must be >= 0 and trust_max >= 1")
-        if out.calibration_samples is not None and out.calibration_samples < 1:
-            raise TaylorMLPError(f"--calibration-samples must be at least 1, got {out.calibration_samples}")
-        if out.batch_size < 1 or out.batch_tokens < 1 or out.max_length < 2 or out.continuation_tokens < 1:
-            raise TaylorMLPError("batch_size, batch_tokens and continuation_tokens must be positive and max_length >= 2")
-        if not 0.0 <= out.margin <= 1.0:
-            raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin}")
+        if not _finite(out.error_budget) or out.error_budget <= 0:
+            raise TaylorMLPError(f"error_budget (--error-budget) must be a positive number, got {out.error_budget!r}")
+        if not _whole(out.max_pieces) or not 1 <= out.max_pieces <= MAX_PIECES:
+            raise TaylorMLPError(f"max_pieces (--max-pieces) must be a whole number between 1 and {MAX_PIECES}, "
+                                 f"got {out.max_pieces!r}")
+        if not _finite(out.piece_tolerance) or out.piece_tolerance <= 0:
+            raise TaylorMLPError(f"piece_tolerance must be a positive number, got {out.piece_tolerance!r}")
+        if not (_finite(out.trust_tolerance) and out.trust_tolerance >= 0 and _finite(out.trust_max)
+                and out.trust_max >= 1.0):
+            raise TaylorMLPError(f"trust_tolerance must be >= 0 and trust_max >= 1, got {out.trust_tolerance!r}, "
+                                 f"{out.trust_max!r}")
+        if out.calibration_samples is not None and not (_whole(out.calibration_samples)
+                                                        and out.calibration_samples >= 1):
+            raise TaylorMLPError(f"calibration_samples (--calibration-samples) must be a whole number of at least 1, "
+                                 f"got {out.calibration_samples!r}")
+        if not all(_whole(v) and v >= 1 for v in (out.batch_size, out.batch_tokens, out.continuation_tokens)) \
+                or not _whole(out.max_length) or out.max_length < 2:
+            raise TaylorMLPError("batch_size, batch_tokens and continuation_tokens must be positive whole numbers and "
+                                 "max_length >= 2")
+        if not _whole(out.seed) or out.seed < 0:
+            raise TaylorMLPError(f"seed (--seed) must be a whole number of at least 0, got {out.seed!r}")
+        if not (_finite(out.margin) and 0.0 <= out.margin <= 1.0):
+            raise TaylorMLPError(f"margin must be between 0 and 1, got {out.margin!r}")
         return out
+
+
+def _finite(value) -> bool:
+    """A real number that is neither NaN nor infinite (bool is not a number here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

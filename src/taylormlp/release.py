@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
 from .paths import check_creatable
 from .progress import bar
@@ -32,7 +33,7 @@ from .stream import release_memory
 
 MANIFEST = "taylormlp_manifest.json"
 MODELING_FILE = "modeling_taylormlp.py"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are choices.py's (the CLI's --dtype)
 
 
 def sha256_file(path: Path) -> str:

@@ -28,8 +28,7 @@ import torch
 from numpy.polynomial import chebyshev as C
 
 from . import runtime
-
-MAX_ORDER = 96
+from .choices import MAX_ORDER  # defined in choices.py, where the CLI reads its --order limit
 
 # transformers' activation names -> our canonical names
 ACTIVATION_ALIASES = {

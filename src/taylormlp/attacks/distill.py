@@ -92,8 +92,7 @@ def train_layer(mlp, act: str, x: torch.Tensor, steps: int, lr: float, batch: in
     return student.eval(), {"loss_before": before, "loss_after": after, "heldout_loss": held}
 
 
-@register_attack(NAME, rank=5, cost="training, minutes",
-                 description="trains ordinary MLP blocks to imitate each released block (a black-box baseline)")
+@register_attack(NAME)
 def run(ctx: AuditContext, steps: int = 200, lr: float = 3e-3, batch: int = 256, holdout: float = 0.2) -> dict:
     timer = Timer()
     inputs = ctx.layer_inputs()

@@ -107,8 +107,7 @@ def shared_copy(model, replace: dict):
     return copy.deepcopy(model, memo)
 
 
-@register_attack(NAME, rank=3, cost="closed form, seconds (its decode timing: minutes)", no_grad=True,
-                 description="collapses each block's N+1 stacked matmuls into one (throttle gone, activation unknown)")
+@register_attack(NAME)
 def run(ctx: AuditContext, speed: bool = True) -> dict:
     timer = Timer()
     replace, infos = {}, []

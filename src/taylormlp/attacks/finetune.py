@@ -32,8 +32,7 @@ def _lm_loss(model, seqs) -> float:
     return total / max(count, 1)
 
 
-@register_attack(NAME, rank=4, cost="LoRA steps, minutes",
-                 description="LoRA on the release's attention as released: adapted without any MLP weight")
+@register_attack(NAME)
 def run(ctx: AuditContext, steps: int = 20, lr: float = 1e-3, rank: int = 8, seq_len: int = 128,
         probe: int = 4) -> dict:
     from peft import LoraConfig, get_peft_model

@@ -1,8 +1,14 @@
 """The table of attacks: each attack module registers its ``run`` here, as optimum-quanto's modules register
 with ``register_qmodule``; the audit reads the names, their order, descriptions and costs from this table only.
 
-    @register_attack(NAME, rank=1, description="...", cost="closed form, seconds", no_grad=True)
+A built-in attack's rank, description, cost and autograd need are defined in ``taylormlp.choices.ATTACKS`` (torch-free,
+so that ``taylormlp audit --help`` lists them at once); its module registers only its ``run``:
+
+    @register_attack(NAME)
     def run(ctx: AuditContext, **options) -> dict: ...
+
+An attack from outside that table gives them itself:
+``@register_attack(NAME, rank=6, description="...", cost="minutes", no_grad=False)``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..choices import ATTACKS as BUILT_IN
 from ..errors import TaylorMLPError
 
 
@@ -26,14 +33,28 @@ class Attack:
 _TABLE: dict[str, Attack] = {}
 
 
-def register_attack(name: str, *, rank: int, description: str, cost: str, no_grad: bool = False):
-    """Decorator that enters an attack module's ``run`` in the table under ``name``."""
+def register_attack(name: str, *, rank: int | None = None, description: str | None = None, cost: str | None = None,
+                    no_grad: bool | None = None):
+    """Decorator that enters an attack module's ``run`` in the table under ``name``: a built-in attack's facts come
+    from choices.ATTACKS (giving them again is an error: one definition), any other attack must give rank,
+    description and cost."""
+    given = dict(rank=rank, description=description, cost=cost, no_grad=no_grad)
 
     def register(run: Callable) -> Callable:
         taken = _TABLE.get(name)
         if taken is not None and taken.run.__module__ != run.__module__:
             raise ValueError(f"attack name {name!r} is already registered by {taken.run.__module__}")
-        _TABLE[name] = Attack(name, run, description, cost, rank, no_grad)
+        if name in BUILT_IN:
+            if any(value is not None for value in given.values()):
+                raise ValueError(f"built-in attack {name!r} takes its rank, description, cost and no_grad from "
+                                 f"taylormlp.choices.ATTACKS; register it with @register_attack({name!r}) alone")
+            info = BUILT_IN[name]
+            _TABLE[name] = Attack(name, run, info.description, info.cost, info.rank, info.no_grad)
+        else:
+            if rank is None or not description or not cost:
+                raise ValueError(f"attack {name!r} is not built in (taylormlp.choices.ATTACKS): give its rank, "
+                                 f"description and cost")
+            _TABLE[name] = Attack(name, run, description, cost, rank, bool(no_grad))
         return run
 
     return register

@@ -316,8 +316,7 @@ def recover_plain(mlp, act: str, x: torch.Tensor, iters: int = 100, max_step: fl
                  "sign_margin": float((sigma_real - 0.5).abs().min()) if P else 0.0}
 
 
-@register_attack(NAME, rank=2, cost="least squares, seconds to minutes",
-                 description="queries the released blocks on its own text, regresses W_down on public features")
+@register_attack(NAME)
 def run(ctx: AuditContext, iters: int = 100, max_step: float = 0.3, features: str = "best") -> dict:
     timer = Timer()
     inputs = ctx.layer_inputs()

