@@ -17,9 +17,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from taylormlp import load_release, runtime
 from taylormlp.attacks import RecoveredLayer, rebuild_model
+from taylormlp.errors import TaylorMLPError
+from taylormlp.pipeline import protect_to_release
 from taylormlp.release import MANIFEST, write_manifest
 
-from conftest import TINY_ARCHS, tiny
+from conftest import FAST, TINY_ARCHS, tiny
 
 PROMPT = "Once upon a time"
 HOW = ("taylormlp.load_release(DIR)", "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
@@ -103,6 +105,14 @@ def test_wrong_loader_refuses_and_says_how_to_load(tiny_release, loader):
     with pytest.raises(Exception) as info:
         WRONG[loader](tiny_release)
     assert_says_how_to_load(info.value)
+
+
+def test_protect_refuses_a_release_as_its_source(tiny_release, tmp_path):
+    """A release is no model to protect (its stock classes cannot build it, and it holds no down projections)."""
+    with pytest.raises(TaylorMLPError, match=r"is a TaylorMLP release, which holds no MLP weights to protect: "
+                                             r"protect the original model instead$"):
+        protect_to_release(tiny_release, tmp_path / "again", preset="default", **FAST)
+    assert not (tmp_path / "again").exists()
 
 
 # ---------------------------------------------------------------- right loaders agree with load_release

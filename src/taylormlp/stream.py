@@ -275,6 +275,9 @@ def read_config(model_dir):
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
         raise TaylorMLPError(f"{path}: cannot read the model config ({first_line(exc)}); "
                              f"re-download or re-save the model") from exc
+    if getattr(config, "taylormlp", None) is not None:  # its stock classes would build random MLPs
+        raise TaylorMLPError(f"{model_dir} is a TaylorMLP release, which holds no MLP weights to protect: protect the "
+                             f"original model instead")
     try:
         runtime.architecture(config)
     except ValueError as exc:
