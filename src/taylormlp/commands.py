@@ -13,6 +13,7 @@ from .bench import run_bench
 from .demo import run_demo
 from .errors import TaylorMLPError
 from .evaluate import compare, print_comparison, read_prompts
+from .kinds import refuse_non_release, refuse_release
 from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
 from .progress import quiet
@@ -41,6 +42,16 @@ def _check_outputs(**paths) -> None:
             check_output_file(path, f"--{flag}")
 
 
+def _check_inputs(sources=(), releases=()) -> None:
+    """Before anything is loaded: no SOURCE argument is a release (`sources`: (where, path) pairs, `where` naming
+    the flag or argument as the user typed it) and every RELEASE argument is one."""
+    for where, path in sources:
+        if path is not None:
+            refuse_release(path, where)
+    for path in releases:
+        refuse_non_release(path)
+
+
 def _check_plot_format(path) -> None:
     if path is None or not Path(path).suffix:
         return
@@ -56,6 +67,7 @@ def _check_plot_format(path) -> None:
 
 
 def cmd_protect(args) -> int:
+    _check_inputs(sources=[("SOURCE", args.source)])
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
         slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
@@ -71,6 +83,10 @@ def cmd_protect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.base:
+        refuse_release(args.release, "--base", hint="; drop --base to run the release")
+    else:
+        refuse_non_release(args.release, hint=" (or pass --base to run an original model SOURCE)")
     model, tokenizer = load_any(args.release, base=args.base)
     start = time.perf_counter()
     text, n = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
@@ -81,6 +97,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    _check_inputs(sources=[("--leak-check", args.leak_check)], releases=[args.release])
     info = inspect_release(args.release, leak_source=args.leak_check)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -105,6 +122,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_compare(args) -> int:
     _check_outputs(json=args.json)
+    _check_inputs(sources=[("SOURCE", args.source)], releases=[args.release])
     prompts = read_prompts(args.prompts)
     result = compare(args.source, args.release, prompts, args.max_new_tokens)
     print_comparison(result)
@@ -121,6 +139,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     _check_outputs(json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
+    _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
               plot_path=args.plot)
     return 0
@@ -128,5 +147,6 @@ def cmd_bench(args) -> int:
 
 def cmd_audit(args) -> int:
     _check_outputs(json=args.json)
+    _check_inputs(sources=[("--original", args.original)], releases=[args.release])
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
     return 0

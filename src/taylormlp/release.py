@@ -26,11 +26,11 @@ import torch
 from . import runtime
 from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
+from .kinds import MANIFEST, refuse_non_release
 from .paths import check_creatable
 from .progress import bar
 from .stream import release_memory
 
-MANIFEST = "taylormlp_manifest.json"
 MODELING_FILE = "modeling_taylormlp.py"
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are choices.py's (the CLI's --dtype)
 
@@ -201,8 +201,7 @@ def write_manifest(directory: Path) -> None:
 def verify_release(directory) -> dict:
     """Check DIR against its manifest; return the config.  Raises TaylorMLPError naming the problem."""
     d = Path(directory)
-    if not d.is_dir():
-        raise TaylorMLPError(f"release directory {d} does not exist")
+    refuse_non_release(d)  # a file, a missing path, an original model directory: said as such
     manifest_path = d / MANIFEST
     if not manifest_path.is_file():
         raise TaylorMLPError(f"{d} is not a complete taylormlp release: {MANIFEST} is missing "
