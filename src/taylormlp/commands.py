@@ -35,11 +35,12 @@ def quiet_libraries() -> None:
         pass
 
 
-def _check_outputs(**paths) -> None:
-    """Output files named by flags (--json, --plot) can be written: checked before any work is done."""
+def _check_outputs(force: bool, **paths) -> None:
+    """Output files named by flags (--json, --plot) can be written, and replace no existing file without --force:
+    checked before any work is done."""
     for flag, path in paths.items():
         if path is not None:
-            check_output_file(path, f"--{flag}")
+            check_output_file(path, f"--{flag}", force)
 
 
 def _check_inputs(sources=(), releases=()) -> None:
@@ -121,7 +122,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    _check_outputs(json=args.json)
+    _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("SOURCE", args.source)], releases=[args.release])
     prompts = read_prompts(args.prompts)
     result = compare(args.source, args.release, prompts, args.max_new_tokens)
@@ -137,7 +138,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    _check_outputs(json=args.json, plot=args.plot)
+    _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
@@ -146,7 +147,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    _check_outputs(json=args.json)
+    _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("--original", args.original)], releases=[args.release])
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
     return 0

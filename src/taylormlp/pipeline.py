@@ -26,8 +26,11 @@ from .throttle import protect_for_slowdown
 
 
 def read_calibration_file(path: Path) -> list[str]:
+    if path.is_dir():
+        raise TaylorMLPError(f"--calibration {path} is a directory; give a UTF-8 text file (paragraphs separated by "
+                             f"blank lines)")
     if not path.is_file():
-        raise TaylorMLPError(f"calibration file {path} not found")
+        raise TaylorMLPError(f"--calibration {path}: calibration file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
