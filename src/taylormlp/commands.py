@@ -53,6 +53,45 @@ def _check_inputs(sources=(), releases=()) -> None:
         refuse_non_release(path)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e6:.3f} MB"
+
+
+def describe_release(path, info: dict) -> list[str]:
+    """`taylormlp inspect`'s table for people: what is protected, what `rest` is, sizes, checks passed."""
+    protected = sum(row["protected"] for row in info["layers"])
+    rest = sum(row["rest"] for row in info["layers"])
+    total = max(protected + rest, 1)
+    manifest = info.get("manifest", {})
+    pieces = info["pieces_per_protected_channel"]
+    lines = [
+        f"release {path}",
+        f"  manifest    passed: {manifest.get('files', '?')} files, every size and sha256 as recorded",
+        f"  model       {info['architecture']}, {len(info['layers'])} layers ({info['family']} MLP, activation "
+        f"{info['activation']}); release format {info['format_version']}",
+        f"  series      {info['basis']} basis, order N = {info['order']}, preset {info['preset']}"
+        + ("" if pieces is None else f", {pieces:.2f} series pieces per protected channel"),
+        f"  protected   {protected} of {total} MLP channels ({100 * protected / total:.1f}%): down projection stored "
+        f"only as series coefficients",
+        f"  rest        {rest} channels ({100 * rest / total:.1f}%): unprotected, kept as an ordinary MLP whose "
+        f"weights are released as they are",
+        f"  size        {_size(info['size_bytes'])} on disk",
+    ]
+    val = info.get("validation")
+    if val and val.get("tokens"):
+        seqs = (f" ({val['sequences_exact']}/{val['sequences']} held-out prompts identical)"
+                if val.get("sequences") else "")
+        lines.append(f"  validation  {val['tokens_matched']}/{val['tokens']} tokens matched the original{seqs}; max "
+                     f"logit error {val['max_logit_error']:.3g} (when protected, on this machine)")
+    else:
+        lines.append("  validation  none recorded (made with an explicit coverage and no validation prompts)")
+    lines.append("  layer  protected  pieces  rest")
+    for row in info["layers"]:
+        lines.append(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces') or row['protected']:6}  "
+                     f"{row['rest']:4}")
+    return lines
+
+
 def _check_plot_format(path) -> None:
     if path is None or not Path(path).suffix:
         return
@@ -103,13 +142,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 1 if info.get("leak_check", {}).get("leaks") else 0
-    print(f"release {args.release}")
-    for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
-                "pieces_per_protected_channel", "size_bytes"):
-        print(f"  {key:28} {info[key]}")
-    print("  layer  protected  pieces  rest")
-    for row in info["layers"]:
-        print(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces', row['protected']):6}  {row['rest']:4}")
+    print("\n".join(describe_release(args.release, info)))
     if "leak_check" in info:
         lc = info["leak_check"]
         print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")
