@@ -82,7 +82,7 @@ def describe_release(path, info: dict) -> list[str]:
         seqs = (f" ({val['sequences_exact']}/{val['sequences']} held-out prompts identical)"
                 if val.get("sequences") else "")
         lines.append(f"  validation  {val['tokens_matched']}/{val['tokens']} tokens matched the original{seqs}; max "
-                     f"logit error {val['max_logit_error']:.3g} (when protected, on this machine)")
+                     f"logit error {val['max_logit_error']:.3g} (measured by protect, on its machine)")
     else:
         lines.append("  validation  none recorded (made with an explicit coverage and no validation prompts)")
     lines.append("  layer  protected  pieces  rest")
