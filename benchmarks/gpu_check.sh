@@ -19,7 +19,7 @@ for preset in paper default; do
     > "$OUT_DIR/protect-$preset-cuda.txt" 2>&1
 done
 $BIN/taylormlp compare smollm2-135m-instruct releases/smollm2-default-cuda --prompts benchmarks/prompts_smollm2.json \
-  --json "$OUT_DIR/compare-smollm2-default-cuda.json" > "$OUT_DIR/compare-smollm2-default-cuda.txt" 2>&1
+  --json "$OUT_DIR/compare-smollm2-default-cuda.json" --force > "$OUT_DIR/compare-smollm2-default-cuda.txt" 2>&1
 $BIN/taylormlp bench smollm2-135m-instruct releases/smollm2-default-cuda --tokens 32 --repeats 3 \
-  --json "$OUT_DIR/bench-smollm2-default-cuda.json" > "$OUT_DIR/bench-smollm2-default-cuda.txt" 2>&1
+  --json "$OUT_DIR/bench-smollm2-default-cuda.json" --force > "$OUT_DIR/bench-smollm2-default-cuda.txt" 2>&1
 cat "$OUT_DIR"/*.time

@@ -23,10 +23,10 @@ stamp() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -av '/s\]$\|/it\]$\|/sh
     $T protect smollm2-135m-instruct --out "$out/default" --force 2>&1
   rm -rf "$out/default"
   $T bench smollm2-135m-instruct "$out/slowdown-1.5" "$out/slowdown-8" --tokens 32 --repeats 3 \
-    --json results/bench-slowdown-pair.json 2>&1
+    --json results/bench-slowdown-pair.json --force 2>&1
   for x in 1.5 8; do
     $T compare smollm2-135m-instruct "$out/slowdown-$x" --prompts benchmarks/prompts_smollm2.json \
-      --json "results/compare-slowdown-pair-$x.json" 2>&1
+      --json "results/compare-slowdown-pair-$x.json" --force 2>&1
   done
 } | stamp > "$log"
 grep -a "protect --slowdown\|protect (default\|measured decode\|identical greedy\|^[0-9:]* slowdown-" "$log"

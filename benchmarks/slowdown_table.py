@@ -65,7 +65,7 @@ def bench_releases(taylormlp: str, args, releases: list[Path]) -> dict:
     for group in groups:
         name = "-".join(out.name.rsplit("-", 1)[-1] for out in group)
         run([taylormlp, "bench", args.source, *map(str, group), "--tokens", str(args.tokens), "--repeats",
-             str(args.repeats), "--json", str(args.results / f"bench-slowdown-{name}.json")])
+             str(args.repeats), "--json", str(args.results / f"bench-slowdown-{name}.json"), "--force"])
     return {path: row for path, (row, _) in bench_rows(args.results).items()}
 
 
@@ -130,7 +130,8 @@ def main() -> int:
         cmp_json = args.results / f"compare-slowdown-{row['requested']:g}.json"
         fresh = cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime
         if not args.skip_compare and not fresh:  # a comparison newer than its release is reused
-            run([taylormlp, "compare", args.source, str(out), "--prompts", args.prompts, "--json", str(cmp_json)])
+            run([taylormlp, "compare", args.source, str(out), "--prompts", args.prompts, "--json", str(cmp_json),
+                 "--force"])
         if cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime:
             c = json.loads(cmp_json.read_text())
             row["held_out"] = f"{c['identical']}/{len(c['rows'])}"

@@ -177,6 +177,23 @@ def test_inspect_json_fields(capsys, tiny_release):
     assert 0 < info["coverage"] <= 1
 
 
+def test_inspect_speaks_to_people(capsys, tiny_release):
+    """Sizes in MB, what `rest` is, that the manifest check passed, and the validation result."""
+    code, out, _ = run_cli(["inspect", tiny_release], capsys)
+    info = json.loads(run_cli(["inspect", tiny_release, "--json"], capsys)[1])
+    assert code == 0
+    assert info["manifest"] == {"verified": True, "files": info["manifest"]["files"]} and info["manifest"]["files"] > 3
+    assert f"manifest    passed: {info['manifest']['files']} files, every size and sha256 as recorded" in out
+    size = re.search(r"  size +([\d.]+) MB on disk", out)
+    assert size and abs(float(size.group(1)) - info["size_bytes"] / 1e6) <= 0.05, out
+    assert "unprotected, kept as an ordinary MLP" in out
+    val = info["validation"]
+    assert f"{val['tokens_matched']}/{val['tokens']} tokens matched the original" in out
+    assert f"max logit error {val['max_logit_error']:.3g}" in out
+    protected = sum(row["protected"] for row in info["layers"])
+    assert f"protected   {protected} of " in out
+
+
 def test_inspect_leak_check_passes(capsys, tiny_release, tiny_llama_dir):
     code, out, _ = run_cli(["inspect", tiny_release, "--leak-check", tiny_llama_dir], capsys)
     assert code == 0 and "0 leaks" in out and "series coefficients" in out

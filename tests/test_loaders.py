@@ -109,8 +109,8 @@ def test_wrong_loader_refuses_and_says_how_to_load(tiny_release, loader):
 
 def test_protect_refuses_a_release_as_its_source(tiny_release, tmp_path):
     """A release is no model to protect (its stock classes cannot build it, and it holds no down projections)."""
-    with pytest.raises(TaylorMLPError, match=r"is a TaylorMLP release, which holds no MLP weights to protect: "
-                                             r"protect the original model instead$"):
+    with pytest.raises(TaylorMLPError, match=r"is a taylormlp release, not an original model; SOURCE takes the "
+                                             r"original \(unprotected\) model"):
         protect_to_release(tiny_release, tmp_path / "again", preset="default", **FAST)
     assert not (tmp_path / "again").exists()
 

@@ -133,7 +133,8 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
 
     names = _check_attacks(attacks)
     if json_path is not None:
-        check_output_file(json_path, "--json")  # before minutes of attacks, not after
+        # before minutes of attacks, not after; the API replaces json_path (the CLI asked for --force already)
+        check_output_file(json_path, "--json", force=True)
     release_dir = Path(release_dir)
     model = load_release(release_dir)
     try:

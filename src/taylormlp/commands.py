@@ -13,6 +13,7 @@ from .bench import run_bench
 from .demo import run_demo
 from .errors import TaylorMLPError
 from .evaluate import compare, print_comparison, read_prompts
+from .kinds import refuse_non_release, refuse_release
 from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
 from .progress import quiet
@@ -34,11 +35,61 @@ def quiet_libraries() -> None:
         pass
 
 
-def _check_outputs(**paths) -> None:
-    """Output files named by flags (--json, --plot) can be written: checked before any work is done."""
+def _check_outputs(force: bool, **paths) -> None:
+    """Output files named by flags (--json, --plot) can be written, and replace no existing file without --force:
+    checked before any work is done."""
     for flag, path in paths.items():
         if path is not None:
-            check_output_file(path, f"--{flag}")
+            check_output_file(path, f"--{flag}", force)
+
+
+def _check_inputs(sources=(), releases=()) -> None:
+    """Before anything is loaded: no SOURCE argument is a release (`sources`: (where, path) pairs, `where` naming
+    the flag or argument as the user typed it) and every RELEASE argument is one."""
+    for where, path in sources:
+        if path is not None:
+            refuse_release(path, where)
+    for path in releases:
+        refuse_non_release(path)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e6:.3f} MB"
+
+
+def describe_release(path, info: dict) -> list[str]:
+    """`taylormlp inspect`'s table for people: what is protected, what `rest` is, sizes, checks passed."""
+    protected = sum(row["protected"] for row in info["layers"])
+    rest = sum(row["rest"] for row in info["layers"])
+    total = max(protected + rest, 1)
+    manifest = info.get("manifest", {})
+    pieces = info["pieces_per_protected_channel"]
+    lines = [
+        f"release {path}",
+        f"  manifest    passed: {manifest.get('files', '?')} files, every size and sha256 as recorded",
+        f"  model       {info['architecture']}, {len(info['layers'])} layers ({info['family']} MLP, activation "
+        f"{info['activation']}); release format {info['format_version']}",
+        f"  series      {info['basis']} basis, order N = {info['order']}, preset {info['preset']}"
+        + ("" if pieces is None else f", {pieces:.2f} series pieces per protected channel"),
+        f"  protected   {protected} of {total} MLP channels ({100 * protected / total:.1f}%): down projection stored "
+        f"only as series coefficients",
+        f"  rest        {rest} channels ({100 * rest / total:.1f}%): unprotected, kept as an ordinary MLP whose "
+        f"weights are released as they are",
+        f"  size        {_size(info['size_bytes'])} on disk",
+    ]
+    val = info.get("validation")
+    if val and val.get("tokens"):
+        seqs = (f" ({val['sequences_exact']}/{val['sequences']} held-out prompts identical)"
+                if val.get("sequences") else "")
+        lines.append(f"  validation  {val['tokens_matched']}/{val['tokens']} tokens matched the original{seqs}; max "
+                     f"logit error {val['max_logit_error']:.3g} (measured by protect, on its machine)")
+    else:
+        lines.append("  validation  none recorded (made with an explicit coverage and no validation prompts)")
+    lines.append("  layer  protected  pieces  rest")
+    for row in info["layers"]:
+        lines.append(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces') or row['protected']:6}  "
+                     f"{row['rest']:4}")
+    return lines
 
 
 def _check_plot_format(path) -> None:
@@ -56,6 +107,7 @@ def _check_plot_format(path) -> None:
 
 
 def cmd_protect(args) -> int:
+    _check_inputs(sources=[("SOURCE", args.source)])
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
         slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
@@ -71,6 +123,10 @@ def cmd_protect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.base:
+        refuse_release(args.release, "--base", hint="; drop --base to run the release")
+    else:
+        refuse_non_release(args.release, hint=" (or pass --base to run an original model SOURCE)")
     model, tokenizer = load_any(args.release, base=args.base)
     start = time.perf_counter()
     text, n = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
@@ -81,17 +137,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    _check_inputs(sources=[("--leak-check", args.leak_check)], releases=[args.release])
     info = inspect_release(args.release, leak_source=args.leak_check)
     if args.json:
         print(json.dumps(info, indent=1))
         return 1 if info.get("leak_check", {}).get("leaks") else 0
-    print(f"release {args.release}")
-    for key in ("format_version", "architecture", "family", "activation", "basis", "order", "preset", "coverage",
-                "pieces_per_protected_channel", "size_bytes"):
-        print(f"  {key:28} {info[key]}")
-    print("  layer  protected  pieces  rest")
-    for row in info["layers"]:
-        print(f"  {row['layer']:5}  {row['protected']:9}  {row.get('pieces', row['protected']):6}  {row['rest']:4}")
+    print("\n".join(describe_release(args.release, info)))
     if "leak_check" in info:
         lc = info["leak_check"]
         print(f"leak check against {args.leak_check}: {len(lc['leaks'])} leaks in {lc['tensors_scanned']} tensors")
@@ -104,7 +155,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    _check_outputs(json=args.json)
+    _check_outputs(args.force, json=args.json)
+    _check_inputs(sources=[("SOURCE", args.source)], releases=[args.release])
     prompts = read_prompts(args.prompts)
     result = compare(args.source, args.release, prompts, args.max_new_tokens)
     print_comparison(result)
@@ -119,14 +171,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    _check_outputs(json=args.json, plot=args.plot)
+    _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
+    _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
               plot_path=args.plot)
     return 0
 
 
 def cmd_audit(args) -> int:
-    _check_outputs(json=args.json)
+    _check_outputs(args.force, json=args.json)
+    _check_inputs(sources=[("--original", args.original)], releases=[args.release])
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
     return 0

@@ -11,8 +11,9 @@ import torch
 
 from .decode import first_divergence
 from .pipeline import generate_ids, protect_to_release
-from .release import load_release, verify_release
+from .release import check_output_dir, load_release, verify_release
 from .errors import TaylorMLPError
+from .kinds import is_release
 from .sources import load_base
 
 DEMO_SOURCE = "smollm2-135m-instruct"
@@ -32,18 +33,20 @@ def _timed_generate(model, tokenizer, prompt, chat, max_new_tokens):
 
 def run_demo(out: Path, preset: str = "paper", max_new_tokens: int = 48, force: bool = False) -> dict:
     out = Path(out)
-    reuse = False
-    if out.exists() and not force:
+    reuse = out.is_dir() and not force
+    if reuse:  # an existing release is used as it is; anything else there is left alone, never replaced
         try:
             verify_release(out)
-            reuse = True
-        except TaylorMLPError:
-            reuse = False
-    if reuse:
+        except TaylorMLPError as exc:
+            fix = (", or pass --force to rebuild it" if is_release(out) or not any(out.iterdir()) else
+                   " (--force replaces only an earlier release or an empty directory)")
+            raise TaylorMLPError(f"--out {out} exists and is not a usable release ({exc}); choose another --out{fix}"
+                                 ) from exc
         print(f"using existing release {out} (pass --force to rebuild)")
     else:
+        check_output_dir(out, force)  # a file, or a directory that is not a release (even with --force): refused
         print(f"protecting {DEMO_SOURCE} with --preset {preset} into {out} ...")
-        protect_to_release(DEMO_SOURCE, out, preset=preset, force=True)
+        protect_to_release(DEMO_SOURCE, out, preset=preset, force=force)
     original, tokenizer, _ = load_base(DEMO_SOURCE)
     release = load_release(out)
     spec = release.config.taylormlp

@@ -1,7 +1,8 @@
 """Output paths the user gives (``--out``, ``--json``, ``--plot``): checked before any work, written atomically.
 
-A path that cannot be created or filled is a TaylorMLPError naming it and the fix, raised before minutes of
-calibration or benchmarking rather than after, and a write that fails half way (a full disk) leaves nothing.
+A path that cannot be created or filled, or an existing file the user did not allow to be replaced (``--force``), is
+a TaylorMLPError naming it and the fix, raised before minutes of calibration or benchmarking rather than after, and
+a write that fails half way (a full disk) leaves nothing.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def check_creatable(path, flag: str) -> None:
                              f"not permitted); choose a writable {flag}") from exc
 
 
-def check_output_file(path, flag: str) -> None:
-    """An output file such as ``--json report.json``: not a directory, and creatable (or replaceable) in place."""
+def check_output_file(path, flag: str, force: bool) -> None:
+    """An output file such as ``--json report.json``: not a directory, not an existing file unless `force` (the
+    CLI's --force: nothing is overwritten that the user did not name), and creatable (or replaceable) in place."""
     path = Path(path)
     if path.is_dir():
         raise TaylorMLPError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'out.json'}")
     if str(path).endswith(("/", os.sep)):
         raise TaylorMLPError(f"{flag} {path} names a directory; give a file name")
+    if os.path.lexists(path) and not force:
+        raise TaylorMLPError(f"{flag} {path} already exists; choose another {flag} or pass --force to replace it")
     check_creatable(path, flag)
 
 

@@ -12,6 +12,7 @@ import torch
 from .calibration import calibrate, format_prompt
 from .convert import choose_coverage, finish
 from .errors import TaylorMLPError
+from .kinds import MANIFEST
 from .leakcheck import leak_check
 from .options import ProtectOptions
 from .paths import write_text_atomically
@@ -26,8 +27,11 @@ from .throttle import protect_for_slowdown
 
 
 def read_calibration_file(path: Path) -> list[str]:
+    if path.is_dir():
+        raise TaylorMLPError(f"--calibration {path} is a directory; give a UTF-8 text file (paragraphs separated by "
+                             f"blank lines)")
     if not path.is_file():
-        raise TaylorMLPError(f"calibration file {path} not found")
+        raise TaylorMLPError(f"--calibration {path}: calibration file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -176,9 +180,11 @@ def generate_text(model, tokenizer, prompt: str, chat: bool = False, max_new_tok
 
 
 def inspect_release(directory, leak_source=None) -> dict:
-    config = verify_release(directory)
+    config = verify_release(directory)  # every file's size and sha256 against the manifest
     spec = ReleaseSpec.from_dict(config["taylormlp"])
+    manifest = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
     info = {
+        "manifest": {"verified": True, "files": len(manifest["files"])},
         "format_version": spec.format_version,
         "architecture": config.get("model_type"),
         "family": spec.family,

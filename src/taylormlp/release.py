@@ -27,11 +27,11 @@ import torch
 from . import runtime
 from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
+from .kinds import MANIFEST, is_release, refuse_non_release
 from .paths import check_creatable
 from .progress import bar
 from .stream import release_memory
 
-MANIFEST = "taylormlp_manifest.json"
 MODELING_FILE = "modeling_taylormlp.py"
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are choices.py's (the CLI's --dtype)
 
@@ -45,13 +45,17 @@ def sha256_file(path: Path) -> str:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Fail now, before any work, if the release directory `out` could not be written: it exists (without force), it
-    is a file, or it lies under a file or in a directory where nothing can be created."""
+    """Fail now, before any work, if the release directory `out` could not be written: it is a file, it exists
+    (without force), it is a directory other than an earlier release or an empty one (even with force), or it lies
+    under a file or in a directory where nothing can be created."""
     out = Path(out)
-    if out.exists() and not force:
-        raise TaylorMLPError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise TaylorMLPError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.exists() and not force:
+        raise TaylorMLPError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not is_release(out) and any(out.iterdir()):  # --force never deletes what we did not write
+        raise TaylorMLPError(f"--out {out} holds files that are not a taylormlp release; --force replaces only an "
+                             f"earlier release or an empty directory: choose another --out")
     # the release is written into a temporary directory beside `out`, so `out`'s directory must take new entries
     check_creatable(out if not out.exists() else out.parent / f".{out.name}.new", "--out")
 
@@ -202,8 +206,7 @@ def write_manifest(directory: Path) -> None:
 def verify_release(directory) -> dict:
     """Check DIR against its manifest; return the config.  Raises TaylorMLPError naming the problem."""
     d = Path(directory)
-    if not d.is_dir():
-        raise TaylorMLPError(f"release directory {d} does not exist")
+    refuse_non_release(d)  # a file, a missing path, an original model directory: said as such
     manifest_path = d / MANIFEST
     if not manifest_path.is_file():
         raise TaylorMLPError(f"{d} is not a complete taylormlp release: {MANIFEST} is missing "

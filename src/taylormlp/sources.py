@@ -19,6 +19,7 @@ import torch
 from .choices import BUILTIN_MODELS, BuiltinModel  # noqa: F401 - the table's home is choices.py
 from .errors import TaylorMLPError, first_line
 from .gguf_convert import convert_gguf
+from .kinds import refuse_release
 from .progress import status
 from .stream import SafetensorsSource
 
@@ -42,6 +43,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _cached_from_gguf(path)
     if path.is_dir():
+        refuse_release(path)  # a release would load as its base architecture with random MLPs
         if not (path / "config.json").is_file():
             raise TaylorMLPError(f"{path} is a directory but holds no config.json; give a Hugging Face model directory")
         return path

@@ -26,6 +26,7 @@ import torch
 from . import runtime
 from .errors import TaylorMLPError, first_line
 from .hooks import HookSet
+from .kinds import refuse_release
 
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -276,8 +277,7 @@ def read_config(model_dir):
         raise TaylorMLPError(f"{path}: cannot read the model config ({first_line(exc)}); "
                              f"re-download or re-save the model") from exc
     if getattr(config, "taylormlp", None) is not None:  # its stock classes would build random MLPs
-        raise TaylorMLPError(f"{model_dir} is a TaylorMLP release, which holds no MLP weights to protect: protect the "
-                             f"original model instead")
+        refuse_release(model_dir)
     try:
         runtime.architecture(config)
     except ValueError as exc:
