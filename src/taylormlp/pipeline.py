@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .calibration import calibrate, format_prompt
+from .card import base_model, model_card
 from .convert import choose_coverage, finish
 from .errors import TaylorMLPError
 from .kinds import MANIFEST
@@ -19,7 +20,7 @@ from .paths import write_text_atomically
 from .progress import log
 from .protector import Protector
 from .runtime import ReleaseSpec
-from .release import (DTYPES, ModelTensors, check_output_dir, load_release, model_card, release_size, save_release,
+from .release import (DTYPES, ModelTensors, check_output_dir, load_release, release_size, save_release,
                       save_streamed_release, verify_release)
 from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
 from .stream import SafetensorsSource, SourceMLPs, open_streamed, read_config, resolve_device
@@ -65,7 +66,7 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
         spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
-        card = model_card(spec, slowdown=slow)
+        card = model_card(spec, slowdown=slow, base=base_model(source))
         if slow["held_in_memory"]:
             save_release(model, out, tokenizer, force=force, card=card)
         else:  # too big to hold: the model stayed the original; each layer's TaylorMLP is built as it is written
@@ -83,8 +84,8 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         data, ranges = calibrate(model, tokenizer, texts, opts, chat)
         protector = Protector(model, ranges, opts, mlps=SourceMLPs(weights, model.config), streamed=True)
         spec = finish(protector, choose_coverage(protector, data), data, ranges, materialize=False, install=False)
-        write_release(out, protector, spec, weights, DTYPES[dtype], tokenizer, force=force, card=model_card(spec),
-                      model_dir=model_dir)
+        card = model_card(spec, base=base_model(source))
+        write_release(out, protector, spec, weights, DTYPES[dtype], tokenizer, force=force, card=card, model_dir=model_dir)
     return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
             "size_bytes": release_size(out), "slowdown": None}
 
