@@ -98,3 +98,13 @@ def test_unknown_source_is_said_unknown():
     assert "## Base model\n\nNot recorded" in card
     sections = card.split("\n\n")
     assert sections[0] == "# TaylorMLP release"  # the card is its sections, in order, blank-line separated
+
+
+def test_citation_names_this_version_and_the_paper():
+    import yaml
+
+    citation = yaml.safe_load((PYPROJECT.parent / "CITATION.cff").read_text(encoding="utf-8"))
+    assert citation["version"] == VERSION  # bump CITATION.cff with pyproject.toml
+    assert citation["license"] == tomllib.loads(PYPROJECT.read_text())["project"]["license"]
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("Taylor Unswift") and paper["authors"][0]["family-names"] == "Wang"
