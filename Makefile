@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taylormlp-setup
 
-.PHONY: setup eval-setup demo test test-fast test-slow mutate clean
+.PHONY: setup eval-setup demo test test-fast test-slow mutate figures clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# every README/docs table and the command that rebuilds it (benchmarks/figures.py): rebuilds the quick ones into
+# build/figures/COMMIT and compares them with results/; FIGURES_ARGS="--all" rebuilds every one this machine can,
+# "--list" lists them all with what this machine lacks for each (GPU, lm-eval, memory, disk, the demo release)
+FIGURES_ARGS ?=
+figures: setup
+	$(BIN)/python benchmarks/figures.py $(FIGURES_ARGS)
 
 # mutation testing (mutmut, config: [tool.mutmut] in pyproject.toml): every mutant of the mutated files is run against
 # the fast tests that call the mutated function; then the score per file (killed / total; a timeout counts as killed)
