@@ -56,7 +56,7 @@ class Figure:
 
 
 FIGURES = [
-    Figure("cli-startup", "README: Quick start (the --help line)", "this commit",
+    Figure("cli-startup", "README: Quick start (the --help line)", "1607d27",
            ("{{ for c in --help 'protect --help' --version; do /usr/bin/time -f \"taylormlp $c: %e s\" "
             "taylormlp $c > /dev/null; done; }} 2> {results}/cli-startup.txt",), 0.1, ("cli-startup.txt",)),
     Figure("demo-inspect", "README: Quick start (inspect the demo's release)", "the commit `make demo` ran",
@@ -85,7 +85,7 @@ FIGURES = [
            ("compare-gemma3-paper.json", "compare-gemma3-default.json"),
            ("smollm2-paper", "smollm2-default", "gemma3-paper", "gemma3-default"), {"ram_gb": 6, "disk_gb": 10}),
     Figure("memory-vs-depth", "README: Large models (memory against depth)", "34b1555",
-           ("{py} benchmarks/scale.py --shape smol-wide --layers 4 8 --json {results}/scale-smol-wide.json",), 10,
+           ("{py} benchmarks/scale.py --shape smol-wide --layers 4 8 --json {results}/scale-smol-wide.json",), 25,
            ("scale-smol-wide.json",), requires={"ram_gb": 4, "disk_gb": 6}),
     Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "618f2ac",
            ("{py} benchmarks/scale.py --shape llama3-8b --layers 1 2 4 --json {results}/scale-llama3-8b-paper.json",),
@@ -101,7 +101,8 @@ FIGURES = [
     Figure("slowdown16-rss", "docs/measurements.md (16x: peak memory and where the time goes)", "80ab2b3",
            ("bash benchmarks/slowdown16_rss.sh {results}/slowdown-16-protect-log.txt",), 15,
            requires={"ram_gb": 14, "disk_gb": 21}),
-    Figure("bench-smollm2", "README: Slowdown (bench of the SmolLM2 releases)", "9373526",
+    Figure("bench-smollm2", "docs/measurements.md (bench of the SmolLM2 releases; summed up in README: Slowdown)",
+           "9373526",
            ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper {releases}/smollm2-default "
             "{releases}/smollm2-4x --tokens 16 --repeats 2 --json {results}/bench-smollm2.json "
             "--plot {results}/bench-smollm2.png",), 8, ("bench-smollm2.json",),
@@ -128,7 +129,7 @@ FIGURES = [
             "> {results}/stock-loading-smollm2-default.txt"), 6,
            ("stock-loading-smollm2-paper.txt", "stock-loading-smollm2-default.txt"),
            ("smollm2-paper", "smollm2-default"), {"disk_gb": 8}),
-    Figure("mutation", "docs/code.md (mutation scores)", "34b1555",
+    Figure("mutation", "docs/code.md (mutation scores; README: Development)", "34b1555",
            ("make mutate > {results}/mutate.txt 2>&1",), 15, ("mutate.txt",)),
     Figure("gpu-check", "README: Large models (no GPU figure yet)", "none: prepared, never run",
            ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, requires={"gpu": True}),
@@ -213,7 +214,8 @@ def compare(fresh: Path, committed: Path) -> str:
         shown = "; ".join(f"{key}: {b.get(key)!r} -> {a.get(key)!r}" for key in differ[:3])
         return (f"{committed.relative_to(ROOT)}: {len(differ)} of {len(set(a) | set(b))} values differ"
                 + (f" ({shown}{', ...' if len(differ) > 3 else ''})" if differ else ""))
-    a, b = fresh.read_text(errors="replace").splitlines(), committed.read_text(errors="replace").splitlines()
+    a, b = ([line for line in path.read_text(errors="replace").splitlines() if not line.startswith("#")]
+            for path in (fresh, committed))  # '#' lines are notes (commit, machine), not the figure
     differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
     return f"{committed.relative_to(ROOT)}: {differ} of {max(len(a), len(b))} lines differ"
 
