@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .card import slowdown_rows
 from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
 from .kinds import MANIFEST, is_release, refuse_non_release
@@ -426,14 +427,7 @@ def model_card(spec: dict, fidelity: dict | None = None, slowdown: dict | None =
         lines.append(f"| validation tokens matched | {val['tokens_matched']}/{val['tokens']} "
                      f"(max logit error {val['max_logit_error']:.4g}) |")
     if slowdown:
-        machine = slowdown.get("machine") or {}
-        where = machine.get("gpu") or (f"{machine.get('cpu')}, {machine.get('threads')} threads" if machine else
-                                       "the machine that ran protect")
-        lines.append(f"| requested decode slowdown | {slowdown['target']}x |")
-        lines.append(f"| measured decode slowdown | {slowdown['measured']:.2f}x (interleaved with the original, on "
-                     f"{where}; a slowdown is a property of the machine) |")
-        if slowdown.get("flops_ratio"):
-            lines.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
+        lines += slowdown_rows(slowdown)
     if fidelity:
         for key, value in fidelity.items():
             lines.append(f"| {key} | {value} |")
