@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import stream
 from .bench_report import format_table, format_throughput, plot_results, plot_throughput
 from .calibration import format_prompt
-from .decode import decode_timings, interleaved, measure_decode, paired_ratios, timing_summary
+from .decode import decode_timings, input_device, interleaved, measure_decode, paired_ratios, timing_summary
 from .errors import TaylorMLPError
 from .paths import write_text_atomically
 from .progress import bar, log, status
@@ -77,7 +77,7 @@ def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int, 
 @torch.no_grad()
 def flops_per_token(model, token_id: int = 0) -> int:
     """Matmul FLOPs of one single-token forward (no cache), counted by FlopCounterMode."""
-    ids = torch.tensor([[int(token_id)]])
+    ids = torch.tensor([[int(token_id)]], device=input_device(model))
     counter = FlopCounterMode(display=False)
     with counter:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -336,9 +336,12 @@ def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
 
 
 def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
-              memory: bool = True, batch_sizes=None) -> dict:
+              memory: bool = True, batch_sizes=None, device: str = "cpu") -> dict:
     """`taylormlp bench`.  `batch_sizes` (--batch-sizes): also the throughput at those batch sizes, timed in the
-    same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size."""
+    same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size.
+    `device` "cuda": every model is timed on the GPU; the term microbenchmark and the peak-RSS probes, which
+    measure the CPU, are left out."""
+    device = stream.resolve_device(device)
     if tokens < 1 or repeats < 1:
         raise TaylorMLPError("--tokens and --repeats must be positive")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
@@ -349,11 +352,12 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     check_bench_memory(releases)
     with status(f"loading original {source}"):
         base, tokenizer, base_dir = load_base(source)
+        base = base.to(device)
     models = {ORIGINAL: base}
     paths = {ORIGINAL: Path(base_dir)}
     for name, path in zip(_unique_names(releases), releases):
         with status(f"loading release {path}"):
-            model = load_release(path)
+            model = load_release(path).to(device)
         spec = model.config.taylormlp
         if (spec["hidden_size"] != base.config.hidden_size
                 or len(decoder_layers(model)) != len(decoder_layers(base))
@@ -367,14 +371,15 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     log(f"prompt: {ids.shape[1]} tokens{' (chat template)' if chat else ''}; {tokens} decode tokens, "
         f"{repeats} interleaved repeats, batch sizes {sizes}, {torch.get_num_threads()} torch threads")
     timings = bench_timings(models, ids, tokens, repeats, batch_sizes) if batch_sizes else None
-    rows = bench_models(models, ids, tokens, repeats, runs=timings[1] if timings else None)
+    rows = bench_models(models, ids, tokens, repeats, runs=timings[1] if timings else None,
+                        term_bench=device == "cpu")
     for row in rows:
         row["path"] = str(paths[row["name"]])
         row["size_bytes"] = release_size(paths[row["name"]])
     models.clear()  # free the in-process copies before the memory probes load them again
     del base
     model = None
-    if memory:
+    if memory and device == "cpu":
         for row in bar(rows, desc="peak memory (one fresh process per model)", unit="model"):
             kind = "original" if row["kind"] == "original" else "release"
             target = source if kind == "original" else row["path"]
@@ -388,7 +393,8 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
         "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "device": device,
+                    **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" else {})},
         "models": rows,
     }
     if timings:

@@ -133,7 +133,7 @@ def _save(fig, path, title: str) -> Path:
 def format_throughput(results: dict) -> str:
     """The throughput table of `bench --batch-sizes`: per batch size and model."""
     head = ["batch", "model", "tok/s (batch)", "slowdown", "(range)", "TTFT ms", "inter-token ms"]
-    table = [head] + [[str(r["batch"]), r["name"], _fmt(r["decode_tokens_per_s_median"], ".1f"),
+    table = [head] + [[str(r["batch"]), r["name"], _fmt(r["decode_tokens_per_s"], ".1f"),
                        _fmt(r["slowdown"], ".2f") + "x", f"{r['slowdown_min']:.2f}-{r['slowdown_max']:.2f}",
                        _fmt(r["ttft_ms"], ".1f"), _fmt(r["inter_token_ms"], ".2f")] for r in results["throughput"]]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -143,7 +143,7 @@ def format_throughput(results: dict) -> str:
         lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines += ["", "tok/s = decode tokens per second over the whole batch (median). slowdown = median decode time / the "
+    lines += ["", "tok/s = decode tokens per second over the whole batch (at the median decode time). slowdown = median decode time / the "
                   "original's at the same batch = the original's throughput / this one's; range over paired ratios. "
                   "TTFT = the batch's prefill to its first tokens; inter-token = one decode step (a token for every "
                   "sequence)."]

@@ -225,6 +225,9 @@ def _add_run_commands(sub) -> None:
                         "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "
                         "among them): tokens/s over the batch, slowdown, TTFT and inter-token latency per batch size, "
                         "and --plot draws slowdown against batch size. Default: none (batch 1 only)")
+    b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
+                        "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")
     b.add_argument("--json", type=Path, help="write results as JSON to this new file (default: none)")
     b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png: slowdown against "
                                              "series order, or with --batch-sizes against batch size (default: none)")

@@ -179,7 +179,7 @@ def cmd_bench(args) -> int:
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot, batch_sizes=args.batch_sizes)
+              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device)
     return 0
 
 

@@ -9,6 +9,7 @@ per repeat with the first model rotated from repeat to repeat; what is reported 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import statistics
@@ -238,6 +239,24 @@ def greedy(model, input_ids, new_tokens: int, timed: bool = False) -> Decoded:
     if timed:
         result.prefill_s, result.decode_s = prefill_s, decode_s
     return result
+
+
+@torch.no_grad()
+def one_step(model, input_ids, batch: int, around=None):
+    """One cached single-token decode step of `batch` sequences, after a prefill of one prompt (its KV cache
+    repeated `batch` times, as batch_ids would have built it, without prefilling `batch` copies): the step runs
+    inside the context manager `around` (e.g. a work counter), nothing else does.  Returns the step's argmaxes."""
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    device = input_device(model)
+    extra, cache_arg = _forward_names(model)
+    out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=True, **extra)
+    past = _output_cache(out)
+    past.batch_repeat_interleave(batch)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1).contiguous()
+    mask = torch.ones(batch, ids.shape[1] + 1, dtype=torch.long, device=device)
+    with around if around is not None else contextlib.nullcontext():
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_arg: past}, **extra)
+        return out.logits[:, -1].argmax(-1)
 
 
 def measure_decode(model, input_ids, new_tokens: int) -> dict:

@@ -111,7 +111,8 @@ def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_toke
 
 def throughput_rows(timings: dict[int, dict[str, list[dict]]], original: str, tokens: int) -> list[dict]:
     """Rows of `taylormlp bench --batch-sizes`, one per batch size and model, from decode.batch_timings' runs:
-    decode tokens/s over the batch (median), the slowdown (median decode time / the original's at that batch, i.e.
+    decode tokens/s over the batch (B · tokens / the median decode time, so that the tokens/s ratio is the
+    slowdown), the slowdown (median decode time / the original's at that batch, i.e.
     the original's throughput over this one's) with its range over paired (same-round) ratios, TTFT (the prefill
     to the first token) and inter-token latency (one decode step: every sequence of the batch gets a token)."""
     rows = []
@@ -124,7 +125,7 @@ def throughput_rows(timings: dict[int, dict[str, list[dict]]], original: str, to
                 "batch": batch,
                 "name": name,
                 "kind": "original" if name == original else "release",
-                "decode_tokens_per_s_median": own["decode_tokens_per_s_median"],
+                "decode_tokens_per_s": batch * tokens / own["decode_s_median"],
                 "slowdown": own["decode_s_median"] / ref["decode_s_median"],
                 "slowdown_min": min(paired),
                 "slowdown_max": max(paired),
