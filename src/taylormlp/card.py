@@ -7,6 +7,10 @@ The base model is named as it was given (a built-in name, a .gguf file, a Huggin
 field where the source has one: ``license:`` in the front matter of the directory's README.md (the Hugging Face
 model-card convention), or ``general.license`` in a GGUF file's metadata.  A release is made from the base model's
 weights, so the base model's terms (Gemma's differ from SmolLM2's Apache-2.0) apply to it.
+
+The throttle rows say what `--slowdown` asked for, what was measured at the serving batch, the slowdown curve
+over batch sizes, the FLOPs and bytes ratios and the machine; every value comes from the release spec's
+``slowdown`` record (throttle.protect_for_slowdown).
 """
 
 from __future__ import annotations
@@ -92,6 +96,35 @@ def base_model(source) -> dict:
     return info
 
 
+def machine_words(machine: dict | None) -> str:
+    """Where a slowdown was measured, in words: the GPU's name, or the CPU with its torch threads."""
+    if not machine:
+        return "the machine that ran protect"
+    return machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('threads')} threads"
+
+
+def slowdown_rows(slowdown: dict) -> list[str]:
+    """Markdown table rows ("| field | value |") for a ``slowdown`` record; records written before the serving batch
+    existed (no "serving_batch", no "curve") were measured at batch 1."""
+    batch = slowdown.get("serving_batch", 1)
+    where = machine_words(slowdown.get("machine"))
+    rows = [f"| requested decode slowdown | {slowdown['target']}x at batch {batch} (throughput of {batch} "
+            f"concurrent sequences, release / original) |",
+            f"| measured decode slowdown | {slowdown['measured']:.2f}x at batch {batch} (interleaved with the "
+            f"original, on {where}; a slowdown is a property of the machine and of the batch size) |"]
+    curve = slowdown.get("curve") or []
+    if curve:
+        rows.append("| measured slowdown curve (batch: slowdown) | "
+                    + ", ".join(f"{point['batch']}: {point['measured']:.2f}x" for point in curve)
+                    + " (one interleaved run after the choice) |")
+    if slowdown.get("flops_ratio"):
+        rows.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
+    if slowdown.get("bytes_ratio"):
+        rows.append(f"| parameter bytes read per decoded token, release / original | {slowdown['bytes_ratio']:.2f}x "
+                    f"(what a memory-bound decoder pays) |")
+    return rows
+
+
 def header_section() -> list[str]:
     return [
         "# TaylorMLP release",
@@ -118,14 +151,7 @@ def settings_section(spec: dict, fidelity: dict | None = None, slowdown: dict | 
         lines.append(f"| validation tokens matched | {val['tokens_matched']}/{val['tokens']} "
                      f"(max logit error {val['max_logit_error']:.4g}) |")
     if slowdown:
-        machine = slowdown.get("machine") or {}
-        where = machine.get("gpu") or (f"{machine.get('cpu')}, {machine.get('threads')} threads" if machine else
-                                       "the machine that ran protect")
-        lines.append(f"| requested decode slowdown | {slowdown['target']}x |")
-        lines.append(f"| measured decode slowdown | {slowdown['measured']:.2f}x (interleaved with the original, on "
-                     f"{where}; a slowdown is a property of the machine) |")
-        if slowdown.get("flops_ratio"):
-            lines.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
+        lines += slowdown_rows(slowdown)
     for key, value in (fidelity or {}).items():
         lines.append(f"| {key} | {value} |")
     return lines

@@ -61,6 +61,7 @@ SHARE = Number(float, 0.0, 1.0)
 SLOWDOWN = Number(float, 1.25, 16.0)
 BUDGET = Number(float, 0.0, low_open=True)
 SEED = Number(int, 0)
+BATCH = Number(int, 1, 1024)
 
 
 def _one_line(text: str) -> str:
@@ -123,6 +124,11 @@ def _add_protect(sub) -> None:
                         "coverage, order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode "
                         "timing confirms it) and records requested, measured and FLOPs ratios and the machine; "
                         "default: none (the preset's order, the largest token-exact coverage)")
+    p.add_argument("--serving-batch", type=BATCH, metavar="B",
+                   help=f"with --slowdown: meet it as the decode throughput ratio at batch B (B concurrent sequences "
+                        f"decoded together, as a server batches requests), B {BATCH.limits}; the slowdown grows with "
+                        "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
+                        "(one sequence)")
     p.add_argument("--basis", choices=list(BASES),
                    help=f"override the preset's series basis (default: {_preset_values('basis')})")
     p.add_argument("--coverage", type=SHARE,
@@ -214,8 +220,17 @@ def _add_run_commands(sub) -> None:
     b.add_argument("releases", nargs="+", type=Path, metavar="RELEASE", help="release directories made from it")
     b.add_argument("--tokens", type=POSITIVE, default=32, help=f"decode tokens per run, {POSITIVE.limits} (default 32)")
     b.add_argument("--repeats", type=POSITIVE, default=3, help=f"interleaved repeats, {POSITIVE.limits} (default 3)")
+    b.add_argument("--batch-sizes", type=BATCH, nargs="+", metavar="B",
+                   help=f"also measure decode throughput at these batch sizes, each {BATCH.limits} (B copies of the "
+                        "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "
+                        "among them): tokens/s over the batch, slowdown, TTFT and inter-token latency per batch size, "
+                        "and --plot draws slowdown against batch size. Default: none (batch 1 only)")
+    b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
+                        "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")
     b.add_argument("--json", type=Path, help="write results as JSON to this new file (default: none)")
-    b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png (default: none)")
+    b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png: slowdown against "
+                                             "series order, or with --batch-sizes against batch size (default: none)")
     b.add_argument("--force", action="store_true", help="replace the --json and --plot files if they exist")
 
 

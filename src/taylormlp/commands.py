@@ -110,14 +110,18 @@ def cmd_protect(args) -> int:
     _check_inputs(sources=[("SOURCE", args.source)])
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
-        slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
+        slowdown=args.slowdown, serving_batch=args.serving_batch, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
         chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
         max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
         device=args.device)
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):
-        print(f"measured decode slowdown {summary['slowdown']['measured']:.2f}x (target {summary['slowdown']['target']}x)")
+        slow = summary["slowdown"]
+        at = f" at batch {slow['serving_batch']}" if slow.get("serving_batch", 1) > 1 else ""
+        curve = ", ".join(f"{p['measured']:.2f}x at batch {p['batch']}" for p in slow.get("curve", []))
+        print(f"measured decode slowdown {slow['measured']:.2f}x{at} (target {slow['target']}x)"
+              + (f"; curve: {curve}" if curve else ""))
     print(SECURITY_POINTER)
     return 0
 
@@ -175,7 +179,7 @@ def cmd_bench(args) -> int:
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot)
+              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device)
     return 0
 
 

@@ -46,7 +46,7 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       **tuning) -> dict:
+                       serving_batch=None, **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -54,7 +54,11 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     read from the source's safetensors when it runs, the coverage search builds each layer's candidate TaylorMLP
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
-    in memory: that path loads it whole."""
+    in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
+    which the slowdown is met (throttle.protect_for_slowdown)."""
+    if serving_batch is not None and slowdown is None:
+        raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
+                             f"slowdown is met; add --slowdown or drop --serving-batch")
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -65,7 +69,8 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     if slowdown is not None:
         model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
-        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
+        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown,
+                                                     serving_batch=1 if serving_batch is None else serving_batch)
         card = model_card(spec, slowdown=slow, base=base_model(source))
         if slow["held_in_memory"]:
             save_release(model, out, tokenizer, force=force, card=card)

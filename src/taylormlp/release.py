@@ -409,4 +409,3 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
 
 def release_size(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
-
