@@ -45,19 +45,21 @@ def require_serve_extra() -> None:
 
 def check_address(host: str, port: int) -> None:
     """--host resolves and --port is free on it, before the release is loaded (uvicorn would only say so after)."""
+    def not_here(exc):
+        return TaylorMLPError(f"--host {host}: not an address of this machine ({exc.strerror}); give one such as "
+                              f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise TaylorMLPError(f"--host {host}: not an address of this machine ({exc.strerror}); give one such as "
-                             f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+        raise not_here(exc) from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
         try:
             probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise TaylorMLPError(f"--host {host}: not an address of this machine ({exc.strerror}); give one such "
-                                     f"as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+                raise not_here(exc) from None
             raise TaylorMLPError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another "
                                  f"--port, or stop what is listening there") from None
 
