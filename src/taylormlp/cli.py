@@ -62,6 +62,9 @@ SLOWDOWN = Number(float, 1.25, 16.0)
 BUDGET = Number(float, 0.0, low_open=True)
 SEED = Number(int, 0)
 BATCH = Number(int, 1, 1024)
+PORT = Number(int, 1, 65535)
+KV_TOKENS = Number(int, 256)
+BATCH_TOKENS = Number(int, 16)
 
 
 def _one_line(text: str) -> str:
@@ -253,6 +256,29 @@ def _add_audit(sub) -> None:
                         f"{', '.join(DEFAULT_ATTACKS)})")
 
 
+def _add_serve(sub) -> None:
+    s = _command(sub, "serve", "serve a release through an OpenAI-compatible HTTP API (transformers serve)",
+                 "Verify a RELEASE and serve it with transformers' own serving engine: an OpenAI-compatible HTTP API "
+                 "(GET /v1/models; POST /v1/chat/completions, /v1/completions and /v1/responses, streaming or not) "
+                 "with continuous batching of concurrent requests. The model is named after the release directory "
+                 "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
+                 "'taylormlp[serve]'. See docs/serving.md.")
+    s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=PORT, default=8000, help=f"TCP port to listen on, {PORT.limits} (default 8000)")
+    s.add_argument("--batching", choices=["continuous", "sequential"], default="continuous",
+                   help="'continuous': transformers' continuous batching (paged attention; concurrent requests share "
+                        "decode steps, sampling settings are those of the first request); 'sequential': one "
+                        "model.generate call at a time, each request with its own settings. Default: continuous")
+    s.add_argument("--kv-cache-tokens", type=KV_TOKENS, default=8192, metavar="N",
+                   help=f"continuous batching: tokens (prompts and generations of all running requests together) the "
+                        f"paged KV cache holds, allocated at the first request, {KV_TOKENS.limits} (default 8192)")
+    s.add_argument("--max-batch-tokens", type=BATCH_TOKENS, default=256, metavar="N",
+                   help=f"continuous batching: most tokens in one forward step (prompt chunks and decode tokens), "
+                        f"{BATCH_TOKENS.limits} (default 256)")
+
+
 def _command(sub, name: str, summary: str, description: str, epilog: str = TERMS):
     epilog = epilog if epilog is TERMS else f"{epilog}\n\n{TERMS}"
     return sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=_Formatter)
@@ -269,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protect(sub)
     _add_run_commands(sub)
     _add_audit(sub)
+    _add_serve(sub)
     parser.commands = sub.choices
     return parser
 

@@ -17,6 +17,7 @@ from .kinds import refuse_non_release, refuse_release
 from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
 from .progress import quiet
+from .release import verify_release
 
 SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
                     "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
@@ -187,4 +188,16 @@ def cmd_audit(args) -> int:
     _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("--original", args.original)], releases=[args.release])
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    refuse_non_release(args.release)
+    from . import serve  # imports transformers' serving engine, of the optional serve extra
+
+    serve.require_serve_extra()
+    serve.check_address(args.host, args.port)
+    verify_release(args.release)
+    serve.ReleaseServer(args.release, host=args.host, port=args.port, batching=args.batching,
+                        kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens).run()
     return 0
