@@ -41,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import stream
-from .bench_report import format_table, format_throughput, plot_results, plot_throughput
+from .bench_report import format_serve, format_table, format_throughput, plot_results, plot_throughput
 from .calibration import format_prompt
 from .decode import decode_timings, input_device, interleaved, measure_decode, paired_ratios, timing_summary
 from .errors import TaylorMLPError
@@ -336,12 +336,18 @@ def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
 
 
 def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
-              memory: bool = True, batch_sizes=None, device: str = "cpu") -> dict:
+              memory: bool = True, batch_sizes=None, device: str = "cpu", serve: dict | None = None) -> dict:
     """`taylormlp bench`.  `batch_sizes` (--batch-sizes): also the throughput at those batch sizes, timed in the
     same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size.
     `device` "cuda": every model is timed on the GPU; the term microbenchmark and the peak-RSS probes, which
-    measure the CPU, are left out."""
+    measure the CPU, are left out.  `serve` (--serve-concurrency, --serve-requests, --serve-tokens: the fields of
+    serve_bench.ServeOptions): also the throughput through the server, after the in-process models are freed."""
     device = stream.resolve_device(device)
+    if serve is not None:
+        from . import serve_bench  # imports transformers' serving engine, of the optional serve extra
+
+        serve = serve_bench.ServeOptions(**serve)
+        serve_bench.check_serve_options(serve, device)
     if tokens < 1 or repeats < 1:
         raise TaylorMLPError("--tokens and --repeats must be positive")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
@@ -384,6 +390,11 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
             kind = "original" if row["kind"] == "original" else "release"
             target = source if kind == "original" else row["path"]
             row["memory"] = memory_probe(kind, target, ids, tokens)
+    if serve is not None:
+        targets = {row["name"]: (row["kind"], str(source) if row["kind"] == "original" else row["path"])
+                   for row in rows}
+        served = serve_bench.serve_bench(targets, ORIGINAL, PROMPT, chat, int(ids.shape[1]), serve, repeats,
+                                         torch.get_num_threads())
     results = {
         "source": str(source),
         "prompt": PROMPT,
@@ -400,9 +411,13 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     if timings:
         results["batch_sizes"] = sorted(timings)
         results["throughput"] = throughput_rows(timings, ORIGINAL, tokens)
+    if serve is not None:
+        results["serve"] = served
     print(format_table(results))
     if timings:
         print("\n" + format_throughput(results))
+    if serve is not None:
+        print("\n" + format_serve(results))
     if json_path is not None:
         json_path = write_text_atomically(Path(json_path), json.dumps(results, indent=1, default=str), "--json")
         log(f"wrote {json_path}")

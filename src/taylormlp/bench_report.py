@@ -130,19 +130,27 @@ def _save(fig, path, title: str) -> Path:
 # ---------------------------------------------------------------- --batch-sizes
 
 
+def _columns(table: list[list[str]]) -> list[str]:
+    """A table's lines: the header, a rule, then the rows; the second column (the model) left-aligned, the others
+    right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = []
+    for k, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_throughput(results: dict) -> str:
     """The throughput table of `bench --batch-sizes`: per batch size and model."""
     head = ["batch", "model", "tok/s (batch)", "slowdown", "(range)", "TTFT ms", "inter-token ms"]
     table = [head] + [[str(r["batch"]), r["name"], _fmt(r["decode_tokens_per_s"], ".1f"),
                        _fmt(r["slowdown"], ".2f") + "x", f"{r['slowdown_min']:.2f}-{r['slowdown_max']:.2f}",
                        _fmt(r["ttft_ms"], ".1f"), _fmt(r["inter_token_ms"], ".2f")] for r in results["throughput"]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [f"throughput at batch sizes {', '.join(map(str, results['batch_sizes']))} (B copies of the prompt decoded "
              f"together; every batch size and model interleaved in the run above):", ""]
-    for k, row in enumerate(table):
-        lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += _columns(table)
     lines += ["", "tok/s = decode tokens per second over the whole batch (at the median decode time). slowdown = median decode time / the "
                   "original's at the same batch = the original's throughput / this one's; range over paired ratios. "
                   "TTFT = the batch's prefill to its first tokens; inter-token = one decode step (a token for every "
@@ -182,3 +190,30 @@ def plot_throughput(results: dict, path) -> Path:
     ax.set_title(f"slowdown against batch size ({results.get('new_tokens', '?')} tokens, median)")
     ax.legend(fontsize=7)
     return _save(fig, path, str(results.get("source", "")))
+
+
+# ---------------------------------------------------------------- --serve-concurrency
+
+
+def format_serve(results: dict) -> str:
+    """The server-mode table of `bench --serve-concurrency`: per concurrency and model."""
+    serve = results["serve"]
+    head = ["clients", "model", "req/s", "tok/s (all)", "slowdown", "(range)", "TTFT ms", "inter-token ms",
+            "tok/req", "in flight"]
+    table = [head] + [[str(r["concurrency"]), r["name"], _fmt(r["requests_per_s"], ".2f"),
+                       _fmt(r["output_tokens_per_s"], ".1f"), _fmt(r["slowdown"], ".2f") + "x",
+                       f"{r['slowdown_min']:.2f}-{r['slowdown_max']:.2f}", _fmt(r["ttft_ms"], ".1f"),
+                       _fmt(r["inter_token_ms"], ".2f"),
+                       f"{r['tokens_per_request']:g}/{r['tokens_requested_per_request']:g}",
+                       str(r["peak_in_flight"])] for r in serve["rows"]]
+    lines = [f"through the server ({serve['endpoint']} endpoint, continuous batching, one process per model, "
+             f"{serve['server_threads']} threads each) at concurrency {', '.join(map(str, serve['concurrency']))}: "
+             f"{serve['requests_per_client']} streamed greedy request(s) per client per run, {serve['max_tokens']} "
+             f"tokens each (EOS ignored), {serve['repeats']} interleaved repeats:", ""]
+    lines += _columns(table)
+    lines += ["", "req/s, tok/s = requests and output tokens per second over all clients (the run's wall time), "
+                  "median over repeats. slowdown = the original's tok/s / this one's, median of same-repeat ratios, "
+                  "range over them. TTFT = request sent to its first streamed text; inter-token = (last text - first "
+                  "text) / (tokens - 1); medians. tok/req = tokens produced / requested per request. in flight = "
+                  "the fewest requests seen in flight at once at a run's peak."]
+    return "\n".join(lines)

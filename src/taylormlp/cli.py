@@ -65,6 +65,7 @@ BATCH = Number(int, 1, 1024)
 PORT = Number(int, 1, 65535)
 KV_TOKENS = Number(int, 256)
 BATCH_TOKENS = Number(int, 16)
+CLIENTS = Number(int, 1, 256)
 
 
 def _one_line(text: str) -> str:
@@ -228,6 +229,18 @@ def _add_run_commands(sub) -> None:
                         "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "
                         "among them): tokens/s over the batch, slowdown, TTFT and inter-token latency per batch size, "
                         "and --plot draws slowdown against batch size. Default: none (batch 1 only)")
+    b.add_argument("--serve-concurrency", type=CLIENTS, nargs="+", metavar="C",
+                   help=f"also measure throughput through the server (`taylormlp serve`'s engine: transformers' serve "
+                        f"app and continuous batching, the original served the same way, one process per model) with "
+                        f"C concurrent streaming clients, each C {CLIENTS.limits}; every concurrency and model "
+                        f"interleaved in one run, one server busy at a time: requests/s, output tokens/s over all "
+                        f"clients, slowdown, TTFT and inter-token latency. Needs the serve extra. Default: none")
+    b.add_argument("--serve-requests", type=POSITIVE, metavar="K",
+                   help=f"with --serve-concurrency: requests each client sends per run, back to back, "
+                        f"{POSITIVE.limits} (default 1)")
+    b.add_argument("--serve-tokens", type=POSITIVE, metavar="T",
+                   help=f"with --serve-concurrency: max_tokens of every request, greedy, EOS ignored so that each "
+                        f"decodes exactly T tokens, {POSITIVE.limits} (default 16)")
     b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
                         "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")

@@ -179,8 +179,16 @@ def cmd_bench(args) -> int:
     _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
+    serve = None
+    for flag, value in (("--serve-requests", args.serve_requests), ("--serve-tokens", args.serve_tokens)):
+        if value is not None and not args.serve_concurrency:
+            raise TaylorMLPError(f"{flag} {value} needs --serve-concurrency C: it sets the requests of the server "
+                                 f"mode; add --serve-concurrency (e.g. 1 8) or drop {flag}")
+    if args.serve_concurrency:
+        given = {"requests": args.serve_requests, "tokens": args.serve_tokens}  # unset: ServeOptions' defaults
+        serve = {"concurrency": tuple(args.serve_concurrency), **{k: v for k, v in given.items() if v is not None}}
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device)
+              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device, serve=serve)
     return 0
 
 

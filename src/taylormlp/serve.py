@@ -28,6 +28,7 @@ from transformers.cli.serving.model_manager import ModelManager
 
 from .errors import TaylorMLPError
 from .release import load_release
+from .sources import load_base, resolve_source
 
 # what transformers' serving needs (transformers.utils.import_utils.is_serve_available), by import name
 SERVE_PACKAGES = ("fastapi", "uvicorn", "openai", "pydantic")
@@ -35,12 +36,11 @@ INSTALL_SERVE = "pip install 'taylormlp[serve]' (in a checkout: pip install -e '
 PAGE_TOKENS = 256  # transformers' ContinuousBatchingConfig.page_size default: the KV cache is allocated in pages
 
 
-def require_serve_extra() -> None:
-    """A TaylorMLPError naming the pip command if a package of the serve extra is missing."""
+def require_serve_extra(what: str = "`taylormlp serve`") -> None:
+    """A TaylorMLPError naming the pip command if a package of the serve extra is missing (`what` needs it)."""
     missing = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise TaylorMLPError(f"`taylormlp serve` needs the serve extra ({', '.join(missing)} not installed): "
-                             f"{INSTALL_SERVE}")
+        raise TaylorMLPError(f"{what} needs the serve extra ({', '.join(missing)} not installed): {INSTALL_SERVE}")
 
 
 def check_address(host: str, port: int) -> None:
@@ -64,14 +64,23 @@ def check_address(host: str, port: int) -> None:
                                  f"--port, or stop what is listening there") from None
 
 
+def load_verified_release(directory):
+    """A release verified (release.verify_release) before serving, loaded without hashing it again."""
+    return load_release(directory, verify=False)
+
+
+def load_original(directory):
+    """An original model directory, loaded as every taylormlp command loads an original (sources.load_base)."""
+    return load_base(directory)[0]
+
+
 class ReleaseModelManager(ModelManager):
-    """transformers' ModelManager for one release: loaded by load_release, listed and requested as `name`.
+    """transformers' ModelManager for one release: loaded by `load` (load_verified_release; for the benchmark's
+    original, load_original), listed and requested as `name`.  After a POST /reset it is loaded again from the
+    same directory."""
 
-    The release was verified (release.verify_release) before serving, so it is loaded without hashing it again;
-    after a POST /reset it is loaded again from the same directory."""
-
-    def __init__(self, release, name: str, **kwargs):
-        self.release, self.name = Path(release), name
+    def __init__(self, release, name: str, load=load_verified_release, **kwargs):
+        self.release, self.name, self.load = Path(release), name, load
         super().__init__(force_model=name, **kwargs)  # loads the release now, never unloads it
 
     @staticmethod
@@ -88,7 +97,7 @@ class ReleaseModelManager(ModelManager):
 
     def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
         self._refuse_others(model_id_and_revision)
-        return load_release(self.release, verify=False)
+        return self.load(self.release)
 
 
 def _materialized(value, where: tuple = ()):
@@ -196,15 +205,23 @@ def build_app(manager: ModelManager, continuous: bool, cb_config=None):
 
 class ReleaseServer:
     """A release behind transformers' serve app on uvicorn: `run()` serves until Ctrl-C / SIGTERM (in the main
-    thread) or `stop()` (from another thread), then stops the batching worker."""
+    thread) or `stop()` (from another thread), then stops the batching worker.
+
+    Served as `name` (default: the release directory's name).  `original=True` is for `taylormlp bench
+    --serve-concurrency` only (`taylormlp serve` serves releases): `release` is then an original model SOURCE,
+    loaded by sources.load_base, behind the same app and batching, so that its throughput is the reference."""
 
     def __init__(self, release, host: str = "127.0.0.1", port: int = 8000, batching: str = "continuous",
-                 kv_cache_tokens: int = 8192, max_batch_tokens: int = 256):
+                 kv_cache_tokens: int = 8192, max_batch_tokens: int = 256, name: str | None = None,
+                 original: bool = False):
         import uvicorn
 
-        self.release, self.name, self.batching = release, Path(release).resolve().name, batching
+        directory = resolve_source(release) if original else Path(release)
+        self.release, self.batching = release, batching
+        self.name = name or directory.resolve().name
         self.url = f"http://{host}:{port}"
-        self.manager = ReleaseModelManager(release, self.name, device="cpu")
+        self.manager = ReleaseModelManager(directory, self.name, load=load_original if original else
+                                           load_verified_release, device="cpu")
         self.app, self.state = build_app(self.manager, batching == "continuous",
                                          batching_config(kv_cache_tokens, max_batch_tokens))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
