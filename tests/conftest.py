@@ -76,18 +76,23 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
 
 
+def save_tiny_llama(out, tokenizer, **sizes):
+    """A tiny random Llama (tiny_llama's `sizes`) with `tokenizer`'s vocabulary and chat template, its gate
+    pre-activations spread so the series has real work to do, saved as a HF model directory `out`."""
+    model = tiny_llama(vocab=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, **sizes)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(10.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF model directory."""
-    model = tiny_llama(vocab=len(smol_tokenizer), tie_word_embeddings=True, bos_token_id=smol_tokenizer.bos_token_id,
-                       eos_token_id=smol_tokenizer.eos_token_id)
-    with torch.no_grad():  # spread the gate pre-activations so the series has real work to do
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight.mul_(10.0)
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model.save_pretrained(out)
-    smol_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smol_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-from conftest import FAST, tiny_llama
+from conftest import FAST, save_tiny_llama
 from taylormlp import pipeline, preflight, stream
 from taylormlp.cli import main
 from taylormlp.options import ProtectOptions
@@ -19,15 +18,8 @@ from taylormlp.release import release_size
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory, smol_tokenizer):
     """A tiny Llama whose MLPs, not its embeddings, make most of a release (hidden 16, 2048 channels, 3 layers)."""
-    model = tiny_llama(vocab=len(smol_tokenizer), hidden=16, inter=2048, layers=3, tie_word_embeddings=True,
-                       bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight.mul_(10.0)
-    out = tmp_path_factory.mktemp("wide") / "wide"
-    model.save_pretrained(out)
-    smol_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", smol_tokenizer, hidden=16, inter=2048,
+                           layers=3)
 
 
 RUN = dict(calibration_samples=4, **FAST)
