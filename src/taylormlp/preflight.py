@@ -188,7 +188,7 @@ def estimate(model_dir, opts: ProtectOptions, dtype: str, out, device: str = "cp
              + tokens * heads * opts.max_length * 4)
     val_tokens = min(opts.batch_tokens, valid * (PROMPT_TOKENS + opts.continuation_tokens))
     candidate = (layer_other + bound + source_mlp + (P + 2 * Q) * hidden * 8
-                 + 2 * val_tokens * (opts.order + 1) * Q * 4)
+                 + val_tokens * (opts.order + 1 + 4) * Q * 4)  # the [tokens, N+1, Q] features, z, u, live
     logits = valid * opts.continuation_tokens * vocab * 4
     current = rss_now()
     held = resident + (layers * (layer_other + mlp_values * width) if whole else 0)
