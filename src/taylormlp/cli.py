@@ -241,6 +241,10 @@ def _add_audit(sub) -> None:
     a.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help=f"comma-separated attacks to run, from the list below (default: all {len(DEFAULT_ATTACKS)}: "
                         f"{', '.join(DEFAULT_ATTACKS)})")
+    a.add_argument("--stream", action="store_true", default=None,
+                   help="read the release one layer at a time instead of loading it whole (closed-form attacks only: "
+                        "--attacks coefficient_ratio,factorization; tokens are then not matched); default: streamed "
+                        "when the release is more than half the available memory and every chosen attack can be")
 
 
 def _command(sub, name: str, summary: str, description: str, epilog: str = TERMS):

@@ -188,5 +188,6 @@ def cmd_bench(args) -> int:
 def cmd_audit(args) -> int:
     _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("--original", args.original)], releases=[args.release])
-    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
+    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","),
+              stream=args.stream)
     return 0

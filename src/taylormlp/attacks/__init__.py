@@ -25,7 +25,8 @@ from .. import decode, runtime
 from ..errors import TaylorMLPError
 from ..hooks import HookSet
 from .scoring import WeightScore, match_channels  # noqa: F401 - the attacks' API
-from .registry import Attack, attack_names, get_attack, register_attack  # noqa: F401 - the attacks' API
+from .registry import (Attack, attack_names, get_attack, layerwise, register_attack,  # noqa: F401 - the API
+                       register_layerwise)
 from .verdicts import verdict
 from ..protector import mlp_weights
 
