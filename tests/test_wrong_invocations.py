@@ -161,6 +161,9 @@ WRONG = [
          SOURCE_AS_RELEASE),
     Case("bench/release-is-a-model", lambda c: ["bench", c.src, c.rel, c.src], SOURCE_AS_RELEASE),
     Case("audit/release-is-a-model", lambda c: ["audit", c.src], SOURCE_AS_RELEASE),
+    Case("audit/stream-with-an-attack-that-runs-the-model",
+         lambda c: ["audit", c.rel, "--stream", "--attacks", "factorization,distill"],
+         r"--stream runs only the closed-form attacks; distill run\(s\) the model .*use --attacks factorization$"),
 ]
 
 
