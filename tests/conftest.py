@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("TAYLORMLP_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +64,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 FAST = dict(continuation_tokens=12, prose_chars=6000, search_steps=4)
 
 
@@ -76,14 +84,18 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
 
 
-def save_tiny_llama(out, tokenizer, **sizes):
-    """A tiny random Llama (tiny_llama's `sizes`) with `tokenizer`'s vocabulary and chat template, its gate
-    pre-activations spread so the series has real work to do, saved as a HF model directory `out`."""
+def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0, **sizes):
+    """A tiny random Llama with `tokenizer`'s vocabulary and chat template, saved as a HF model directory `out`.
+    Its gate pre-activations are spread so the series has real work to do; `attention_scale` > 1 scales the
+    attention projections so that its greedy generations depend on the prompt (at 1 they repeat one token);
+    `sizes`: tiny_llama's (hidden, inter, layers)."""
     model = tiny_llama(vocab=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, **sizes)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight.mul_(10.0)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.mul_(attention_scale)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -92,7 +104,7 @@ def save_tiny_llama(out, tokenizer, **sizes):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a HF model directory."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smol_tokenizer)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", smol_tokenizer)
 
 
 @pytest.fixture(scope="session")

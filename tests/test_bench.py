@@ -220,6 +220,62 @@ def test_run_bench_end_to_end(tiny_llama_dir, tiny_release, tmp_path, capsys):
     assert "slowdown" in capsys.readouterr().out
 
 
+def test_run_bench_batch_sizes_end_to_end(tiny_llama_dir, tiny_release, tmp_path, capsys):
+    """--batch-sizes: one row per batch size and model, with consistent fields; batch 1 always among them and the
+    latency table's run; the plot is slowdown against batch size."""
+    import json
+
+    results = bench.run_bench(tiny_llama_dir, [tiny_release], tokens=2, repeats=2, json_path=tmp_path / "b.json",
+                              plot_path=tmp_path / "b.png", memory=False, batch_sizes=[4, 2])
+    assert results["batch_sizes"] == [1, 2, 4]
+    rows = results["throughput"]
+    assert [(r["batch"], r["name"]) for r in rows] == [(b, n) for b in (1, 2, 4) for n in ("original", tiny_release.name)]
+    by = {(r["batch"], r["kind"]): r for r in rows}
+    for r in rows:
+        runs = r["runs"]
+        assert len(runs) == 2 and all(run["batch"] == r["batch"] and run["new_tokens"] == 2 for run in runs)
+        decode = sorted(run["decode_s"] for run in runs)
+        assert r["decode_s_median"] == pytest.approx(sum(decode) / 2)  # the median of two
+        assert r["inter_token_ms"] == pytest.approx(r["decode_s_median"] / 2 * 1e3)
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 2 / r["decode_s_median"])
+        assert r["ttft_ms"] == pytest.approx(sum(run["prefill_s"] for run in runs) / 2 * 1e3)
+        ref = by[(r["batch"], "original")]
+        assert r["slowdown"] == pytest.approx(r["decode_s_median"] / ref["decode_s_median"])
+        paired = [a["decode_s"] / b["decode_s"] for a, b in zip(runs, ref["runs"])]
+        assert (r["slowdown_min"], r["slowdown_max"]) == pytest.approx((min(paired), max(paired)))
+    # the latency table is the batch-1 run itself, not a second timing
+    assert results["models"][1]["runs"] == by[(1, "release")]["runs"]
+    assert results["models"][1]["bytes_ratio"] > 1.0 and results["models"][0]["bytes_ratio"] == 1.0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [r["batch"] for r in saved["throughput"]] == [r["batch"] for r in rows]
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "throughput at batch sizes 1, 2, 4" in out and "inter-token ms" in out
+
+
+def test_throughput_rows_from_injected_timings():
+    """The throughput ratio is the original's tokens/s over the release's at the same batch: decode times given."""
+    from taylormlp.throughput import throughput_rows
+
+    def run(batch, decode_s, prefill_s=0.5):
+        return {"batch": batch, "decode_s": decode_s, "prefill_s": prefill_s, "new_tokens": 4,
+                "decode_tokens_per_s": batch * 4 / decode_s, "inter_token_s": decode_s / 4,
+                "prefill_tokens_per_s": 1.0}
+    timings = {8: {"original": [run(8, 1.0), run(8, 2.0), run(8, 3.0)],
+                   "rel": [run(8, 6.0, 1.5), run(8, 10.0, 2.5), run(8, 21.0, 3.5)]},
+               1: {"original": [run(1, 0.5)], "rel": [run(1, 1.0)]}}
+    rows = throughput_rows(timings, "original", 4)
+    assert [(r["batch"], r["name"], r["kind"]) for r in rows] == [(1, "original", "original"), (1, "rel", "release"),
+                                                                  (8, "original", "original"), (8, "rel", "release")]
+    rel8 = rows[3]
+    assert rel8["slowdown"] == pytest.approx(10.0 / 2.0)  # median decode times: 10 s against 2 s
+    assert (rel8["slowdown_min"], rel8["slowdown_max"]) == pytest.approx((5.0, 7.0))  # paired: 6, 5, 7
+    assert rel8["decode_tokens_per_s"] == pytest.approx(8 * 4 / 10.0)  # tokens over the whole batch
+    assert rows[2]["decode_tokens_per_s"] / rel8["decode_tokens_per_s"] == pytest.approx(5.0)
+    assert rel8["ttft_ms"] == pytest.approx(2500.0) and rel8["inter_token_ms"] == pytest.approx(2500.0)
+    assert rows[1]["slowdown"] == pytest.approx(2.0) and rows[0]["slowdown"] == rows[2]["slowdown"] == 1.0
+
+
 def test_bench_refuses_releases_that_do_not_fit_in_memory_together(tiny_llama_dir, tiny_release, monkeypatch):
     """bench keeps every release in memory at once: too many bytes for this machine is a clear error before any
     loading, naming the sizes and the way out (fewer releases per run)."""

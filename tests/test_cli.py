@@ -25,7 +25,7 @@ def test_help_explains_every_flag(capsys):
     from taylormlp.cli import TERMS, Number
 
     sub = _commands()
-    assert set(sub) == {"protect", "generate", "inspect", "compare", "bench", "audit", "demo"}
+    assert set(sub) == {"protect", "generate", "inspect", "compare", "bench", "audit", "demo", "serve"}
     for name, parser in sub.items():
         assert parser.description and len(parser.description) > 40, f"{name} has no description"
         assert TERMS in parser.epilog, f"{name}'s help does not define SOURCE and RELEASE"

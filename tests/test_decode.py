@@ -73,6 +73,41 @@ def test_greedy_timed(model):
     assert res["prefill_tokens_per_s"] == pytest.approx(PROMPT.shape[1] / res["prefill_s"])
 
 
+def test_measure_decode_of_a_batch_counts_tokens_over_the_batch(model):
+    ids = decode.batch_ids(PROMPT[0], 3)
+    assert ids.shape == (3, PROMPT.shape[1]) and all(torch.equal(row, PROMPT[0]) for row in ids)
+    calls = []
+    handle = model.register_forward_hook(lambda _m, args, kwargs, _o: calls.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    try:
+        res = decode.measure_decode(model, ids, 4)
+    finally:
+        handle.remove()
+    assert calls == [(3, PROMPT.shape[1])] + [(3, 1)] * 4  # one batched prefill, then 4 batched steps
+    assert res["batch"] == 3 and res["new_tokens"] == 4
+    assert res["decode_tokens_per_s"] == pytest.approx(3 * 4 / res["decode_s"])
+    assert res["inter_token_s"] == pytest.approx(res["decode_s"] / 4)
+    assert res["prefill_tokens_per_s"] == pytest.approx(3 * PROMPT.shape[1] / res["prefill_s"])
+    assert res["tokens"] == decode.greedy(model, PROMPT, 5).new[0, :4].tolist()  # every row: the one prompt's tokens
+
+
+def test_batch_timings_interleave_every_model_and_batch_in_one_run(monkeypatch):
+    order = []
+
+    def fake(m, ids, new_tokens):
+        order.append((m, ids.shape[0]))
+        t = len(order)
+        return {"decode_s": float(t), "prefill_s": 1.0, "decode_tokens_per_s": ids.shape[0] * new_tokens / t,
+                "inter_token_s": t / new_tokens, "prefill_tokens_per_s": 1.0, "batch": ids.shape[0], "tokens": [1]}
+    monkeypatch.setattr(decode, "measure_decode", fake)
+    res = decode.batch_timings({"a": "A", "b": "B"}, PROMPT, 2, repeats=2, batch_sizes=(1, 4, 1))
+    assert set(res) == {1, 4} and set(res[1]) == set(res[4]) == {"a", "b"}
+    # warm-ups, then rounds over all four (batch, model) pairs with the first one rotating
+    assert order == [("A", 1), ("B", 1), ("A", 4), ("B", 4)] * 2 + [("B", 1), ("A", 4), ("B", 4), ("A", 1)]
+    assert [r["decode_s"] for r in res[1]["a"]] == [5.0, 12.0] and [r["decode_s"] for r in res[4]["b"]] == [8.0, 11.0]
+    assert all("tokens" not in r and r["batch"] == 4 for r in res[4]["a"])
+
+
 def test_greedy_and_measure_decode_refuse_bad_arguments(model):
     with pytest.raises(ValueError, match="at least 1"):
         decode.greedy(model, PROMPT, 0)
@@ -80,8 +115,10 @@ def test_greedy_and_measure_decode_refuse_bad_arguments(model):
         decode.greedy(model, torch.zeros((1, 0), dtype=torch.long), 2)
     with pytest.raises(ValueError, match="at least 1"):
         decode.measure_decode(model, PROMPT, 0)
-    with pytest.raises(ValueError, match="one non-empty sequence"):
-        decode.measure_decode(model, torch.cat([PROMPT, PROMPT]), 2)
+    with pytest.raises(ValueError, match="non-empty sequences"):
+        decode.measure_decode(model, torch.zeros((0, 3), dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        decode.batch_ids(PROMPT, 0)
 
 
 # ---------------------------------------------------------------- teacher-forced matching
@@ -163,10 +200,11 @@ def test_interleaved_warms_up_each_then_rotates_the_first():
 
 
 def test_one_statistic_median_and_paired_ratios():
-    runs = [{"decode_s": d, "prefill_s": p, "decode_tokens_per_s": 4 / d, "prefill_tokens_per_s": 8 / p}
-            for d, p in [(2.0, 0.5), (1.0, 0.25), (8.0, 1.0)]]
+    runs = [{"decode_s": d, "prefill_s": p, "decode_tokens_per_s": 4 / d, "prefill_tokens_per_s": 8 / p,
+             "inter_token_s": d / 4} for d, p in [(2.0, 0.5), (1.0, 0.25), (8.0, 1.0)]]
     summary = decode.timing_summary(runs)
     assert summary == {"decode_s_median": 2.0, "decode_s_spread": 7.0, "decode_tokens_per_s_median": 2.0,
+                       "inter_token_s_median": 0.5,
                        "prefill_s_median": 0.5, "prefill_s_spread": 0.75, "prefill_tokens_per_s_median": 16.0}
     assert decode.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     assert decode.paired_ratios(runs[:2], runs[1:], "decode_s") == [2.0, 0.125]
@@ -179,7 +217,7 @@ def test_decode_speed_is_the_median_of_interleaved_runs(monkeypatch):
     def fake(m, ids, new_tokens):
         tps = next(speeds)
         return {"decode_s": new_tokens / tps, "prefill_s": 1.0, "decode_tokens_per_s": tps,
-                "prefill_tokens_per_s": 1.0, "tokens": []}
+                "inter_token_s": 1 / tps, "prefill_tokens_per_s": 1.0, "tokens": []}
     monkeypatch.setattr(decode, "measure_decode", fake)
     fast, slow = object(), object()
     # the median of the timed runs: not the best (30) nor the warm-up (1000)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import FAST, save_tiny_llama
+from conftest import FAST, save_tiny_chat_model
 from taylormlp import pipeline, preflight, stream
 from taylormlp.cli import main
 from taylormlp.options import ProtectOptions
@@ -18,7 +18,7 @@ from taylormlp.release import release_size
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory, smol_tokenizer):
     """A tiny Llama whose MLPs, not its embeddings, make most of a release (hidden 16, 2048 channels, 3 layers)."""
-    return save_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", smol_tokenizer, hidden=16, inter=2048,
+    return save_tiny_chat_model(tmp_path_factory.mktemp("wide") / "wide", smol_tokenizer, hidden=16, inter=2048,
                            layers=3)
 
 

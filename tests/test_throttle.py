@@ -20,10 +20,12 @@ FACTOR = 10.0
 
 
 def _fake_machine(calls, factor):
-    def measure(protector, coverage):
+    """measure(protector, coverage, batches): the same ratio at every batch size; counts the search's measurements
+    (one batch size) in calls["n"] and the recorded curves (several) in calls["curves"]."""
+    def measure(protector, coverage, batches):
         work = WorkModel(protector, calls["base_flops"])
-        calls["n"] += 1
-        return 1.0 + factor * (work.ratio(coverage) - 1.0)
+        calls["n" if len(batches) == 1 else "curves"] += 1
+        return {b: 1.0 + factor * (work.ratio(coverage) - 1.0) for b in batches}
     return measure
 
 
@@ -31,7 +33,7 @@ def _run(tiny_llama_dir, target, factor=FACTOR):
     from taylormlp.bench import flops_per_token
 
     model, tok, _ = load_base(tiny_llama_dir)
-    calls = {"n": 0, "base_flops": flops_per_token(model)}
+    calls = {"n": 0, "curves": 0, "base_flops": flops_per_token(model)}
     opts = ProtectOptions(preset="default", order=4, **FAST)
     spec, slow, protector = protect_for_slowdown(model, tok, None, opts, True, target,
                                                  measure=_fake_machine(calls, factor))
@@ -50,7 +52,9 @@ def test_choice_lands_within_tolerance_and_is_recorded(choices):
         assert slow["target"] == target and slow["flops_ratio"] > 1.0
         assert slow["machine"]["device"] in ("cpu", "cuda")
         assert model.config.taylormlp["slowdown"] == slow
-        assert calls["n"] <= 3  # a few full measurements, not a sweep
+        assert calls["n"] <= 3 and calls["curves"] == 1  # a few full measurements, not a sweep; one curve
+        assert slow["serving_batch"] == 1 and [p["batch"] for p in slow["curve"]] == [1, 8, 32]
+        assert all(m["batch"] == 1 for m in slow["measurements"])
         assert spec["validation"]["exact"]
         assert type(model.model.layers[0].mlp).__name__ == "TaylorMLP"
 
@@ -106,10 +110,10 @@ def _spy_validations(monkeypatch, refuse=lambda family, order, coverage: False):
 
 def _convex_machine(calls):
     """Slowdown convex in FLOPs: the straight line through the probe overshoots, so the first raised N misses."""
-    def measure(protector, coverage):
+    def measure(protector, coverage, batches):
         calls["n"] += 1
         extra = WorkModel(protector, calls["base_flops"]).ratio(coverage) - 1.0
-        return 1.0 + 10.0 * extra + 100.0 * extra ** 2
+        return dict.fromkeys(batches, 1.0 + 10.0 * extra + 100.0 * extra ** 2)
     return measure
 
 
@@ -139,7 +143,7 @@ def test_kept_candidate_that_is_not_exact_falls_back_to_its_exact_coverage(tiny_
     assert spec["validation"]["exact"]
     last = slow["measurements"][-1]
     assert (last["order"], last["coverage"]) == (spec["order"], spec["coverage"])
-    assert slow["measured"] == last["measured"] and calls["n"] <= 4
+    assert slow["measured"] == last["measured"] and calls["n"] <= 4 and calls["curves"] == 1
     assert ("pieces", spec["order"], round(spec["coverage"], 6), False) in seen
 
 
@@ -191,7 +195,7 @@ def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
     machine whose decode time is a sum over layers (here: 1 + extra MACs of the installed TaylorMLPs)."""
     from taylormlp.bench import flops_per_token
     from taylormlp.calibration import calibrate
-    from taylormlp.throttle import measure_ratio, timed_layers
+    from taylormlp.throughput import measure_ratios, timed_layers
 
     model, tok, _ = load_base(tiny_llama_dir)
     base = ProtectOptions(preset="default", order=4, **FAST).resolved()
@@ -200,19 +204,20 @@ def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
     values, extra = protector.layer_work(1.0)
     installed = []
 
-    def timer(m):
+    def timer(m, batch):
         taylor = [i for i, layer in enumerate(m.model.layers) if type(layer.mlp).__name__ == "TaylorMLP"]
         installed.append(len(taylor))
-        return 1.0 + 1e-6 * float(extra[taylor].sum())
+        return 1.0 + 1e-6 * batch * float(extra[taylor].sum())
 
     element = torch.empty((), dtype=protector.dtype).element_size()
-    full, info = measure_ratio(protector, 1.0, None, budget=None, timer=timer)
+    full, info = measure_ratios(protector, 1.0, None, (1, 4), budget=None, timer=timer)
     assert info["layers_timed"] == info["layers"] == len(model.model.layers) and "timed_ratio" not in info
     budget = 0.6 * float(values.max()) * element  # room for less than one layer: still one is timed
-    part, info = measure_ratio(protector, 1.0, None, budget=budget, timer=timer)
+    part, info = measure_ratios(protector, 1.0, None, (1, 4), budget=budget, timer=timer)
     assert info["layers_timed"] == 1 < info["layers"] and max(installed[-8:]) == 1
-    assert info["timed_ratio"] < part and part == pytest.approx(full, rel=1e-12)
-    assert full == pytest.approx(1.0 + 1e-6 * float(extra.sum()), rel=1e-12)
+    for b in (1, 4):
+        assert info["timed_ratio"][b] < part[b] and part[b] == pytest.approx(full[b], rel=1e-12)
+        assert full[b] == pytest.approx(1.0 + 1e-6 * b * float(extra.sum()), rel=1e-12)
     assert all(type(layer.mlp).__name__ != "TaylorMLP" for layer in model.model.layers)  # restored
     bytes_ = np.array([5, 5, 5, 5, 5, 5, 5, 5])
     assert timed_layers(bytes_, None) == list(range(8)) == timed_layers(bytes_, 40)
@@ -256,3 +261,96 @@ def test_available_memory_parses_meminfo_and_is_none_where_unknown(monkeypatch, 
 
     monkeypatch.setattr(stream, "open", fake_open, raising=False)  # found before the builtin by stream's functions
     assert stream.available_memory() == expected
+
+
+# ---------------------------------------------------------------- --serving-batch: the dial at a batch size
+
+# A machine whose decode time per run is 1 + K[B] · (extra multiply-adds of the TaylorMLPs installed), the extra
+# weighing more at larger batches (as on a CPU, where a batch turns a memory-bound step compute-bound).
+BATCH_WEIGHT = {1: 1.0, 8: 1.6, 32: 2.2}
+
+
+def _module_extra(mlp) -> int:
+    """Extra multiply-adds per token of one installed TaylorMLP over the MLP it replaces (an oracle independent of
+    protector.channel_work: read off the module's own shapes)."""
+    return mlp.hidden * ((mlp.order + 1) * mlp.pieces - mlp.protected)
+
+
+def _spec_extra(spec) -> int:
+    return sum(spec["hidden_size"] * ((spec["order"] + 1) * (row.get("pieces") or row["protected"]) - row["protected"])
+               for row in spec["layers"] if row["protected"])
+
+
+def _batch_machine(scale, timed):
+    def timer(model, batch):
+        extra = sum(_module_extra(layer.mlp) for layer in model.model.layers
+                    if type(layer.mlp).__name__ == "TaylorMLP")
+        timed.append(batch)
+        return 1.0 + scale * BATCH_WEIGHT[batch] * extra
+    return timer
+
+
+@pytest.fixture(scope="module")
+def batch_choices(tiny_llama_dir):
+    """protect_for_slowdown at serving batch 1 and 32 for one target, timed by measure_ratios with an injected
+    per-batch timer: {B: (spec, slowdown record, batches timed)}."""
+    from taylormlp.bench import flops_per_token
+    from taylormlp.throughput import measure_ratios
+
+    out = {}
+    for batch in (1, 32):
+        model, tok, _ = load_base(tiny_llama_dir)
+        scale = 2.0 * FACTOR / flops_per_token(model)  # at batch 1: the fake machine above (10 per FLOPs ratio)
+        timed = []
+        timer = _batch_machine(scale, timed)
+
+        def measure(protector, coverage, batches):
+            return measure_ratios(protector, coverage, None, batches, repeats=1, timer=timer)[0]
+        opts = ProtectOptions(preset="default", order=4, **FAST)
+        spec, slow, _ = protect_for_slowdown(model, tok, None, opts, True, 3.0, measure=measure, serving_batch=batch)
+        out[batch] = (spec, slow, timed, scale)
+    return out
+
+
+def test_serving_batch_meets_the_target_at_that_batch(batch_choices):
+    truth = {}
+    for batch, (spec, slow, timed, scale) in batch_choices.items():
+        extra = _spec_extra(spec)
+        truth[batch] = {b: 1.0 + scale * w * extra for b, w in BATCH_WEIGHT.items()}  # this machine's ratios
+        assert slow["serving_batch"] == batch
+        assert abs(truth[batch][batch] / 3.0 - 1.0) <= TOLERANCE, (batch, truth[batch])  # met at batch B
+        assert slow["measured"] == pytest.approx(truth[batch][batch], rel=1e-9)
+        assert all(m["batch"] == batch for m in slow["measurements"])
+        # the curve: batch 1, 8, 32 (B among them), each this machine's ratio for the written release
+        assert [p["batch"] for p in slow["curve"]] == [1, 8, 32]
+        for point in slow["curve"]:
+            assert point["measured"] == pytest.approx(truth[batch][point["batch"]], rel=1e-9)
+        assert spec["validation"]["exact"]
+    # at batch 32 the same slowdown costs less series work, and the batch-1 release pays more than 3x at batch 32
+    assert _spec_extra(batch_choices[32][0]) < _spec_extra(batch_choices[1][0])
+    assert truth[1][32] > 3.0 * (1 + TOLERANCE)
+    # the search timed only the serving batch; the curve, once, every batch of it
+    for batch in (1, 32):  # the curve: warm-up + one round, of the original and the release, at each batch
+        timed = batch_choices[batch][2]
+        assert timed.count(8) == 4 and timed.count(32 if batch == 1 else 1) == 4
+
+
+def test_curve_flops_and_bytes_ratios_land_in_config_and_card(batch_choices, tiny_llama_dir):
+    from taylormlp.card import model_card
+
+    spec, slow, _, _ = batch_choices[32]
+    assert spec["slowdown"] == slow  # the config's taylormlp section carries the record
+    # bytes ratio: one extra parameter value read per extra multiply-add, over the original's parameters a step
+    # reads (all but the input embeddings, unless the output layer shares them)
+    original, _, _ = load_base(tiny_llama_dir)
+    tied = original.config.tie_word_embeddings
+    base_bytes = 4 * sum(p.numel() for name, p in original.named_parameters() if tied or "embed_tokens" not in name)
+    assert slow["bytes_ratio"] == pytest.approx(1.0 + 4 * _spec_extra(spec) / base_bytes, rel=1e-12)
+    assert slow["flops_ratio"] > 1.0
+    card = model_card(spec, slowdown=slow)
+    assert "| requested decode slowdown | 3.0x at batch 32" in card
+    assert f"| measured decode slowdown | {slow['measured']:.2f}x at batch 32" in card
+    curve = ", ".join(f"{p['batch']}: {p['measured']:.2f}x" for p in slow["curve"])
+    assert curve in card and f"{slow['bytes_ratio']:.2f}x" in card and f"{slow['flops_ratio']:.2f}x" in card
+    machine = slow["machine"]
+    assert (machine.get("gpu") or machine["cpu"]) in card

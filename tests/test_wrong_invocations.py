@@ -24,6 +24,8 @@ import pytest
 
 from taylormlp.cli import main
 
+from conftest import free_port
+
 
 @dataclass
 class Ctx:
@@ -94,6 +96,10 @@ WRONG = [
     Case("protect/slowdown-inf", protect("--slowdown", "inf"), r"--slowdown must be a finite number"),
     Case("protect/slowdown-too-small", protect("--slowdown", "1.1"),
          r"--slowdown must be between 1\.25 and 16, got 1\.1"),
+    Case("protect/serving-batch-zero", protect("--slowdown", "4", "--serving-batch", "0"),
+         r"--serving-batch must be between 1 and 1024, got 0"),
+    Case("protect/serving-batch-without-slowdown", protect("--serving-batch", "8"),
+         r"--serving-batch 8 needs --slowdown X: .*add --slowdown or drop --serving-batch"),
     Case("protect/order-zero", protect("--order", "0"), r"--order must be between 1 and 96, got 0"),
     Case("protect/order-too-high", protect("--order", "500"), r"--order must be between 1 and 96, got 500"),
     Case("protect/order-fraction", protect("--order", "2.5"), r"--order must be a whole number \(between 1 and 96\), "
@@ -122,6 +128,10 @@ WRONG = [
          r"--tokens must be at least 1, got 0"),
     Case("bench/repeats-fraction", lambda c: ["bench", c.src, c.rel, "--repeats", "1.5"],
          r"--repeats must be a whole number \(at least 1\), got '1\.5'"),
+    Case("bench/batch-sizes-zero", lambda c: ["bench", c.src, c.rel, "--batch-sizes", "1", "0", "8"],
+         r"--batch-sizes must be between 1 and 1024, got 0"),
+    Case("bench/batch-sizes-empty", lambda c: ["bench", c.src, c.rel, "--batch-sizes"],
+         r"--batch-sizes: expected at least one argument"),
     Case("bench/no-release", lambda c: ["bench", c.src], r"the following arguments are required: RELEASE"),
     Case("demo/max-new-tokens-zero", lambda c: ["demo", "--out", c.tmp / "d", "--max-new-tokens", "0"],
          r"--max-new-tokens must be at least 1, got 0"),
@@ -164,6 +174,26 @@ WRONG = [
     Case("audit/stream-with-an-attack-that-runs-the-model",
          lambda c: ["audit", c.rel, "--stream", "--attacks", "factorization,distill"],
          r"--stream runs only the closed-form attacks; distill run\(s\) the model .*use --attacks factorization$"),
+    Case("serve/release-is-a-model", lambda c: ["serve", c.src], SOURCE_AS_RELEASE),
+    Case("serve/release-is-a-built-in-name", lambda c: ["serve", "smollm2-135m-instruct"],
+         r"smollm2-135m-instruct is the name of a built-in original model, not a release directory"),
+    Case("serve/release-is-a-file", lambda c: ["serve", c.file("model.gguf")], r"model\.gguf is a GGUF model file"),
+    Case("serve/release-without-manifest", lambda c: ["serve", c.unmanifested(), "--port", free_port()],
+         r"rel is not a complete taylormlp release: taylormlp_manifest\.json is missing"),
+    # ---- serve's flags
+    Case("serve/port-zero", lambda c: ["serve", c.rel, "--port", "0"], r"--port must be between 1 and 65535, got 0"),
+    Case("serve/port-too-high", lambda c: ["serve", c.rel, "--port", "70000"],
+         r"--port must be between 1 and 65535, got 70000"),
+    Case("serve/port-text", lambda c: ["serve", c.rel, "--port", "http"],
+         r"--port must be a whole number \(between 1 and 65535\), got 'http'"),
+    Case("serve/host-not-here", lambda c: ["serve", c.rel, "--host", "192.0.2.1", "--port", free_port()],
+         r"--host 192\.0\.2\.1: not an address of this machine"),
+    Case("serve/kv-cache-tokens-too-few", lambda c: ["serve", c.rel, "--kv-cache-tokens", "100"],
+         r"--kv-cache-tokens must be at least 256, got 100"),
+    Case("serve/max-batch-tokens-zero", lambda c: ["serve", c.rel, "--max-batch-tokens", "0"],
+         r"--max-batch-tokens must be at least 16, got 0"),
+    Case("serve/unknown-batching", lambda c: ["serve", c.rel, "--batching", "dynamic"],
+         r"--batching: invalid choice: 'dynamic'"),
 ]
 
 

@@ -41,15 +41,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import stream
-from .bench_report import format_table, plot_results
+from .bench_report import format_table, format_throughput, plot_results, plot_throughput
 from .calibration import format_prompt
-from .decode import decode_timings, interleaved, measure_decode, paired_ratios, timing_summary
+from .decode import decode_timings, input_device, interleaved, measure_decode, paired_ratios, timing_summary
 from .errors import TaylorMLPError
 from .paths import write_text_atomically
 from .progress import bar, log, status
 from .release import load_release, release_size
 from .runtime import TaylorMLP, decoder_layers
 from .sources import is_chat_model, load_base
+from .throughput import bench_timings, throughput_rows
 
 PROMPT = "Explain in three sentences why the sky is blue during the day and red at sunset."
 ORIGINAL = "original"
@@ -58,14 +59,15 @@ ORIGINAL = "original"
 # ---------------------------------------------------------------- one run, many runs
 
 
-def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int) -> dict:
-    """Time every model `repeats` times, interleaved, after one warm-up run each.
+def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int, runs: dict | None = None) -> dict:
+    """Time every model `repeats` times, interleaved, after one warm-up run each (or take such `runs`, per name,
+    from a run that timed more: throughput.bench_timings' batch 1).
 
     Each repeat runs every model once (round robin; the first model rotates from repeat to repeat), so
     slow phases of a shared machine fall on all models alike.  Returns per name: "decode_s_median",
     "decode_s_spread" (max − min), "decode_tokens_per_s_median", "prefill_s_median", "prefill_s_spread",
     "runs" (the measure_decode results without token lists)."""
-    runs = decode_timings(models, input_ids, new_tokens, repeats)
+    runs = decode_timings(models, input_ids, new_tokens, repeats) if runs is None else runs
     return {name: {**timing_summary(runs[name]), "runs": runs[name]} for name in runs}
 
 
@@ -75,7 +77,7 @@ def interleaved_latency(models: dict, input_ids, new_tokens: int, repeats: int) 
 @torch.no_grad()
 def flops_per_token(model, token_id: int = 0) -> int:
     """Matmul FLOPs of one single-token forward (no cache), counted by FlopCounterMode."""
-    ids = torch.tensor([[int(token_id)]])
+    ids = torch.tensor([[int(token_id)]], device=input_device(model))
     counter = FlopCounterMode(display=False)
     with counter:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -90,6 +92,18 @@ def weights_bytes(model) -> int:
     params = {id(p): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return int(sum(params.values()) + buffers)
+
+
+def parameter_bytes_read(model) -> int:
+    """Bytes of parameters one decode step reads: every parameter once (tied weights once), except the input
+    embeddings, of which a step reads one row per sequence (counted when the output layer shares them).  Per decoded
+    token at batch 1; a batch of B shares one read (the memory-bound cost of a small batch)."""
+    params = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight is not embed:
+        params.pop(id(embed), None)
+    return int(sum(params.values()))
 
 
 def series_feature_bytes_per_token(model) -> int:
@@ -251,16 +265,18 @@ def describe(model) -> dict:
 
 
 def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: str = ORIGINAL,
-                 term_bench: bool = True) -> list[dict]:
+                 term_bench: bool = True, runs: dict | None = None) -> list[dict]:
     """Latency (interleaved), FLOPs, weight bytes and the term microbenchmark for in-memory models.
 
-    `models` maps names to models; `original` names the reference for the ratios."""
+    `models` maps names to models; `original` names the reference for the ratios; `runs`: the batch-1 timings
+    when they were taken already (see interleaved_latency)."""
     if original not in models:
         raise ValueError(f"the reference model {original!r} is not among {list(models)}")
-    latency = interleaved_latency(models, input_ids, tokens, repeats)
+    latency = interleaved_latency(models, input_ids, tokens, repeats, runs)
     first_token = int(torch.as_tensor(input_ids).reshape(-1)[0])
     ref = latency[original]
     ref_flops = None
+    ref_bytes = parameter_bytes_read(models[original])
     rows = []
     for name, model in models.items():
         lat = latency[name]
@@ -284,12 +300,14 @@ def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: s
             "decode_ratio_max": max(paired),
             "prefill_ratio": lat["prefill_s_median"] / ref["prefill_s_median"],
             "flops_per_token": flops,
+            "parameter_bytes_read": parameter_bytes_read(model),
             "weights_bytes": weights_bytes(model),
             "series_feature_bytes_per_token": series_feature_bytes_per_token(model),
             "runs": lat["runs"],
         })
     for row, model in zip(rows, models.values()):
         row["flops_ratio"] = row["flops_per_token"] / ref_flops if ref_flops else None
+        row["bytes_ratio"] = row["parameter_bytes_read"] / ref_bytes
         row["term_benchmark"] = layer_term_benchmark(model) if (term_bench and row["kind"] == "release") else None
     return rows
 
@@ -318,20 +336,28 @@ def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
 
 
 def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
-              memory: bool = True) -> dict:
+              memory: bool = True, batch_sizes=None, device: str = "cpu") -> dict:
+    """`taylormlp bench`.  `batch_sizes` (--batch-sizes): also the throughput at those batch sizes, timed in the
+    same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size.
+    `device` "cuda": every model is timed on the GPU; the term microbenchmark and the peak-RSS probes, which
+    measure the CPU, are left out."""
+    device = stream.resolve_device(device)
     if tokens < 1 or repeats < 1:
         raise TaylorMLPError("--tokens and --repeats must be positive")
+    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
+        raise TaylorMLPError(f"--batch-sizes must be whole numbers of at least 1, got {batch_sizes}")
     releases = [Path(r) for r in releases]
     if not releases:
         raise TaylorMLPError("give at least one release directory to compare with the original")
     check_bench_memory(releases)
     with status(f"loading original {source}"):
         base, tokenizer, base_dir = load_base(source)
+        base = base.to(device)
     models = {ORIGINAL: base}
     paths = {ORIGINAL: Path(base_dir)}
     for name, path in zip(_unique_names(releases), releases):
         with status(f"loading release {path}"):
-            model = load_release(path)
+            model = load_release(path).to(device)
         spec = model.config.taylormlp
         if (spec["hidden_size"] != base.config.hidden_size
                 or len(decoder_layers(model)) != len(decoder_layers(base))
@@ -341,16 +367,19 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
         models[name] = model
         paths[name] = path
     ids, chat = prompt_ids(tokenizer)
+    sizes = ", ".join(map(str, sorted({1, *batch_sizes}))) if batch_sizes else "1"
     log(f"prompt: {ids.shape[1]} tokens{' (chat template)' if chat else ''}; {tokens} decode tokens, "
-        f"{repeats} interleaved repeats, {torch.get_num_threads()} torch threads")
-    rows = bench_models(models, ids, tokens, repeats)
+        f"{repeats} interleaved repeats, batch sizes {sizes}, {torch.get_num_threads()} torch threads")
+    timings = bench_timings(models, ids, tokens, repeats, batch_sizes) if batch_sizes else None
+    rows = bench_models(models, ids, tokens, repeats, runs=timings[1] if timings else None,
+                        term_bench=device == "cpu")
     for row in rows:
         row["path"] = str(paths[row["name"]])
         row["size_bytes"] = release_size(paths[row["name"]])
     models.clear()  # free the in-process copies before the memory probes load them again
     del base
     model = None
-    if memory:
+    if memory and device == "cpu":
         for row in bar(rows, desc="peak memory (one fresh process per model)", unit="model"):
             kind = "original" if row["kind"] == "original" else "release"
             target = source if kind == "original" else row["path"]
@@ -364,14 +393,20 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
         "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "device": device,
+                    **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" else {})},
         "models": rows,
     }
+    if timings:
+        results["batch_sizes"] = sorted(timings)
+        results["throughput"] = throughput_rows(timings, ORIGINAL, tokens)
     print(format_table(results))
+    if timings:
+        print("\n" + format_throughput(results))
     if json_path is not None:
         json_path = write_text_atomically(Path(json_path), json.dumps(results, indent=1, default=str), "--json")
         log(f"wrote {json_path}")
     if plot_path is not None:
-        plot_results(results, plot_path)
+        (plot_throughput if timings else plot_results)(results, plot_path)
         log(f"wrote {plot_path}")
     return results

@@ -17,7 +17,7 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 def format_table(results: dict) -> str:
     rows = results["models"]
     head = ["model", "N", "basis", "preset", "cover", "prefill ms", "decode ms/tok", "spread", "tok/s", "slowdown",
-            "(range)", "FLOPs x", "peak RSS MB", "weights MB", "size MB"]
+            "(range)", "FLOPs x", "bytes x", "peak RSS MB", "weights MB", "size MB"]
     table = [head]
     for r in rows:
         mem = r.get("memory") or {}
@@ -28,6 +28,7 @@ def format_table(results: dict) -> str:
             _fmt(r["decode_s_spread"] / results["new_tokens"] * 1e3, ".2f"),
             _fmt(r["decode_tokens_per_s_median"], ".1f"), _fmt(r["decode_ratio"], ".2f") + "x",
             f"{r['decode_ratio_min']:.2f}-{r['decode_ratio_max']:.2f}", _fmt(r["flops_ratio"], ".2f") + "x",
+            _fmt(r.get("bytes_ratio"), ".2f") + "x",
             _fmt(rss / 2**20 if rss is not None else None, ".0f", "n/a"),
             _fmt(r["weights_bytes"] / 2**20, ".0f"), _fmt(r.get("size_bytes", 0) / 2**20, ".0f"),
         ])
@@ -51,7 +52,8 @@ def format_table(results: dict) -> str:
     if errors:
         lines += ["", "memory probe problems:", *errors]
     lines += ["", "spread = (max - min) decode ms/tok over repeats. slowdown = median decode time / original's; "
-                  "range over paired (same-repeat) ratios. FLOPs x = matmul FLOPs per token / original's. "
+                  "range over paired (same-repeat) ratios. FLOPs x = matmul FLOPs per token / original's. bytes x = "
+                  "parameter bytes read per decoded token / original's. "
                   "peak RSS = fresh process, above its size after imports, load + one run. "
                   "Timings on shared machines vary: compare within one run."]
     return "\n".join(lines)
@@ -70,7 +72,6 @@ def plot_results(results: dict, path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    path = Path(path)
     rows = [r for r in results["models"] if r.get("kind") == "release" and r.get("order") is not None]
     groups = sorted({_group(r) for r in rows})
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
@@ -106,7 +107,16 @@ def plot_results(results: dict, path) -> Path:
     else:
         ax2.text(0.5, 0.5, "no validation data in these releases", ha="center", va="center",
                  transform=ax2.transAxes)
-    fig.suptitle(str(results.get("source", "")), fontsize=9)
+    return _save(fig, path, str(results.get("source", "")))
+
+
+def _save(fig, path, title: str) -> Path:
+    """Write `fig` to `path` atomically (a temporary file beside it, renamed into place when complete)."""
+    import matplotlib  # imported by the caller already (plot_results / plot_throughput)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     # the format is given: a path without a suffix has a temporary name with one (".tmp-<pid>")
     fmt = path.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
@@ -115,3 +125,60 @@ def plot_results(results: dict, path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- --batch-sizes
+
+
+def format_throughput(results: dict) -> str:
+    """The throughput table of `bench --batch-sizes`: per batch size and model."""
+    head = ["batch", "model", "tok/s (batch)", "slowdown", "(range)", "TTFT ms", "inter-token ms"]
+    table = [head] + [[str(r["batch"]), r["name"], _fmt(r["decode_tokens_per_s"], ".1f"),
+                       _fmt(r["slowdown"], ".2f") + "x", f"{r['slowdown_min']:.2f}-{r['slowdown_max']:.2f}",
+                       _fmt(r["ttft_ms"], ".1f"), _fmt(r["inter_token_ms"], ".2f")] for r in results["throughput"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = [f"throughput at batch sizes {', '.join(map(str, results['batch_sizes']))} (B copies of the prompt decoded "
+             f"together; every batch size and model interleaved in the run above):", ""]
+    for k, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["", "tok/s = decode tokens per second over the whole batch (at the median decode time). slowdown = median decode time / the "
+                  "original's at the same batch = the original's throughput / this one's; range over paired ratios. "
+                  "TTFT = the batch's prefill to its first tokens; inter-token = one decode step (a token for every "
+                  "sequence)."]
+    return "\n".join(lines)
+
+
+def plot_throughput(results: dict, path) -> Path:
+    """PNG of decode slowdown against batch size, one line per release (range: paired ratios), with its FLOPs and
+    bytes ratios as dotted levels; written atomically."""
+    import matplotlib  # as in plot_results: only when a plot is asked for
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    models = {r["name"]: r for r in results["models"]}
+    names = [name for name, r in models.items() if r.get("kind") == "release"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, name in enumerate(names):
+        color = plt.get_cmap("tab10")(i % 10)
+        rows = [r for r in results["throughput"] if r["name"] == name]
+        x = [r["batch"] for r in rows]
+        y = [r["slowdown"] for r in rows]
+        err = [[max(r["slowdown"] - r["slowdown_min"], 0.0) for r in rows],
+               [max(r["slowdown_max"] - r["slowdown"], 0.0) for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=color, label=f"{name} (measured)")
+        for key, style, what in (("flops_ratio", ":", "FLOPs"), ("bytes_ratio", "--", "bytes")):
+            if models[name].get(key):
+                ax.axhline(models[name][key], color=color, linestyle=style, linewidth=1,
+                           label=f"{name}: {what} ratio {models[name][key]:.2f}x")
+    ax.axhline(1.0, color="grey", linestyle="-", linewidth=1, label="original")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
+    ax.set_ylim(bottom=0.0)
+    ax.set_xlabel("batch size (sequences decoded together)")
+    ax.set_ylabel("decode time / original's = throughput ratio")
+    ax.set_title(f"slowdown against batch size ({results.get('new_tokens', '?')} tokens, median)")
+    ax.legend(fontsize=7)
+    return _save(fig, path, str(results.get("source", "")))

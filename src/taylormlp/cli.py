@@ -61,6 +61,10 @@ SHARE = Number(float, 0.0, 1.0)
 SLOWDOWN = Number(float, 1.25, 16.0)
 BUDGET = Number(float, 0.0, low_open=True)
 SEED = Number(int, 0)
+BATCH = Number(int, 1, 1024)
+PORT = Number(int, 1, 65535)
+KV_TOKENS = Number(int, 256)
+BATCH_TOKENS = Number(int, 16)
 
 
 def _one_line(text: str) -> str:
@@ -123,6 +127,11 @@ def _add_protect(sub) -> None:
                         "coverage, order N and pieces jointly (a FLOPs model narrows the choice, interleaved decode "
                         "timing confirms it) and records requested, measured and FLOPs ratios and the machine; "
                         "default: none (the preset's order, the largest token-exact coverage)")
+    p.add_argument("--serving-batch", type=BATCH, metavar="B",
+                   help=f"with --slowdown: meet it as the decode throughput ratio at batch B (B concurrent sequences "
+                        f"decoded together, as a server batches requests), B {BATCH.limits}; the slowdown grows with "
+                        "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
+                        "(one sequence)")
     p.add_argument("--basis", choices=list(BASES),
                    help=f"override the preset's series basis (default: {_preset_values('basis')})")
     p.add_argument("--coverage", type=SHARE,
@@ -219,8 +228,17 @@ def _add_run_commands(sub) -> None:
     b.add_argument("releases", nargs="+", type=Path, metavar="RELEASE", help="release directories made from it")
     b.add_argument("--tokens", type=POSITIVE, default=32, help=f"decode tokens per run, {POSITIVE.limits} (default 32)")
     b.add_argument("--repeats", type=POSITIVE, default=3, help=f"interleaved repeats, {POSITIVE.limits} (default 3)")
+    b.add_argument("--batch-sizes", type=BATCH, nargs="+", metavar="B",
+                   help=f"also measure decode throughput at these batch sizes, each {BATCH.limits} (B copies of the "
+                        "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "
+                        "among them): tokens/s over the batch, slowdown, TTFT and inter-token latency per batch size, "
+                        "and --plot draws slowdown against batch size. Default: none (batch 1 only)")
+    b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
+                        "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")
     b.add_argument("--json", type=Path, help="write results as JSON to this new file (default: none)")
-    b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png (default: none)")
+    b.add_argument("--plot", type=Path, help="write a plot to this new image file, e.g. bench.png: slowdown against "
+                                             "series order, or with --batch-sizes against batch size (default: none)")
     b.add_argument("--force", action="store_true", help="replace the --json and --plot files if they exist")
 
 
@@ -247,6 +265,29 @@ def _add_audit(sub) -> None:
                         "when the release is more than half the available memory and every chosen attack can be")
 
 
+def _add_serve(sub) -> None:
+    s = _command(sub, "serve", "serve a release through an OpenAI-compatible HTTP API (transformers serve)",
+                 "Verify a RELEASE and serve it with transformers' own serving engine: an OpenAI-compatible HTTP API "
+                 "(GET /v1/models; POST /v1/chat/completions, /v1/completions and /v1/responses, streaming or not) "
+                 "with continuous batching of concurrent requests. The model is named after the release directory "
+                 "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
+                 "'taylormlp[serve]'. See docs/serving.md.")
+    s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=PORT, default=8000, help=f"TCP port to listen on, {PORT.limits} (default 8000)")
+    s.add_argument("--batching", choices=["continuous", "sequential"], default="continuous",
+                   help="'continuous': transformers' continuous batching (paged attention; concurrent requests share "
+                        "decode steps, sampling settings are those of the first request); 'sequential': one "
+                        "model.generate call at a time, each request with its own settings. Default: continuous")
+    s.add_argument("--kv-cache-tokens", type=KV_TOKENS, default=8192, metavar="N",
+                   help=f"continuous batching: tokens (prompts and generations of all running requests together) the "
+                        f"paged KV cache holds, allocated at the first request, {KV_TOKENS.limits} (default 8192)")
+    s.add_argument("--max-batch-tokens", type=BATCH_TOKENS, default=256, metavar="N",
+                   help=f"continuous batching: most tokens in one forward step (prompt chunks and decode tokens), "
+                        f"{BATCH_TOKENS.limits} (default 256)")
+
+
 def _command(sub, name: str, summary: str, description: str, epilog: str = TERMS):
     epilog = epilog if epilog is TERMS else f"{epilog}\n\n{TERMS}"
     return sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=_Formatter)
@@ -263,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protect(sub)
     _add_run_commands(sub)
     _add_audit(sub)
+    _add_serve(sub)
     parser.commands = sub.choices
     return parser
 

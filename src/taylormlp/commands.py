@@ -18,6 +18,7 @@ from .kinds import refuse_non_release, refuse_release
 from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
 from .progress import quiet
+from .release import verify_release
 
 SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
                     "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
@@ -111,7 +112,7 @@ def cmd_protect(args) -> int:
     _check_inputs(sources=[("SOURCE", args.source)])
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
-        slowdown=args.slowdown, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
+        slowdown=args.slowdown, serving_batch=args.serving_batch, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
         chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
         max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
         device=args.device, dry_run=args.dry_run)
@@ -123,7 +124,11 @@ def cmd_protect(args) -> int:
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):
-        print(f"measured decode slowdown {summary['slowdown']['measured']:.2f}x (target {summary['slowdown']['target']}x)")
+        slow = summary["slowdown"]
+        at = f" at batch {slow['serving_batch']}" if slow.get("serving_batch", 1) > 1 else ""
+        curve = ", ".join(f"{p['measured']:.2f}x at batch {p['batch']}" for p in slow.get("curve", []))
+        print(f"measured decode slowdown {slow['measured']:.2f}x{at} (target {slow['target']}x)"
+              + (f"; curve: {curve}" if curve else ""))
     print(SECURITY_POINTER)
     return 0
 
@@ -181,7 +186,7 @@ def cmd_bench(args) -> int:
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot)
+              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device)
     return 0
 
 
@@ -190,4 +195,16 @@ def cmd_audit(args) -> int:
     _check_inputs(sources=[("--original", args.original)], releases=[args.release])
     run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","),
               stream=args.stream)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    refuse_non_release(args.release)
+    from . import serve  # imports transformers' serving engine, of the optional serve extra
+
+    serve.require_serve_extra()
+    serve.check_address(args.host, args.port)
+    verify_release(args.release)
+    serve.ReleaseServer(args.release, host=args.host, port=args.port, batching=args.batching,
+                        kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens).run()
     return 0

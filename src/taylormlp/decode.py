@@ -9,6 +9,7 @@ per repeat with the first model rotated from repeat to repeat; what is reported 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import statistics
@@ -240,29 +241,61 @@ def greedy(model, input_ids, new_tokens: int, timed: bool = False) -> Decoded:
     return result
 
 
-def measure_decode(model, input_ids, new_tokens: int) -> dict:
-    """Time ONE greedy run: prefill on `input_ids` (one sequence), then exactly `new_tokens` single-token cached
-    decode steps (each fed back the argmax token).
+@torch.no_grad()
+def one_step(model, input_ids, batch: int, around=None):
+    """One cached single-token decode step of `batch` sequences, after a prefill of one prompt (its KV cache
+    repeated `batch` times, as batch_ids would have built it, without prefilling `batch` copies): the step runs
+    inside the context manager `around` (e.g. a work counter), nothing else does.  Returns the step's argmaxes."""
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    device = input_device(model)
+    extra, cache_arg = _forward_names(model)
+    out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=True, **extra)
+    past = _output_cache(out)
+    past.batch_repeat_interleave(batch)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1).contiguous()
+    mask = torch.ones(batch, ids.shape[1] + 1, dtype=torch.long, device=device)
+    with around if around is not None else contextlib.nullcontext():
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_arg: past}, **extra)
+        return out.logits[:, -1].argmax(-1)
 
-    Returns {"prefill_s", "decode_s", "decode_tokens_per_s", "prefill_tokens_per_s"} plus "prompt_tokens",
-    "new_tokens" and "tokens" (the ids fed back by the decode steps)."""
+
+def measure_decode(model, input_ids, new_tokens: int) -> dict:
+    """Time ONE greedy run: prefill on `input_ids` (one sequence, or a batch [B, L] of equal-length ones, e.g.
+    batch_ids), then exactly `new_tokens` single-token cached decode steps (each fed back the argmax tokens).
+
+    Returns {"prefill_s" (the time to the first token), "decode_s", "decode_tokens_per_s" (over the whole batch:
+    B · new_tokens / decode_s), "inter_token_s" (decode_s / new_tokens: every sequence gets one token per step),
+    "prefill_tokens_per_s"} plus "batch", "prompt_tokens", "new_tokens" and "tokens" (the ids the decode steps fed
+    back to the first sequence)."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be one non-empty sequence, got shape {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be non-empty sequences [B, L], got shape {tuple(ids.shape)}")
     run = greedy(model, ids, new_tokens + 1, timed=True)  # the last step's argmax is not fed back
+    batch = ids.shape[0]
     return {
         "prefill_s": run.prefill_s,
         "decode_s": run.decode_s,
-        "decode_tokens_per_s": new_tokens / run.decode_s if run.decode_s > 0 else math.inf,
-        "prefill_tokens_per_s": run.prompt_tokens / run.prefill_s if run.prefill_s > 0 else math.inf,
+        "decode_tokens_per_s": batch * new_tokens / run.decode_s if run.decode_s > 0 else math.inf,
+        "inter_token_s": run.decode_s / new_tokens,
+        "prefill_tokens_per_s": batch * run.prompt_tokens / run.prefill_s if run.prefill_s > 0 else math.inf,
+        "batch": batch,
         "prompt_tokens": run.prompt_tokens,
         "new_tokens": new_tokens,
         "tokens": run.new[0, :new_tokens].tolist(),
     }
+
+
+def batch_ids(input_ids, batch: int) -> torch.Tensor:
+    """`batch` copies of one prompt, [batch, L]: that many concurrent requests of equal length (no padding: every
+    model does the same work, and every row decodes the same greedy tokens)."""
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    return ids.expand(batch, -1).contiguous()
 
 
 # ---------------------------------------------------------------- interleaved timing
@@ -294,15 +327,27 @@ def paired_ratios(runs: list, reference: list, key: str | None = None) -> list[f
     return [pick(a) / pick(b) for a, b in zip(runs, reference)]
 
 
-def decode_timings(models: dict, input_ids, new_tokens: int, repeats: int,
-                   desc: str | None = "timing (interleaved)") -> dict[str, list[dict]]:
-    """`measure_decode` of every model, `repeats` times, interleaved (one warm-up run each): per name the run dicts,
-    without their token lists."""
-    def run(model):
-        res = measure_decode(model, input_ids, new_tokens)
+def batch_timings(models: dict, input_ids, new_tokens: int, repeats: int, batch_sizes=(1,),
+                  desc: str | None = "timing (interleaved)") -> dict[int, dict[str, list[dict]]]:
+    """`measure_decode` of every model at every batch size (`input_ids`: one prompt, repeated by batch_ids),
+    `repeats` times, all of them interleaved in one run (one warm-up run each): per batch size, per name the run
+    dicts, without their token lists."""
+    def run(model, ids):
+        res = measure_decode(model, ids, new_tokens)
         res.pop("tokens")
         return res
-    return interleaved({name: (lambda m=model: run(m)) for name, model in models.items()}, repeats, desc)
+    sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
+    ids = {b: batch_ids(input_ids, b) for b in sizes}
+    runs = interleaved({(b, name): (lambda m=model, x=ids[b]: run(m, x)) for b in sizes
+                        for name, model in models.items()}, repeats, desc)
+    return {b: {name: runs[(b, name)] for name in models} for b in sizes}
+
+
+def decode_timings(models: dict, input_ids, new_tokens: int, repeats: int,
+                   desc: str | None = "timing (interleaved)") -> dict[str, list[dict]]:
+    """`measure_decode` of every model on one prompt, `repeats` times, interleaved (one warm-up run each): per name
+    the run dicts, without their token lists (batch_timings at batch 1)."""
+    return batch_timings(models, input_ids, new_tokens, repeats, (1,), desc)[1]
 
 
 def timing_summary(runs: list[dict]) -> dict:
@@ -313,6 +358,7 @@ def timing_summary(runs: list[dict]) -> dict:
         "decode_s_median": statistics.median(decode),
         "decode_s_spread": max(decode) - min(decode),
         "decode_tokens_per_s_median": statistics.median(run["decode_tokens_per_s"] for run in runs),
+        "inter_token_s_median": statistics.median(run["inter_token_s"] for run in runs),
         "prefill_s_median": statistics.median(prefill),
         "prefill_s_spread": max(prefill) - min(prefill),
         "prefill_tokens_per_s_median": statistics.median(run["prefill_tokens_per_s"] for run in runs),

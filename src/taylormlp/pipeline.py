@@ -11,6 +11,7 @@ import torch
 
 from . import preflight
 from .calibration import calibrate, format_prompt
+from .card import base_model, model_card
 from .convert import choose_coverage, finish
 from .errors import TaylorMLPError
 from .kinds import MANIFEST
@@ -20,7 +21,7 @@ from .paths import write_text_atomically
 from .progress import log
 from .protector import Protector
 from .runtime import ReleaseSpec
-from .release import (DTYPES, ModelTensors, check_output_dir, load_release, model_card, release_size, save_release,
+from .release import (DTYPES, ModelTensors, check_output_dir, load_release, release_size, save_release,
                       save_streamed_release, verify_release)
 from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
 from .stream import SourceMLPs, open_streamed, resolve_device
@@ -46,7 +47,7 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       dry_run=False, **tuning) -> dict:
+                       serving_batch=None, dry_run=False, **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -54,10 +55,14 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     read from the source's safetensors when it runs, the coverage search builds each layer's candidate TaylorMLP
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
-    in memory: that path loads it whole.
+    in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
+    which the slowdown is met (throttle.protect_for_slowdown).
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
+    if serving_batch is not None and slowdown is None:
+        raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
+                             f"slowdown is met; add --slowdown or drop --serving-batch")
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -76,8 +81,9 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     if slowdown is not None:
         model, tokenizer, _ = load_base(model_dir, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
-        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown)
-        card = model_card(spec, slowdown=slow)
+        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown,
+                                                     serving_batch=1 if serving_batch is None else serving_batch)
+        card = model_card(spec, slowdown=slow, base=base_model(source))
         if slow["held_in_memory"]:
             save_release(model, out, tokenizer, force=force, card=card)
         else:  # too big to hold: the model stayed the original; each layer's TaylorMLP is built as it is written
@@ -92,8 +98,8 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         data, ranges = calibrate(model, tokenizer, texts, opts, chat)
         protector = Protector(model, ranges, opts, mlps=SourceMLPs(weights, model.config), streamed=True)
         spec = finish(protector, choose_coverage(protector, data), data, ranges, materialize=False, install=False)
-        write_release(out, protector, spec, weights, DTYPES[dtype], tokenizer, force=force, card=model_card(spec),
-                      model_dir=model_dir)
+        card = model_card(spec, base=base_model(source))
+        write_release(out, protector, spec, weights, DTYPES[dtype], tokenizer, force=force, card=card, model_dir=model_dir)
     return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
             "size_bytes": release_size(out), "slowdown": None}
 

@@ -5,7 +5,7 @@
     DIR/model*.safetensors        weights (sharded above 2 GB, with model.safetensors.index.json)
     DIR/modeling_taylormlp.py     verbatim copy of taylormlp/runtime.py (stock transformers can load DIR)
     DIR/tokenizer*, generation_config.json
-    DIR/README.md                 model card: coverage, order, fidelity, slowdown
+    DIR/README.md                 model card (card.py): coverage, order, fidelity, slowdown, base model
     DIR/taylormlp_manifest.json   sha256 and size of every other file; written last
 
 A release is written into a temporary directory beside DIR and renamed at the end, so an interrupted run
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .card import base_model, model_card
 from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
 from .kinds import MANIFEST, is_release, refuse_non_release
@@ -73,7 +74,13 @@ def save_release(model, out_dir, tokenizer=None, force: bool = False, card: str 
                              "taylormlp.protect(model, ...) has installed them")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     return save_streamed_release(out, model.config, ModelTensors(model), lambda i: layers[i].mlp, dtype, tokenizer,
-                                 force=force, card=card or model_card(spec), generation_config=model.generation_config)
+                                 force=force, card=card or model_card(spec, base=base_model(model_source(model))),
+                                 generation_config=model.generation_config)
+
+
+def model_source(model) -> str | None:
+    """Where a model in memory was loaded from (transformers records the path or name given to from_pretrained)."""
+    return getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
 
 
 class ModelTensors:
@@ -153,7 +160,7 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
             generation_config.save_pretrained(tmp)
         elif generation is not None and generation.is_file():
             shutil.copyfile(generation, tmp / "generation_config.json")
-        _finish_release(tmp, tokenizer, card or model_card(spec))
+        _finish_release(tmp, tokenizer, card or model_card(spec, base=base_model(model_dir)))
 
     return write_atomically(out, force, fill)
 
@@ -402,41 +409,3 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
 
 def release_size(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
-
-
-def model_card(spec: dict, fidelity: dict | None = None, slowdown: dict | None = None) -> str:
-    val = spec.get("validation") or {}
-    lines = [
-        "# TaylorMLP release",
-        "",
-        "This model's MLP blocks are released as series coefficients Θ₀..Θ_N (TaylorMLP, Wang et al., EMNLP 2024)",
-        "instead of plain down-projection weights. Load it with `taylormlp.load_release(DIR)` or",
-        "`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; stock classes of the base architecture",
-        "refuse it (its config.json names no real activation), as they cannot build its MLPs.",
-        "",
-        "| field | value |",
-        "| --- | --- |",
-        f"| basis | {spec['basis']} |",
-        f"| order N | {spec['order']} |",
-        f"| preset | {spec.get('preset')} |",
-        f"| coverage (protected share of MLP channels) | {spec['coverage']:.4f} |",
-        f"| calibration tokens | {spec.get('calibration', {}).get('tokens')} |",
-    ]
-    if val:
-        lines.append(f"| validation tokens matched | {val['tokens_matched']}/{val['tokens']} "
-                     f"(max logit error {val['max_logit_error']:.4g}) |")
-    if slowdown:
-        machine = slowdown.get("machine") or {}
-        where = machine.get("gpu") or (f"{machine.get('cpu')}, {machine.get('threads')} threads" if machine else
-                                       "the machine that ran protect")
-        lines.append(f"| requested decode slowdown | {slowdown['target']}x |")
-        lines.append(f"| measured decode slowdown | {slowdown['measured']:.2f}x (interleaved with the original, on "
-                     f"{where}; a slowdown is a property of the machine) |")
-        if slowdown.get("flops_ratio"):
-            lines.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
-    if fidelity:
-        for key, value in fidelity.items():
-            lines.append(f"| {key} | {value} |")
-    lines += ["", "Security: TaylorMLP does not keep the MLP weights from a determined attacker; see the",
-              "taylormlp README, section 'Security and limits', and run `taylormlp audit DIR`.", ""]
-    return "\n".join(lines)

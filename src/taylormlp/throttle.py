@@ -8,7 +8,11 @@ The throttle is the series itself: a protected channel j with q_j pieces replace
 on top of the original's work.  That is the cheap, machine-independent predictor: the FLOPs ratio of any
 setting (family of pieces, N, coverage c — channels taken easiest first) is 1 + 2·Σ extra / FLOPs(original).
 What a machine makes of FLOPs is measured: decode latency of the original and the release, interleaved, maps
-predicted FLOPs ratios to measured slowdowns by a straight line fitted to the measurements so far.
+predicted FLOPs ratios to measured slowdowns by a straight line fitted to the measurements so far.  Every
+measurement runs at the serving batch B (`--serving-batch`, default 1): B copies of one prompt decoded together, so
+the slowdown met is the throughput ratio a server batching B requests pays (it grows with B on a CPU).  The
+chosen setting's curve (batch 1, 8, 32 and B) is measured once more, in one interleaved run, and recorded with
+the FLOPs and bytes ratios (WorkModel) and the machine.
 
 Choice, for a target X in [1.25, 16]:
 
@@ -28,57 +32,33 @@ Choice, for a target X in [1.25, 16]:
 The high end is memory: decode slowdown follows bytes of Θ read per token (16x on SmolLM2 is ~18 GB of float32 Θ).
 A candidate whose Θ exceeds MEMORY_SHARE of the available memory is never held whole: it is validated layer by
 layer (protector.CandidateMLP builds each layer's TaylorMLP when it runs and drops it), timed on evenly spaced layers
-with the rest original and scaled by their share of the extra work (measure_ratio), and written layer by layer.
+with the rest original and scaled by their share of the extra work (throughput.measure_ratios), and written layer by
+layer.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import series
-from .bench import flops_per_token
-from .calibration import calibrate, format_prompt
+from .bench import flops_per_token, parameter_bytes_read
+from .calibration import calibrate
 from .convert import finish
-from .decode import interleaved, measure_decode, paired_ratios
 from .errors import TaylorMLPError
-from .hooks import swapped
 from .options import ProtectOptions
 from .pieces import forget_splits
 from .progress import log, status
 from .protector import Protector
 from .search import largest_accepted, screened_check, search_coverage
 from .stream import available_memory
+from .throughput import curve_batches, machine_description, measure_prompt_ids, measure_ratios
 
-MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 SLOWDOWN_RANGE = (1.25, 16.0)
 TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
 MEMORY_SHARE = 0.5  # a candidate whose Θ exceeds this share of the available memory is never held whole
-
-
-def _prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
-    text = format_prompt(tokenizer, MEASURE_PROMPT, chat)
-    return tokenizer(text, return_tensors="pt").input_ids
-
-
-def machine_description() -> dict:
-    """What a slowdown was measured on: it is a property of the machine."""
-    if torch.cuda.is_available():
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(0)}
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
 def memory_budget() -> float | None:
@@ -87,66 +67,32 @@ def memory_budget() -> float | None:
     return None if available is None else MEMORY_SHARE * available
 
 
-def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
-    """The layers whose candidate MLPs are timed: all of them when their Θ fits into `budget` bytes, else the most
-    evenly spaced layers that do (at least one)."""
-    n = len(theta_bytes)
-    if budget is None or theta_bytes.sum() <= budget:
-        return list(range(n))
-    k = max(1, int(n * budget / theta_bytes.sum()))
-    while True:
-        layers = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
-        if k == 1 or theta_bytes[layers].sum() <= budget:
-            return layers
-        k -= 1
-
-
-def measure_ratio(protector: Protector, coverage: float, input_ids, new_tokens: int = 24, repeats: int = 3,
-                  budget: float | None = None, timer=None) -> tuple[float, dict]:
-    """Median over interleaved runs (decode.interleaved) of decode time(release) / decode time(original) in the same
-    round, on this machine.  `timer(model)` is one run's seconds (default: decode.measure_decode's decode steps).
-
-    A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
-    their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
-    ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (decode time is a sum over
-    layers).  Returns (ratio, details: layers timed, and the ratio actually timed when it was scaled)."""
-    if timer is None:
-        def timer(model):
-            return measure_decode(model, input_ids, new_tokens)["decode_s"]
-
-    values, extra = protector.layer_work(coverage)
-    layers = timed_layers(values * protector.dtype.itemsize, budget)
-    taylor = protector.modules(coverage, materialize=True, only=set(layers))
-
-    def release():
-        with swapped(protector.layers, taylor):
-            return timer(protector.model)
-    with torch.no_grad():
-        times = interleaved({"original": lambda: timer(protector.model), "release": release}, repeats)
-    del taylor, release
-    timed = statistics.median(paired_ratios(times["release"], times["original"]))
-    details = {"layers_timed": len(layers), "layers": len(values)}
-    if len(layers) == len(values) or extra[layers].sum() == 0:
-        return timed, details
-    scale = float(extra.sum() / extra[layers].sum())
-    return 1.0 + (timed - 1.0) * scale, {**details, "timed_ratio": timed, "scale": scale}
-
-
 # ---------------------------------------------------------------- the predictor
 
 
 class WorkModel:
-    """Predicted FLOPs ratio of every coverage of one Protector (its family of pieces and its order)."""
+    """Predicted FLOPs ratio of every coverage of one Protector (its family of pieces and its order), and its bytes
+    ratio: parameter bytes read per decoded token over the original's `base_bytes` (bench.parameter_bytes_read).
+    A channel's extra multiply-adds are also its extra parameter values read (its N+1 columns per piece replace one
+    column of W), so the two ratios differ by their denominators: the original's FLOPs count attention over the
+    context too, its bytes only the weights."""
 
-    def __init__(self, protector: Protector, base_flops: float):
+    def __init__(self, protector: Protector, base_flops: float, base_bytes: float | None = None):
         values, extra = protector.channel_work()  # protector.channel_work: d·(N+1)·q and d·((N+1)·q − 1)
         ranked = protector.order_index  # easiest channels first
         self.cumulative = np.concatenate([[0.0], np.cumsum(2.0 * extra[ranked])]) / float(base_flops)
+        self.extra_values = np.concatenate([[0], np.cumsum(extra[ranked])])
+        self.base_bytes, self.itemsize = base_bytes, protector.dtype.itemsize
         self.total = protector.total
         self.theta_values = np.concatenate([[0], np.cumsum(values[ranked])])
 
     def ratio(self, coverage: float) -> float:
         return 1.0 + float(self.cumulative[int(round(coverage * self.total))])
+
+    def bytes_ratio(self, coverage: float) -> float | None:
+        if not self.base_bytes:
+            return None
+        return 1.0 + float(self.extra_values[int(round(coverage * self.total))]) * self.itemsize / self.base_bytes
 
     def max_coverage(self, ratio_cap: float) -> float:
         """Largest coverage whose predicted FLOPs ratio is at most ratio_cap."""
@@ -207,8 +153,9 @@ def _exact_key(family: str, order: int, coverage: float) -> tuple:
 class SlowdownChooser:
     """Builds Protectors for (family, N), predicts, validates and remembers every answer (nothing twice)."""
 
-    def __init__(self, model, ranges, data, base: ProtectOptions, base_flops: float):
+    def __init__(self, model, ranges, data, base: ProtectOptions, base_flops: float, base_bytes: float | None = None):
         self.model, self.ranges, self.data, self.base, self.base_flops = model, ranges, data, base, base_flops
+        self.base_bytes = parameter_bytes_read(model) if base_bytes is None else base_bytes
         self.protectors: dict = {}
         self.works: dict = {}
         self.exact: dict = {}
@@ -228,7 +175,7 @@ class SlowdownChooser:
         key = (family, int(order))
         if key not in self.protectors:
             self.protectors[key] = Protector(self.model, self.ranges, self.options(family, order))
-            self.works[key] = WorkModel(self.protectors[key], self.base_flops)
+            self.works[key] = WorkModel(self.protectors[key], self.base_flops, self.base_bytes)
         return self.protectors[key]
 
     def work(self, family: str, order: int) -> WorkModel:
@@ -282,7 +229,7 @@ class SlowdownChooser:
     def in_memory(self, family: str, order: int, coverage: float) -> bool:
         """Whether a candidate may be held whole (its Θ within MEMORY_SHARE of the available memory).  One that may
         not is validated layer by layer (each layer's TaylorMLP built when it runs, then dropped), timed on a subset
-        of its layers (measure_ratio) and written layer by layer: the search never holds it whole."""
+        of its layers (throughput.measure_ratios) and written layer by layer: the search never holds it whole."""
         budget = memory_budget()
         return budget is None or self.theta_bytes(family, order, coverage) <= budget
 
@@ -345,43 +292,52 @@ class SlowdownChooser:
 
 
 def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bool, target: float, measure=None,
-                         rounds: int = 3):
-    """The setting whose measured decode slowdown is within ±10% of `target` (coverage as large as that allows):
-    returns (spec, slowdown, protector).  When its Θ fits in memory, `model` is protected in place (TaylorMLP modules
-    installed, spec on its config); when it does not, `model` stays the original and the release is written layer
-    by layer from protector.build (pipeline.write_release).  `measure(protector, coverage)` -> measured ratio (default: interleaved
-    decode timing on this machine; tests inject a deterministic one)."""
+                         rounds: int = 3, serving_batch: int = 1):
+    """The setting whose measured decode slowdown at batch `serving_batch` (the throughput ratio of B concurrent
+    sequences) is within ±10% of `target`, coverage as large as that allows: returns (spec, slowdown, protector).
+    When its Θ fits in memory, `model` is protected in place (TaylorMLP modules installed, spec on its config); when
+    it does not, `model` stays the original and the release is written layer by layer from protector.build
+    (pipeline.write_release).  The choice's slowdown curve (throughput.curve_batches) is measured once more, in one
+    interleaved run, and recorded.  `measure(protector, coverage, batches)` -> {batch: measured ratio} (default:
+    throughput.measure_ratios, interleaved decode timing on this machine; tests inject a deterministic one)."""
     lo, hi = SLOWDOWN_RANGE
     if not lo <= target <= hi:
         raise TaylorMLPError(f"--slowdown must be between {lo} and {hi}, got {target}")
+    if not isinstance(serving_batch, int) or isinstance(serving_batch, bool) or serving_batch < 1:
+        raise TaylorMLPError(f"serving_batch (--serving-batch) must be a whole number of at least 1, "
+                             f"got {serving_batch!r}")
+    batch = serving_batch
     base = opts.resolved()
     data, ranges = calibrate(model, tokenizer, texts, base, chat)
     if not data.validation:
         raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
     details: dict = {}
     if measure is None:
-        ids = _prompt_ids(tokenizer, chat)
+        ids = measure_prompt_ids(tokenizer, chat)
 
-        def measure(protector, coverage):
-            ratio, info = measure_ratio(protector, coverage, ids, budget=memory_budget())
+        def measure(protector, coverage, batches):
+            ratios, info = measure_ratios(protector, coverage, ids, batches, budget=memory_budget())
             details.update(info)
-            return ratio
+            return ratios
 
     base_flops = flops_per_token(model)
     chooser = SlowdownChooser(model, ranges, data, base, base_flops)
     line = Line()
     measurements = []
+    at = f" at batch {batch}" if batch > 1 else ""
 
     def measured(choice: Choice) -> float:
         details.clear()
-        ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage)
+        ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage, (batch,))[batch]
+        if "timed_ratio" in details:
+            details["timed_ratio"] = details["timed_ratio"][batch]
         line.add(choice.predicted, ratio)
         measurements.append({"family": choice.family, "order": choice.order, "coverage": choice.coverage,
-                             "flops_ratio": choice.predicted, "measured": ratio, **details})
+                             "batch": batch, "flops_ratio": choice.predicted, "measured": ratio, **details})
         scaled = (f" (timed on {details['layers_timed']} of {details['layers']} layers: {details['timed_ratio']:.2f}x, "
                   f"scaled by their share of the extra work)" if "timed_ratio" in details else "")
         log(f"{choice.family} N={choice.order} coverage {choice.coverage:.3f}: FLOPs {choice.predicted:.2f}x, "
-            f"measured {ratio:.2f}x{scaled}")
+            f"measured {ratio:.2f}x{at}{scaled}")
         return ratio
 
     # the probe: the preset at its largest exact coverage (the same search a plain protect runs)
@@ -425,7 +381,7 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
     if not choice.validated:  # the rounds ran out on an unvalidated candidate: validate the one written
         choice, ratio = kept(choice, ratio)
     if abs(ratio / target - 1.0) > TOLERANCE:
-        log(f"closest measured slowdown {ratio:.2f}x is outside ±{TOLERANCE:.0%} of the {target}x asked for "
+        log(f"closest measured slowdown {ratio:.2f}x{at} is outside ±{TOLERANCE:.0%} of the {target}x asked for "
             f"(machine noise or an unreachable target); writing it and saying so in the model card")
     protector = chooser.protector(choice.family, choice.order)
     same = [r for r in chooser.trace if (r["family"], r["order"]) == (choice.family, choice.order)]
@@ -439,7 +395,13 @@ def protect_for_slowdown(model, tokenizer, texts, opts: ProtectOptions, chat: bo
             f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
             f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
     spec = finish(protector, choice.coverage, data, ranges, same, materialize=whole, install=False)
-    spec["slowdown"] = {"target": target, "measured": ratio, "flops_ratio": choice.predicted,
+    with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_batches(batch)))}"):
+        curve = measure(protector, choice.coverage, curve_batches(batch))
+    log("slowdown curve: " + ", ".join(f"{r:.2f}x at batch {b}" for b, r in sorted(curve.items())))
+    work = chooser.work(choice.family, choice.order)
+    spec["slowdown"] = {"target": target, "serving_batch": batch, "measured": ratio, "flops_ratio": choice.predicted,
+                        "bytes_ratio": work.bytes_ratio(choice.coverage),
+                        "curve": [{"batch": b, "measured": r} for b, r in sorted(curve.items())],
                         "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
                         "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
                         "validations": chooser.trace}
