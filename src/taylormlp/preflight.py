@@ -8,7 +8,7 @@ Before calibration (no weight is read) `estimate` works out
   and a searched coverage only after the search, so the figure checked is a bound: the given --coverage (or 1)
   with the preset's --max-pieces in every channel; with --max-pieces 1 and a given --coverage it is the size;
 * the peak memory of the streamed run (stream.open_streamed): the process as it is now, the resident tensors
-  (embeddings, norms, head) counted twice (the file's pages and the copy, measured: x2.1 on 128k-vocabulary
+  (embeddings, norms, head) counted twice (the file's pages and the copy, measured: x2.0 on 49k- and 128k-vocabulary
   models), and the larger of one layer's calibration (the layer, its activations) and one layer's candidate
   TaylorMLP (the layer's attention, the candidate's tensors, the float64 blocks build_taylor_mlp makes, the
   series features of a validation batch), plus the original's validation logits;
@@ -36,7 +36,7 @@ from .paths import free_space, nearest_existing  # free_space: looked up at each
 from .protector import channel_work
 from .stream import SAFETENSORS_DTYPES, SafetensorsSource, mlp_tensor_names
 
-RESIDENT_FACTOR = 2.1  # peak RSS per byte of resident tensors (file pages + copy while loading), measured
+RESIDENT_FACTOR = 2.0  # peak RSS per byte of resident tensors (file pages + copy while loading), measured
 SECONDS_PER_PARAM_SAMPLE = 3.9e-9  # 2 threads, x86: 13.7 s per Llama-3-8B layer (218M parameters) at 16 samples
 RATE_THREADS = 2
 FIXED_SECONDS = 20.0  # imports, loading the resident tensors, the model card and manifest
@@ -187,7 +187,7 @@ def estimate(model_dir, opts: ProtectOptions, dtype: str, out, device: str = "cp
     calib = (layer_other + mlp_values * width + tokens * (3 * channels + 6 * hidden) * width
              + tokens * heads * opts.max_length * 4)
     val_tokens = min(opts.batch_tokens, valid * (PROMPT_TOKENS + opts.continuation_tokens))
-    candidate = (layer_other + bound + source_mlp + (P + 2 * Q) * hidden * 8
+    candidate = (layer_other + bound + source_mlp + 2 * Q * hidden * 8  # W's columns and one order's Θ, float64
                  + val_tokens * (opts.order + 1 + 4) * Q * 4)  # the [tokens, N+1, Q] features, z, u, live
     logits = valid * opts.continuation_tokens * vocab * 4
     current = rss_now()
