@@ -121,7 +121,7 @@ def format_table(report: dict) -> str:
                  f"rel. weight error = ‖Ŵ−W‖/‖W‖ over protected down-projection columns"
                  f"{'' if ref == 'original' else ', needs --original'})")
     if report.get("streamed"):
-        lines.append(f"streamed layer by layer ({report['layers']} layers read in {report['read_time_s']:.0f}s, peak "
+        lines.append(f"streamed layer by layer ({report['layers']} layers read in {report['read_time_s']:.1f}s, peak "
                      f"RSS {report['peak_rss_bytes'] / 1e9:.2f} GB): the rebuilt models are not run, tokens not "
                      f"matched")
     if "release_vs_original" in report:
