@@ -3,6 +3,9 @@ time, peak RSS and release bytes per layer, and extrapolate to the full depth.
 
     .venv/bin/python benchmarks/scale.py --shape llama3-8b --layers 1 2 --json results/scale-llama3-8b.json
     .venv/bin/python benchmarks/scale.py --shape smol-wide --layers 4 8      # issue 9's memory check
+    /usr/bin/time -f %M .venv/bin/python benchmarks/scale.py --shape llama3-70b --layers 80 --build-only --workdir W
+
+The random models are written shard by shard (make_model): building one holds a single shard, whatever the depth.
 
 Each protect runs in its own process under /usr/bin/time (peak RSS of that process alone).  Per-layer cost and
 fixed cost come from a straight-line fit over the depths: time(L) = a + b·L, and the same for RSS and bytes.
@@ -29,6 +32,9 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       vocab_size=128256, full_layers=32, tie_word_embeddings=False),
     # issue 9's memory check: hidden 1536, intermediate 6144, SmolLM2's vocabulary
+    # Llama-3-70B: hidden 8192, intermediate 28672, 64 query / 8 key-value heads, 80 layers (its layer: 1.7 GB bf16)
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                       vocab_size=128256, full_layers=80, tie_word_embeddings=False),
     "smol-wide": dict(hidden_size=1536, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=4,
                       vocab_size=49152, full_layers=32, tie_word_embeddings=True),
 }
@@ -36,9 +42,13 @@ SHAPES = {
 
 def make_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> int:
     """A random-weight Llama with `shape` and `layers` decoder layers, saved in bf16 with SmolLM2's tokenizer
-    (chat template included).  Built one layer at a time so that making it needs little memory.  Returns bytes."""
+    (chat template included).  Written tensor group by tensor group: the embedding, the head and the final norm each
+    in their own shard, then one shard per decoder layer, each generated (normal, std 0.02; norms 1), written and
+    freed before the next, so that making it holds one shard at a time (the largest: the embedding, 1 GB for the
+    Llama-3 shapes' 128256 x 4096) whatever the depth.  Returns the bytes of its safetensors files."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from taylormlp.sources import resolve_source
 
@@ -48,18 +58,31 @@ def make_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> int:
                          num_key_value_heads=shape["num_key_value_heads"], vocab_size=shape["vocab_size"],
                          num_hidden_layers=layers, tie_word_embeddings=shape["tie_word_embeddings"],
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=4096)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    std = 0.02
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
-    model.save_pretrained(directory, max_shard_size="2GB")
+    with torch.device("meta"):  # names and shapes only: no weight is allocated
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    groups: list[list[str]] = [[n] for n in shapes if not n.startswith("model.layers.")]
+    groups += [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups):
+        gen = torch.Generator().manual_seed(seed * 100_003 + k)
+        tensors = {}
+        for name in names:
+            t = torch.empty(shapes[name], dtype=torch.bfloat16)
+            tensors[name] = t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, directory / file, metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.dtype = torch.bfloat16
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
@@ -97,7 +120,19 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and releases go (default: a temp dir)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--build-only", action="store_true",
+                        help="only build the random model of each depth into --workdir/model-L and keep it (run under "
+                             "/usr/bin/time -f %%M to see the building's peak RSS); no protect")
     args = parser.parse_args()
+    if args.build_only:
+        if args.workdir is None:
+            parser.error("--build-only keeps the models: give --workdir DIR")
+        for layers in args.layers:
+            start = time.perf_counter()
+            size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers)
+            print(f"{args.shape}, {layers} layers: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s "
+                  f"-> {args.workdir / f'model-{layers}'}", flush=True)
+        return 0
     if len(set(args.layers)) < 2:
         parser.error("--layers needs at least two different depths to separate fixed and per-layer cost")
     shape = SHAPES[args.shape]

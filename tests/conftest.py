@@ -84,12 +84,13 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
 
 
-def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0):
+def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0, **sizes):
     """A tiny random Llama with `tokenizer`'s vocabulary and chat template, saved as a HF model directory `out`.
     Its gate pre-activations are spread so the series has real work to do; `attention_scale` > 1 scales the
-    attention projections so that its greedy generations depend on the prompt (at 1 they repeat one token)."""
+    attention projections so that its greedy generations depend on the prompt (at 1 they repeat one token);
+    `sizes`: tiny_llama's (hidden, inter, layers)."""
     model = tiny_llama(vocab=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+                       eos_token_id=tokenizer.eos_token_id, **sizes)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight.mul_(10.0)

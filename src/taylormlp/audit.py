@@ -20,12 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .attacks import ATTACKS, AuditContext, AuditOptions, get_attack
+from .attacks import ATTACKS, AuditContext, AuditOptions, get_attack, layerwise
+from .audit_stream import streamed_audit
 from .errors import TaylorMLPError
 from .paths import check_output_file, write_text_atomically
 from .progress import log
-from .release import load_release
+from .release import load_release, release_size
 from .sources import load_base
+from .stream import available_memory
+
+STREAM_SHARE = 0.5  # a release above this share of the available memory is audited layer by layer (when it can)
 
 
 def _jsonable(obj):
@@ -116,6 +120,10 @@ def format_table(report: dict) -> str:
     lines.append(f"(tokens matched: teacher-forced greedy agreement with the {ref} on held-out prompts; "
                  f"rel. weight error = ‖Ŵ−W‖/‖W‖ over protected down-projection columns"
                  f"{'' if ref == 'original' else ', needs --original'})")
+    if report.get("streamed"):
+        lines.append(f"streamed layer by layer ({report['layers']} layers read in {report['read_time_s']:.1f}s, peak "
+                     f"RSS {report['peak_rss_bytes'] / 1e9:.2f} GB): the rebuilt models are not run, tokens not "
+                     f"matched")
     if "release_vs_original" in report:
         r = report["release_vs_original"]
         lines.append(f"release itself vs original: {r['tokens_matched']}/{r['tokens']} tokens matched")
@@ -126,9 +134,23 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def should_stream(release_dir, names: list[str], stream: bool | None) -> bool:
+    """stream None (the default): stream when every attack can (audit_stream) and the release is more than half
+    the available memory (the whole-model audit holds it, the rebuilt attacker and the original)."""
+    if stream is not None:
+        return stream
+    available = available_memory()
+    big = available is not None and release_size(release_dir) > STREAM_SHARE * available
+    if big and any(layerwise(n) is None for n in names):
+        log(f"audit: the release is more than {STREAM_SHARE:.0%} of the available memory; only the closed-form "
+            f"attacks stream layer by layer (--attacks coefficient_ratio,factorization)")
+    return big and all(layerwise(n) is not None for n in names)
+
+
 def run_audit(release_dir, original=None, json_path=None, attacks=None, options: AuditOptions | None = None,
-              print_table: bool = True) -> dict:
-    """Load the release (and the original, for scoring), run the attacks, print a table, write JSON."""
+              print_table: bool = True, stream: bool | None = None) -> dict:
+    """Load the release (and the original, for scoring), run the attacks, print a table, write JSON.  stream=True
+    runs the closed-form attacks layer by layer instead (audit_stream; None: when the release is big)."""
     from transformers import AutoTokenizer
 
     names = _check_attacks(attacks)
@@ -136,6 +158,9 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
         # before minutes of attacks, not after; the API replaces json_path (the CLI asked for --force already)
         check_output_file(json_path, "--json", force=True)
     release_dir = Path(release_dir)
+    if should_stream(release_dir, names, stream):
+        report = streamed_audit(release_dir, names, original, options)
+        return _finish(report, json_path, print_table)
     model = load_release(release_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(release_dir)
@@ -147,6 +172,10 @@ def run_audit(release_dir, original=None, json_path=None, attacks=None, options:
         orig_model, _, _ = load_base(original)
     report = audit_model(model, orig_model, tokenizer, names, options=options, strict=False)
     report = {"release": str(release_dir), "original": None if original is None else str(original), **report}
+    return _finish(report, json_path, print_table)
+
+
+def _finish(report: dict, json_path, print_table: bool) -> dict:
     if print_table:
         print(format_table(report))
     if json_path is not None:

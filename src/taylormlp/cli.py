@@ -168,6 +168,11 @@ def _add_protect(sub) -> None:
                    help="do not calibrate through the chat template (default: through it when the model has one)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it holds an earlier release (any other existing directory is refused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the pre-flight (release size, peak memory, rough time, from config.json and the "
+                        "safetensors headers: no weight is read) and stop; exit status 0 if the run would start, 2 "
+                        "if it would be refused (release bigger than the free disk or peak above the available "
+                        "memory). Default: the pre-flight is logged and checked at the start of every protect")
 
 
 def _add_run_commands(sub) -> None:
@@ -267,6 +272,10 @@ def _add_audit(sub) -> None:
     a.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help=f"comma-separated attacks to run, from the list below (default: all {len(DEFAULT_ATTACKS)}: "
                         f"{', '.join(DEFAULT_ATTACKS)})")
+    a.add_argument("--stream", action="store_true", default=None,
+                   help="read the release one layer at a time instead of loading it whole (closed-form attacks only: "
+                        "--attacks coefficient_ratio,factorization; tokens are then not matched); default: streamed "
+                        "when the release is more than half the available memory and every chosen attack can be")
 
 
 def _add_serve(sub) -> None:

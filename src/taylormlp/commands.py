@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import preflight
 from .audit import run_audit
 from .bench import run_bench
 from .demo import run_demo
@@ -114,7 +115,12 @@ def cmd_protect(args) -> int:
         slowdown=args.slowdown, serving_batch=args.serving_batch, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
         chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
         max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
-        device=args.device)
+        device=args.device, dry_run=args.dry_run)
+    if args.dry_run:
+        print("\n".join(summary["estimate"].table()))
+        preflight.check(summary["estimate"])  # the real run's refusal, exit status 2 (nothing was written)
+        print("dry run: nothing was written; the run would start")
+        return 0
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):
@@ -195,7 +201,8 @@ def cmd_bench(args) -> int:
 def cmd_audit(args) -> int:
     _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("--original", args.original)], releases=[args.release])
-    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","))
+    run_audit(args.release, original=args.original, json_path=args.json, attacks=args.attacks.split(","),
+              stream=args.stream)
     return 0
 
 

@@ -8,13 +8,14 @@ a write that fails half way (a full disk) leaves nothing.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import TaylorMLPError
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """`path` itself or its closest ancestor that exists (for a relative path, at most the working directory)."""
     current = path
     while not os.path.lexists(current):
@@ -25,12 +26,18 @@ def _nearest_existing(path: Path) -> Path:
     return current
 
 
+def free_space(path) -> int:
+    """Bytes free for an unprivileged writer on the file system that `path` (or, where it does not exist yet, its
+    nearest existing ancestor) lies on."""
+    return shutil.disk_usage(nearest_existing(Path(path).absolute())).free
+
+
 def check_creatable(path, flag: str) -> None:
     """`path` does not exist yet and must be creatable (with any missing parent directories): its nearest existing
     ancestor must be a directory in which an entry can actually be made (probed, so that read-only file systems and
     permission rules are seen as they are)."""
     path = Path(path)
-    anchor = _nearest_existing(path.parent if str(path.parent) else Path("."))
+    anchor = nearest_existing(path.parent if str(path.parent) else Path("."))
     if not anchor.is_dir():
         raise TaylorMLPError(f"{flag} {path}: {anchor} is a file, not a directory; choose another {flag}")
     try:

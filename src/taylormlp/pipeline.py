@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import preflight
 from .calibration import calibrate, format_prompt
 from .card import base_model, model_card
 from .convert import choose_coverage, finish
@@ -23,7 +24,7 @@ from .runtime import ReleaseSpec
 from .release import (DTYPES, ModelTensors, check_output_dir, load_release, release_size, save_release,
                       save_streamed_release, verify_release)
 from .sources import is_chat_model, load_base, load_tokenizer, resolve_source
-from .stream import SafetensorsSource, SourceMLPs, open_streamed, read_config, resolve_device
+from .stream import SourceMLPs, open_streamed, resolve_device
 from .throttle import protect_for_slowdown
 
 
@@ -46,7 +47,7 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       serving_batch=None, **tuning) -> dict:
+                       serving_batch=None, dry_run=False, **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -55,7 +56,10 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
-    which the slowdown is met (throttle.protect_for_slowdown)."""
+    which the slowdown is met (throttle.protect_for_slowdown).
+
+    Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
+    run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
     if serving_batch is not None and slowdown is None:
         raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
                              f"slowdown is met; add --slowdown or drop --serving-batch")
@@ -66,8 +70,16 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     device = resolve_device(device)
     texts = read_calibration_file(Path(calibration_file)) if calibration_file else None
     opts = ProtectOptions(preset=preset, order=order, basis=basis, coverage=coverage, seed=seed, **tuning).resolved()
+    model_dir = resolve_source(source)
+    # reads config.json and the safetensors headers (a broken one is named before anything else reads it)
+    estimate = preflight.estimate(model_dir, opts, dtype, out, device, whole=slowdown is not None)
+    if dry_run:
+        return {"estimate": estimate}
+    for line in estimate.table():
+        log(line)
+    preflight.check(estimate)  # before calibration: a release that cannot fit is refused now, not at the end
     if slowdown is not None:
-        model, tokenizer, _ = load_base(source, dtype=DTYPES[dtype])
+        model, tokenizer, _ = load_base(model_dir, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
         spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown,
                                                      serving_batch=1 if serving_batch is None else serving_batch)
@@ -79,9 +91,6 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
                           generation_config=model.generation_config)
         return {"out": str(out), "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"],
                 "size_bytes": release_size(out), "slowdown": slow}
-    model_dir = resolve_source(source)
-    read_config(model_dir)  # a broken config.json is named before anything else reads it
-    SafetensorsSource(model_dir)  # and so is a broken weight file
     tokenizer = load_tokenizer(model_dir)
     chat = is_chat_model(tokenizer) if chat is None else chat
     with tempfile.TemporaryDirectory(prefix="taylormlp-offload-") as offload:

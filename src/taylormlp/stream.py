@@ -32,8 +32,9 @@ SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-def check_safetensors_file(path: Path) -> list[str]:
-    """Tensor names of a safetensors file after checking its header against its size; TaylorMLPError otherwise."""
+def check_safetensors_file(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype, shape)} of a safetensors file after checking its header against its size;
+    TaylorMLPError otherwise."""
     fix = "re-download or re-convert it"
     try:
         size = path.stat().st_size
@@ -53,7 +54,7 @@ def check_safetensors_file(path: Path) -> list[str]:
     if not isinstance(header, dict):
         raise TaylorMLPError(f"{path}: not a safetensors file (header is not a table); {fix}")
     end = 0
-    names = []
+    names = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -67,7 +68,7 @@ def check_safetensors_file(path: Path) -> list[str]:
             raise TaylorMLPError(f"{path}: tensor {name!r} is mislabelled ({info['dtype']} {info['shape']} needs "
                                  f"{count * width} bytes, the header gives {stop - begin}); {fix}")
         end = max(end, stop)
-        names.append(name)
+        names[name] = (info["dtype"], tuple(int(k) for k in info["shape"]))
     if 8 + n + end != size:
         raise TaylorMLPError(f"{path}: {size} bytes, but its header describes {8 + n + end} (truncated or "
                              f"damaged); {fix}")
@@ -96,12 +97,14 @@ class SafetensorsSource:
                                  f"model.safetensors.index.json){hint}; re-save the model with "
                                  f"save_pretrained(), which writes safetensors")
         self.location: dict[str, Path] = {}
+        self.header: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (safetensors dtype, shape), no data read
         for name in files:
             path = self.dir / name
             if not path.is_file():
                 raise TaylorMLPError(f"weight file {path} is missing (named by {index.name}); re-download the model")
-            for key in check_safetensors_file(path):
+            for key, info in check_safetensors_file(path).items():
                 self.location[key] = path
+                self.header[key] = info
 
     def names(self) -> list[str]:
         return list(self.location)
@@ -307,15 +310,21 @@ def open_streamed(model_dir, dtype: torch.dtype, device: str, offload_folder) ->
     return model, source
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+def proc_kb(path: str, key: str) -> int | None:
+    """The bytes of a "Key:  N kB" line of a Linux /proc file (/proc/meminfo, /proc/self/status), None where
+    unknown."""
     try:
-        for line in open("/proc/meminfo", encoding="utf-8"):
-            if line.startswith("MemAvailable:"):
+        for line in open(path, encoding="utf-8"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    return proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def release_memory() -> None:

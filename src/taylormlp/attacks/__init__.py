@@ -18,14 +18,15 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..calibration import module_docstrings
 from .. import decode, runtime
 from ..errors import TaylorMLPError
 from ..hooks import HookSet
-from .registry import Attack, attack_names, get_attack, register_attack  # noqa: F401 - the attacks' API
+from .scoring import WeightScore, match_channels  # noqa: F401 - the attacks' API
+from .registry import (Attack, attack_names, get_attack, layerwise, register_attack,  # noqa: F401 - the API
+                       register_layerwise)
 from .verdicts import verdict
 from ..protector import mlp_weights
 
@@ -299,38 +300,19 @@ class AuditContext:
     def sign_accuracy(self, signs: dict) -> float:
         """Share of released channels whose recovered ±1 sign (per layer: array or tensor) is the true one."""
         match = self.channel_match()
-        agree = total = 0
+        score = WeightScore()
         for i, s in signs.items():
-            agree += int((torch.as_tensor(s) == match[i]["sign"]).sum())
-            total += len(s)
-        return agree / max(total, 1)
+            score.count_signs(match[i], s)
+        return score.sign_accuracy()
 
     def channel_match(self) -> dict[int, dict] | None:
         """Per protected layer: the original channel index and sign of every released channel (scoring only)."""
         if self.original is None:
             return None
         if "match" not in self._cache:
-            out = {}
             orig_layers = runtime.decoder_layers(self.original)
-            for i, mlp in self.layers:
-                if mlp.protected == 0:
-                    continue
-                w = mlp_weights(orig_layers[i].mlp, self.arch, i)
-                G = mlp.gate.weight.detach().double()
-                Gn = G / G.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                Vn = w.V / w.V.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                cos = Gn @ Vn.T  # [P, I]
-                if mlp.up is not None:  # up rows are unsigned copies: a sharper match
-                    Ur = mlp.up.weight.detach().double()
-                    Un = w.U / w.U.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                    score = (Ur / Ur.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ Un.T + cos.abs()
-                else:
-                    score = cos.abs()
-                idx = score.argmax(1)
-                sign = torch.sign(cos.gather(1, idx[:, None])[:, 0])
-                out[i] = {"index": idx, "sign": sign, "weights": w,
-                          "unique": bool(len(set(idx.tolist())) == len(idx))}
-            self._cache["match"] = out
+            self._cache["match"] = {i: match_channels(mlp, mlp_weights(orig_layers[i].mlp, self.arch, i))
+                                    for i, mlp in self.layers if mlp.protected}
         return self._cache["match"]
 
     def score_weights(self, recovered: dict[int, RecoveredLayer], up_to_scale: bool = False) -> dict | None:
@@ -338,35 +320,11 @@ class AuditContext:
         match = self.channel_match()
         if match is None:
             return None
-        num = den = 0.0
-        per_layer = []
-        bnum = bden = cnum = cden = 0.0
+        score = WeightScore(up_to_scale)
         for i, mlp in self.layers:
-            if mlp.protected == 0:
-                continue
-            m = match[i]
-            W = m["weights"].W[:, m["index"]]
-            What = recovered[i].W
-            if up_to_scale:  # best per-column scale (for attacks that recover W only up to a factor)
-                scale = (What * W).sum(0) / (What * What).sum(0).clamp_min(1e-300)
-                What = What * scale
-            e, n = float(((What - W) ** 2).sum()), float((W ** 2).sum())
-            num, den = num + e, den + n
-            per_layer.append(float(np.sqrt(e / max(n, 1e-300))))
-            if m["weights"].b is not None and recovered[i].b is not None:
-                b = m["weights"].b[m["index"]]
-                bnum += float(((recovered[i].b - b) ** 2).sum())
-                bden += float((b ** 2).sum())
-            if m["weights"].c is not None and recovered[i].c is not None:
-                cnum += float(((recovered[i].c - m["weights"].c) ** 2).sum())
-                cden += float((m["weights"].c ** 2).sum())
-        out = {"relative_weight_error": float(np.sqrt(num / max(den, 1e-300))),
-               "per_layer_max": float(max(per_layer)) if per_layer else 0.0}
-        if bden > 0:
-            out["relative_bias_error"] = float(np.sqrt(bnum / bden))
-        if cden > 0:
-            out["relative_output_bias_error"] = float(np.sqrt(cnum / cden))
-        return out
+            if mlp.protected:
+                score.add(match[i], recovered[i])
+        return score.result()
 
 
 # ---------------------------------------------------------------- timing an attack

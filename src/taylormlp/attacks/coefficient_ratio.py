@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .. import series
-from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, register_attack, theta_blocks
+from . import (AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, register_attack,
+               register_layerwise, theta_blocks)
 
 NAME = "coefficient_ratio"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -139,6 +140,13 @@ def recover_layer(mlp, act: str, search: dict | None = None) -> tuple[RecoveredL
     return rec, info
 
 
+@register_layerwise(NAME)
+def recover(mlp, act: str, x=None, search: dict | None = None) -> tuple[RecoveredLayer, dict, np.ndarray]:
+    """One layer, from its TaylorMLP alone: (recovered weights, {misfit_max, theta_residual_max}, signs)."""
+    rec, info = recover_layer(one_piece_per_channel(mlp), act, search)
+    return rec, {"misfit_max": info["misfit_max"], "theta_residual_max": info["theta_residual"]}, info["sign"]
+
+
 @register_attack(NAME)
 def run(ctx: AuditContext, search: dict | None = None) -> dict:
     timer = Timer()
@@ -147,11 +155,9 @@ def run(ctx: AuditContext, search: dict | None = None) -> dict:
         for i, mlp in ctx.layers:
             if mlp.protected == 0:
                 continue
-            rec, info = recover_layer(one_piece_per_channel(mlp), ctx.act, search)
-            recovered[i] = rec
-            misfits.append(info["misfit_max"])
-            residuals.append(info["theta_residual"])
-            signs[i] = info["sign"]
+            recovered[i], numbers, signs[i] = recover(mlp, ctx.act, search=search)
+            misfits.append(numbers["misfit_max"])
+            residuals.append(numbers["theta_residual_max"])
         attacker = rebuild_model(ctx.release, recovered)
     out = {
         "relative_weight_error": None,

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import runtime
 from ..decode import decode_speed
-from . import AuditContext, RecoveredLayer, Timer, register_attack, theta_blocks
+from . import AuditContext, RecoveredLayer, Timer, register_attack, register_layerwise, theta_blocks
 
 NAME = "factorization"
 
@@ -95,6 +95,26 @@ def collapse(mlp) -> tuple[CollapsedMLP, dict]:
     return module, {"rank1_residual_max": float(rank_ratio.max()) if P else 0.0}
 
 
+@torch.no_grad()
+def block_diff(mlp, module: CollapsedMLP, x: torch.Tensor) -> dict:
+    """How far the collapsed block is from the release's on block inputs `x` [n, d] (largest and relative)."""
+    x = x.to(mlp.theta.dtype)
+    ref, got = mlp(x).double(), module(x).double()
+    return {"block_max_abs_diff": float((got - ref).abs().max()),
+            "block_relative_diff": float((got - ref).norm() / ref.norm().clamp_min(1e-300))}
+
+
+@register_layerwise(NAME, up_to_scale=True)
+def recover(mlp, act: str, x: torch.Tensor | None = None, speed: bool = False) -> tuple[RecoveredLayer, dict, None]:
+    """One layer, from its TaylorMLP alone (no activation needed): W up to scale, the rank-1 residual and, on block
+    inputs `x`, how exact the collapse is.  `speed` is run()'s decode timing of the whole model: nothing to time
+    in one layer, so it is accepted and ignored."""
+    module, info = collapse(mlp)
+    if x is not None:
+        info.update(block_diff(mlp, module, x))
+    return as_recovered(module), info, None
+
+
 def shared_copy(model, replace: dict):
     """A copy of `model` with some modules replaced, sharing every other parameter (no extra weight memory)."""
     memo = {id(old): new for old, new in replace.items()}
@@ -122,14 +142,10 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
     # fidelity of the collapsed blocks on the attacker's text (the block inputs of the release)
     inputs = ctx.layer_inputs()
     max_abs = max_rel = 0.0
-    with torch.no_grad():
-        for i, mlp in ctx.layers:
-            if mlp not in replace:
-                continue
-            x = inputs[i][:2048].to(mlp.theta.dtype)
-            ref, got = mlp(x).double(), replace[mlp](x).double()
-            max_abs = max(max_abs, float((got - ref).abs().max()))
-            max_rel = max(max_rel, float((got - ref).norm() / ref.norm().clamp_min(1e-300)))
+    for i, mlp in ctx.layers:
+        if mlp in replace:
+            diff = block_diff(mlp, replace[mlp], inputs[i][:2048])
+            max_abs, max_rel = max(max_abs, diff["block_max_abs_diff"]), max(max_rel, diff["block_relative_diff"])
     out = {
         "relative_weight_error": None,
         "wall_time_s": timer.elapsed,
@@ -137,7 +153,7 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
         "block_max_abs_diff": max_abs,
         "block_relative_diff": max_rel,
     }
-    score = ctx.score_weights({i: _as_recovered(replace[m]) for i, m in ctx.layers if m in replace},
+    score = ctx.score_weights({i: as_recovered(replace[m]) for i, m in ctx.layers if m in replace},
                               up_to_scale=True)
     if score is not None:
         out["weight_error_up_to_scale"] = score["relative_weight_error"]
@@ -155,7 +171,7 @@ def run(ctx: AuditContext, speed: bool = True) -> dict:
     return ctx.conclude(NAME, attacker, out)
 
 
-def _as_recovered(module: CollapsedMLP):
+def as_recovered(module: CollapsedMLP) -> RecoveredLayer:
     W = module.down.weight.detach().double()
     if module.pieces > module.protected:  # every piece's column is W_j up to scale: score the first of each channel
         W = W[:, torch.searchsorted(module.owner, torch.arange(module.protected))]

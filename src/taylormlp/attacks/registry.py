@@ -60,6 +60,34 @@ def register_attack(name: str, *, rank: int | None = None, description: str | No
     return register
 
 
+@dataclass(frozen=True)
+class LayerRecovery:
+    """An attack's recovery of one layer from that layer's TaylorMLP alone (closed form, no model run), which lets
+    the audit stream a release too large to hold: ``recover(mlp, act, x=None, **options) -> (RecoveredLayer,
+    numbers, signs or None)``; ``numbers`` are per-layer figures the report takes the largest of, ``x`` optional
+    block inputs.  ``up_to_scale``: the weights are scored after the best per-column scale."""
+
+    recover: Callable
+    up_to_scale: bool = False
+
+
+_LAYERWISE: dict[str, LayerRecovery] = {}
+
+
+def register_layerwise(name: str, up_to_scale: bool = False):
+    """Decorator that enters an attack's one-layer recovery (LayerRecovery.recover) under the attack's name."""
+    def register(recover: Callable) -> Callable:
+        _LAYERWISE[name] = LayerRecovery(recover, up_to_scale)
+        return recover
+
+    return register
+
+
+def layerwise(name: str) -> LayerRecovery | None:
+    """The attack's one-layer recovery, None if it needs more than one layer's tensors (it runs the model)."""
+    return _LAYERWISE.get(name)
+
+
 def attack_names() -> tuple[str, ...]:
     """Every registered attack's name, in the canonical order."""
     return tuple(sorted(_TABLE, key=lambda name: (_TABLE[name].rank, name)))
