@@ -97,6 +97,18 @@ def test_missing_manifest_means_incomplete(tiny_release, tmp_path):
         load_release(rel)
 
 
+@pytest.mark.parametrize("first_file", [None, "model-00001-of-00003.safetensors.partial", "tokenizer.json"])
+def test_a_release_left_half_written_is_incomplete_whatever_it_holds(tmp_path, first_file):
+    """A run killed while writing leaves its hidden temporary directory; whichever file it had begun, loading it says
+    it is an incomplete release (not "not a release")."""
+    tmp = tmp_path / ".rel.tmp-abc123"
+    tmp.mkdir()
+    if first_file:
+        (tmp / first_file).write_bytes(b"\0" * 16)
+    with pytest.raises(TaylorMLPError, match="not a complete taylormlp release"):
+        load_release(tmp)
+
+
 def test_unknown_format_version(tiny_release, tmp_path):
     rel = _copy(tiny_release, tmp_path)
     manifest = json.loads((rel / MANIFEST).read_text())

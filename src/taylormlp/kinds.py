@@ -33,6 +33,17 @@ def is_release(path) -> bool:
     return isinstance(config, dict) and "taylormlp" in config
 
 
+def temporary_prefix(name: str) -> str:
+    """The name prefix of the hidden directory a release called `name` is written into before its rename."""
+    return f".{name}.tmp-"
+
+
+def is_temporary_release(path) -> bool:
+    """`path` is named like a release still being written (or one left behind by a killed run)."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp-" in name
+
+
 def refuse_release(source, where: str = "SOURCE", hint: str = "") -> None:
     """A TaylorMLPError if `source` is a release: `where` (a flag or argument name) takes an original model."""
     if is_release(source):
@@ -52,7 +63,7 @@ def not_a_release(path) -> str | None:
     if not d.is_dir():
         kind = "a GGUF model file" if d.suffix.lower() == ".gguf" else "a file"
         return f"{d} is {kind}, not a release directory"
-    if is_release(d):
+    if is_release(d) or is_temporary_release(d):  # a temporary one: verify_release says it is incomplete
         return None
     if (d / "config.json").is_file():
         return (f"{d} is an original model directory, not a taylormlp release ({MANIFEST} is missing and its "

@@ -28,7 +28,7 @@ from . import runtime
 from .card import base_model, model_card
 from .choices import DTYPE_NAMES
 from .errors import TaylorMLPError, first_line
-from .kinds import MANIFEST, is_release, refuse_non_release
+from .kinds import MANIFEST, is_release, refuse_non_release, temporary_prefix
 from .paths import check_creatable
 from .progress import bar
 from .stream import release_memory
@@ -179,7 +179,7 @@ def write_atomically(out: Path, force: bool, fill) -> Path:
     check_output_dir(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
     except OSError as exc:
         raise TaylorMLPError(f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable "
                              f"--out") from exc
