@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     check_output_file(args.out, "--out", args.force)
     batches = sorted(set(args.batch_sizes))
-    base, tokenizer, _ = load_base(args.source)
+    saved = json.loads((args.releases[0] / "config.json").read_text())  # the original in the releases' dtype
+    base, tokenizer, _ = load_base(args.source, dtype=getattr(torch, saved.get("dtype") or "float32"))
     ids, _ = prompt_ids(tokenizer)
     original = work(base, ids, batches)
     del base

@@ -35,24 +35,29 @@ SHAPES = {
     # Llama-3-70B: hidden 8192, intermediate 28672, 64 query / 8 key-value heads, 80 layers (its layer: 1.7 GB bf16)
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                        vocab_size=128256, full_layers=80, tie_word_embeddings=False),
+    # SmolLM2-135M's own shape (hidden 576, intermediate 1536, 9 query / 3 key-value heads, 30 layers): the GPU check
+    # measures the throughput curve on it (random weights: the real model does not travel to the GPU machine)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, full_layers=30, tie_word_embeddings=True),
     "smol-wide": dict(hidden_size=1536, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=4,
                       vocab_size=49152, full_layers=32, tie_word_embeddings=True),
 }
 
 
-def make_model(directory: Path, shape: dict, layers: int, seed: int = 0) -> int:
+def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokenizer: Path | None = None) -> int:
     """A random-weight Llama with `shape` and `layers` decoder layers, saved in bf16 with SmolLM2's tokenizer
     (chat template included).  Written tensor group by tensor group: the embedding, the head and the final norm each
     in their own shard, then one shard per decoder layer, each generated (normal, std 0.02; norms 1), written and
     freed before the next, so that making it holds one shard at a time (the largest: the embedding, 1 GB for the
-    Llama-3 shapes' 128256 x 4096) whatever the depth.  Returns the bytes of its safetensors files."""
+    Llama-3 shapes' 128256 x 4096) whatever the depth.  `tokenizer`: a directory holding SmolLM2's tokenizer files
+    (where the built-in model is not installed, e.g. the GPU machine).  Returns the bytes of its safetensors files."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from taylormlp.sources import resolve_source
 
-    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(tokenizer or resolve_source("smollm2-135m-instruct"))
     config = LlamaConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
                          num_attention_heads=shape["num_attention_heads"],
                          num_key_value_heads=shape["num_key_value_heads"], vocab_size=shape["vocab_size"],
@@ -120,6 +125,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and releases go (default: a temp dir)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="directory with SmolLM2's tokenizer files (default: the built-in model's)")
     parser.add_argument("--build-only", action="store_true",
                         help="only build the random model of each depth into --workdir/model-L and keep it (run under "
                              "/usr/bin/time -f %%M to see the building's peak RSS); no protect")
@@ -129,7 +136,7 @@ def main() -> int:
             parser.error("--build-only keeps the models: give --workdir DIR")
         for layers in args.layers:
             start = time.perf_counter()
-            size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers)
+            size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers, tokenizer=args.tokenizer)
             print(f"{args.shape}, {layers} layers: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s "
                   f"-> {args.workdir / f'model-{layers}'}", flush=True)
         return 0
@@ -143,7 +150,7 @@ def main() -> int:
         for layers in args.layers:
             src, out = work / f"model-{layers}", work / f"release-{layers}"
             shutil.rmtree(src, ignore_errors=True)
-            model_bytes = make_model(src, shape, layers)
+            model_bytes = make_model(src, shape, layers, tokenizer=args.tokenizer)
             row = {"layers": layers, "model_bytes": model_bytes, **run_protect(src, out, args)}
             rows.append(row)
             print(f"{layers} layers: model {model_bytes / 1e9:.2f} GB, protect {row['wall_s']:.0f} s, "

@@ -76,12 +76,15 @@ FAST = dict(continuation_tokens=12, prose_chars=6000, search_steps=4)
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """The SmolLM2 tokenizer (installed by `make setup`); tiny models below share its vocabulary."""
+    """The SmolLM2 tokenizer (installed by `make setup`); tiny models below share its vocabulary.  Where the built-in
+    model is not installed (the GPU machine of benchmarks/gpu_check.sh), TAYLORMLP_TEST_TOKENIZER names a directory
+    holding its tokenizer files."""
     from transformers import AutoTokenizer
 
     from taylormlp.sources import resolve_source
 
-    return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct"))
+    return AutoTokenizer.from_pretrained(os.environ.get("TAYLORMLP_TEST_TOKENIZER")
+                                         or resolve_source("smollm2-135m-instruct"))
 
 
 def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0, **sizes):

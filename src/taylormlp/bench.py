@@ -356,14 +356,16 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     if not releases:
         raise TaylorMLPError("give at least one release directory to compare with the original")
     check_bench_memory(releases)
-    with status(f"loading original {source}"):
-        base, tokenizer, base_dir = load_base(source)
+    loaded = {}
+    for name, path in zip(_unique_names(releases), releases):
+        with status(f"loading release {path}"):
+            loaded[name] = load_release(path).to(device)
+    with status(f"loading original {source}"):  # in the releases' dtype: a bf16 release against a bf16 original
+        base, tokenizer, base_dir = load_base(source, dtype=next(iter(loaded.values())).dtype)
         base = base.to(device)
     models = {ORIGINAL: base}
     paths = {ORIGINAL: Path(base_dir)}
-    for name, path in zip(_unique_names(releases), releases):
-        with status(f"loading release {path}"):
-            model = load_release(path).to(device)
+    for (name, model), path in zip(loaded.items(), releases):
         spec = model.config.taylormlp
         if (spec["hidden_size"] != base.config.hidden_size
                 or len(decoder_layers(model)) != len(decoder_layers(base))
