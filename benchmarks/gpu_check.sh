@@ -78,12 +78,13 @@ sys.exit(rc)')
 say "machine: $(tr '\n' ' ' < "$OUT_DIR/gpu-machine.txt")"
 
 # the suite's GPU tests (a streamed protect on cuda against the original; placement on cuda devices), tiny models
-TAYLORMLP_TEST_TOKENIZER="${TOKENIZER:-}" step cuda-tests "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+STAGES="${STAGES:-tests smol big}"   # which of the stages below to run
+[[ " $STAGES " == *" tests "* ]] && TAYLORMLP_TEST_TOKENIZER="${TOKENIZER:-}" step cuda-tests "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_stream.py tests/test_offload.py
 
 # 2. issue 17: the slowdown curve on the SmolLM2 shape, measured and predicted
 SMOL="$WORK/smol/model-$SMOL_LAYERS"
-if step smol-build "$PY" benchmarks/scale.py --shape smollm2 --layers "$SMOL_LAYERS" --build-only --workdir "$WORK/smol" \
+if [[ " $STAGES " == *" smol "* ]] && step smol-build "$PY" benchmarks/scale.py --shape smollm2 --layers "$SMOL_LAYERS" --build-only --workdir "$WORK/smol" \
      "${TOK_ARGS[@]}"; then
   if ! step smol-protect-n8 "${PROTECT[@]}" "$SMOL" --out "$WORK/smol/rel-n8" --preset paper --coverage 1.0 --order 8 \
     --dtype bfloat16 --calibration-samples 16 --device "$DEVICE"; then
@@ -101,7 +102,7 @@ rm -rf "$WORK/smol"; pack
 
 # 3. issue 19: the Llama-3-8B shape at full depth
 BIG="$WORK/big/model-$BIG_LAYERS"
-if step big-build "$PY" benchmarks/scale.py --shape "$BIG_SHAPE" --layers "$BIG_LAYERS" --build-only --workdir "$WORK/big" \
+if [[ " $STAGES " == *" big "* ]] && step big-build "$PY" benchmarks/scale.py --shape "$BIG_SHAPE" --layers "$BIG_LAYERS" --build-only --workdir "$WORK/big" \
      "${TOK_ARGS[@]}"; then
   if LIMIT=300 step big-protect "${PROTECT[@]}" "$BIG" --out "$WORK/big/rel" --preset paper --coverage 0.5 --dtype bfloat16 \
        --calibration-samples 16 --device "$DEVICE"; then

@@ -79,8 +79,18 @@ def flops_per_token(model, token_id: int = 0) -> int:
     """Matmul FLOPs of one single-token forward (no cache), counted by FlopCounterMode."""
     ids = torch.tensor([[int(token_id)]], device=input_device(model))
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    try:
+        with counter:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except AssertionError:  # torch's SDPA FLOP formula rejects grouped-query shapes (torch 2.11 on cuda): count eager
+        counter = FlopCounterMode(display=False)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with counter:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        finally:
+            model.set_attn_implementation(previous)
     return int(counter.get_total_flops())
 
 
