@@ -103,7 +103,7 @@ rm -rf "$WORK/smol"; pack
 # 3. issue 19: the Llama-3-8B shape at full depth
 BIG="$WORK/big/model-$BIG_LAYERS"
 if [[ " $STAGES " == *" big "* ]] && step big-build "$PY" benchmarks/scale.py --shape "$BIG_SHAPE" --layers "$BIG_LAYERS" --build-only --workdir "$WORK/big" \
-     "${TOK_ARGS[@]}"; then
+     --device "$DEVICE" "${TOK_ARGS[@]}"; then
   if LIMIT=300 step big-protect "${PROTECT[@]}" "$BIG" --out "$WORK/big/rel" --preset paper --coverage 0.5 --dtype bfloat16 \
        --calibration-samples 16 --device "$DEVICE"; then
     du -sb "$BIG" "$WORK/big/rel" > "$OUT_DIR/big-sizes.txt"

@@ -44,13 +44,16 @@ SHAPES = {
 }
 
 
-def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokenizer: Path | None = None) -> int:
+def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokenizer: Path | None = None,
+               device: str = "cpu") -> int:
     """A random-weight Llama with `shape` and `layers` decoder layers, saved in bf16 with SmolLM2's tokenizer
     (chat template included).  Written tensor group by tensor group: the embedding, the head and the final norm each
     in their own shard, then one shard per decoder layer, each generated (normal, std 0.02; norms 1), written and
     freed before the next, so that making it holds one shard at a time (the largest: the embedding, 1 GB for the
     Llama-3 shapes' 128256 x 4096) whatever the depth.  `tokenizer`: a directory holding SmolLM2's tokenizer files
-    (where the built-in model is not installed, e.g. the GPU machine).  Returns the bytes of its safetensors files."""
+    (where the built-in model is not installed, e.g. the GPU machine).  `device`: where the random numbers are drawn
+    (cuda: on the GPU, then copied back for writing; the 8B shape's 16 GB took over 240 s to draw on the GPU machine's
+    CPU, 96 s on this 2-core one).  Returns the bytes of its safetensors files."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -72,11 +75,11 @@ def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokeniz
     directory.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for k, names in enumerate(groups):
-        gen = torch.Generator().manual_seed(seed * 100_003 + k)
+        gen = torch.Generator(device=device).manual_seed(seed * 100_003 + k)
         tensors = {}
         for name in names:
-            t = torch.empty(shapes[name], dtype=torch.bfloat16)
-            tensors[name] = t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)
+            t = torch.empty(shapes[name], dtype=torch.bfloat16, device=device)
+            tensors[name] = (t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)).cpu()
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, directory / file, metadata={"format": "pt"})
         for name, t in tensors.items():
@@ -122,7 +125,8 @@ def main() -> int:
     parser.add_argument("--preset", default="paper", choices=["paper", "default"])
     parser.add_argument("--coverage", type=float, default=0.5, help="fixed coverage (default 0.5; none: search)")
     parser.add_argument("--calibration-samples", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="where protect runs and where --build-only draws the random weights (default cpu)")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and releases go (default: a temp dir)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tokenizer", type=Path, default=None,
@@ -136,7 +140,8 @@ def main() -> int:
             parser.error("--build-only keeps the models: give --workdir DIR")
         for layers in args.layers:
             start = time.perf_counter()
-            size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers, tokenizer=args.tokenizer)
+            size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers, tokenizer=args.tokenizer,
+                              device=args.device)
             print(f"{args.shape}, {layers} layers: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s "
                   f"-> {args.workdir / f'model-{layers}'}", flush=True)
         return 0
