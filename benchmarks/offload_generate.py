@@ -53,10 +53,10 @@ def run_one(args) -> dict:
                  "offload_folder": str(args.offload_folder)}
     start = time.perf_counter()
     if args.one == "original":
-        model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.bfloat16, use_safetensors=True,
-                                                     **placement)
+        model = AutoModelForCausalLM.from_pretrained(args.source, dtype=getattr(torch, args.dtype),
+                                                     use_safetensors=True, **placement)
     else:
-        model = load_release(args.release, dtype=torch.bfloat16, **placement)
+        model = load_release(args.release, dtype=getattr(torch, args.dtype), **placement)
     model.eval()
     load_s = time.perf_counter() - start
     tokenizer = load_tokenizer(Path(args.source))
@@ -82,6 +82,7 @@ def run_one(args) -> dict:
 
 def child(args, which: str, reference: Path | None) -> dict:
     cmd = [sys.executable, __file__, str(args.source), str(args.release), "--one", which, "--tokens", str(args.tokens),
+           "--dtype", args.dtype,
            "--offload-folder", str(args.offload_folder / which), "--max-memory", *args.max_memory]
     if reference is not None:
         cmd += ["--reference", str(reference)]
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-folder", type=Path, default=None,
                     help="where accelerate may write offloaded weights (default: a temporary directory)")
     ap.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (default 16)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype both models are loaded in (default bfloat16)")
     ap.add_argument("--json", type=Path, help="write the report to this file")
     ap.add_argument("--one", choices=["original", "release"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", help=argparse.SUPPRESS)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     release.pop("reference_ids", None)
     size = {name: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
             for name, d in (("original", args.source), ("release", args.release))}
-    report = {"source": str(args.source), "release": str(args.release), "max_memory": args.max_memory,
+    report = {"source": str(args.source), "release": str(args.release), "max_memory": args.max_memory, "dtype": args.dtype,
               "tokens": args.tokens, "weights_bytes": size, "original": original, "release_run": release,
               "identical_tokens": first_divergence(original["tokens"], release["tokens"]),
               "threads": os.cpu_count()}

@@ -45,7 +45,7 @@ SHAPES = {
 
 
 def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokenizer: Path | None = None,
-               device: str = "cpu") -> int:
+               device: str = "cpu", gate_std: float = 0.02) -> int:
     """A random-weight Llama with `shape` and `layers` decoder layers, saved in bf16 with SmolLM2's tokenizer
     (chat template included).  Written tensor group by tensor group: the embedding, the head and the final norm each
     in their own shard, then one shard per decoder layer, each generated (normal, std 0.02; norms 1), written and
@@ -53,7 +53,11 @@ def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokeniz
     Llama-3 shapes' 128256 x 4096) whatever the depth.  `tokenizer`: a directory holding SmolLM2's tokenizer files
     (where the built-in model is not installed, e.g. the GPU machine).  `device`: where the random numbers are drawn
     (cuda: on the GPU, then copied back for writing; the 8B shape's 16 GB took over 240 s to draw on the GPU machine's
-    CPU, 96 s on this 2-core one).  Returns the bytes of its safetensors files."""
+    CPU, 96 s on this 2-core one).  `gate_std`: the std of the MLP gate weights (the rest: 0.02).  At 0.02 a hidden size
+    of 4096 gives gate pre-activations about 9 wide (std 0.02·√4096 ≈ 1.3, ±3.5σ over the calibration tokens), beyond
+    the radius where SiLU's Taylor series converges (π around 0), so a paper-preset release is not token-exact;
+    0.003 gives widths about 1.4, like the narrow channels of a real model.  Returns the bytes of its safetensors
+    files."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -79,7 +83,8 @@ def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokeniz
         tensors = {}
         for name in names:
             t = torch.empty(shapes[name], dtype=torch.bfloat16, device=device)
-            tensors[name] = (t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)).cpu()
+            std = gate_std if name.endswith("mlp.gate_proj.weight") else 0.02
+            tensors[name] = (t.fill_(1.0) if "norm" in name else t.normal_(0.0, std, generator=gen)).cpu()
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, directory / file, metadata={"format": "pt"})
         for name, t in tensors.items():
@@ -129,6 +134,9 @@ def main() -> int:
                         help="where protect runs and where --build-only draws the random weights (default cpu)")
     parser.add_argument("--workdir", type=Path, default=None, help="where models and releases go (default: a temp dir)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--gate-std", type=float, default=0.02,
+                        help="std of the random MLP gate weights (default 0.02, as every other weight: pre-activations "
+                             "too wide for a token-exact paper release at hidden 4096; 0.003: narrow, exact)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="directory with SmolLM2's tokenizer files (default: the built-in model's)")
     parser.add_argument("--build-only", action="store_true",
@@ -141,7 +149,7 @@ def main() -> int:
         for layers in args.layers:
             start = time.perf_counter()
             size = make_model(args.workdir / f"model-{layers}", SHAPES[args.shape], layers, tokenizer=args.tokenizer,
-                              device=args.device)
+                              device=args.device, gate_std=args.gate_std)
             print(f"{args.shape}, {layers} layers: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s "
                   f"-> {args.workdir / f'model-{layers}'}", flush=True)
         return 0
@@ -155,7 +163,7 @@ def main() -> int:
         for layers in args.layers:
             src, out = work / f"model-{layers}", work / f"release-{layers}"
             shutil.rmtree(src, ignore_errors=True)
-            model_bytes = make_model(src, shape, layers, tokenizer=args.tokenizer)
+            model_bytes = make_model(src, shape, layers, tokenizer=args.tokenizer, gate_std=args.gate_std)
             row = {"layers": layers, "model_bytes": model_bytes, **run_protect(src, out, args)}
             rows.append(row)
             print(f"{layers} layers: model {model_bytes / 1e9:.2f} GB, protect {row['wall_s']:.0f} s, "

@@ -23,8 +23,14 @@ from .progress import bar
 
 
 def input_device(model) -> torch.device:
-    """Where the model's input ids go (its input embeddings' device)."""
-    return model.get_input_embeddings().weight.device
+    """Where the model's input ids go: its input embeddings' device, or, where accelerate offloaded them (weights on
+    the meta device, read back from disk at each forward), the device its hook runs them on."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":
+        hook = getattr(embeddings, "_hf_hook", None)
+        device = torch.device(getattr(hook, "execution_device", None) or "cpu")
+    return device
 
 
 def padded_batches(sequences: list[torch.Tensor], max_tokens: int, side: str = "right", sort: bool = True,
