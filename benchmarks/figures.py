@@ -62,7 +62,7 @@ FIGURES = [
     Figure("demo-inspect", "README: Quick start (inspect the demo's release)", "the commit `make demo` ran",
            ("taylormlp inspect releases/smollm2-paper --json > {results}/inspect-smollm2-paper.json",), 0.2,
            ("inspect-smollm2-paper.json",), requires={"demo": True}),
-    Figure("protect-smollm2", "README: Large models (SmolLM2 protect time and memory)", "80ab2b3",
+    Figure("protect-smollm2", "README: Large models (SmolLM2 protect time and memory)", "d8c1c04",
            ("/usr/bin/time -f '%e s %M KB' taylormlp protect smollm2-135m-instruct --preset paper "
             "--out {releases}/smollm2-paper-timed 2> {results}/protect-smollm2-paper.time",
             "taylormlp compare smollm2-135m-instruct {releases}/smollm2-paper-timed "
@@ -131,8 +131,24 @@ FIGURES = [
            ("smollm2-paper", "smollm2-default"), {"disk_gb": 8}),
     Figure("mutation", "docs/code.md (mutation scores; README: Development)", "34b1555",
            ("make mutate > {results}/mutate.txt 2>&1",), 15, ("mutate.txt",)),
-    Figure("gpu-check", "README: Large models (no GPU figure yet)", "none: prepared, never run",
-           ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, requires={"gpu": True}),
+    Figure("gpu-check", "README: Slowdown and docs/throughput.md (the slowdown curve on an H200)", "7ffe99c",
+           ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, ("gpu/gpu-check-log.txt",), requires={"gpu": True}),
+    Figure("llama3-8b-32", "README: Large models (the Llama-3-8B shape at full depth)", "4dbc5f8",
+           ("{py} benchmarks/scale.py --shape llama3-8b --layers 32 --build-only --workdir {releases}/scale",
+            "/usr/bin/time -f '%e s %M KB' taylormlp protect {releases}/scale/model-32 --out {releases}/scale/rel-32 "
+            "--preset paper --coverage 0.5 --dtype bfloat16 --calibration-samples 16",
+            "{py} benchmarks/offload_generate.py {releases}/scale/model-32 {releases}/scale/rel-32 --max-memory "
+            "cpu=4GiB --tokens 16 --json {results}/offload-llama3-8b-gate0.02.json",
+            "taylormlp audit {releases}/scale/rel-32 --stream --attacks coefficient_ratio,factorization --original "
+            "{releases}/scale/model-32 --json {results}/audit-llama3-8b-streamed.json"), 95,
+           ("offload-llama3-8b-gate0.02.json", "audit-llama3-8b-streamed.json"), requires={"ram_gb": 12, "disk_gb": 50}),
+    Figure("slowdown-b32", "README: Slowdown and docs/throughput.md (the batch-32 dial)", "d8c1c04",
+           ("taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --out {releases}/smollm2-slow4-b32",
+            "taylormlp bench smollm2-135m-instruct {releases}/smollm2-slow4-b32 --batch-sizes 32 "
+            "--json {results}/bench-smollm2-slow4-b32.json",
+            "taylormlp compare smollm2-135m-instruct {releases}/smollm2-slow4-b32 --prompts "
+            "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-slow4-b32.json"), 60,
+           ("bench-smollm2-slow4-b32.json", "compare-smollm2-slow4-b32.json"), requires={"ram_gb": 8, "disk_gb": 5}),
 ]
 BY_ID = {f.id: f for f in FIGURES}
 
