@@ -71,7 +71,6 @@ def run_one(args) -> dict:
         seq = {"ids": torch.tensor(reference["ids"]), "prompt_len": reference["prompt_len"]}
         with torch.no_grad():
             row["teacher_forced"] = tokens_matched(model, [seq])
-        row["reference_ids"] = reference["ids"]
     else:
         row["ids"] = run.ids[0].tolist()
     if torch.cuda.is_available():
@@ -118,6 +117,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)))
         return 0
     from taylormlp.decode import first_divergence
+    from taylormlp.paths import write_text_atomically
 
     with tempfile.TemporaryDirectory(prefix="taylormlp-offload-") as tmp:
         if args.offload_folder is None:
@@ -126,7 +126,6 @@ def main(argv=None) -> int:
         reference = Path(tmp) / "reference.json"
         reference.write_text(json.dumps({"ids": original.pop("ids"), "prompt_len": original["prompt_tokens"]}))
         release = child(args, "release", reference)
-    release.pop("reference_ids", None)
     size = {name: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
             for name, d in (("original", args.source), ("release", args.release))}
     report = {"source": str(args.source), "release": str(args.release), "max_memory": args.max_memory, "dtype": args.dtype,
@@ -141,8 +140,7 @@ def main(argv=None) -> int:
     print(f"greedy: {report['identical_tokens']}/{args.tokens} tokens identical before the first difference; "
           f"teacher-forced {tf['tokens_matched']}/{tf['tokens']} of the original's tokens picked by the release")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_text_atomically(args.json, json.dumps(report, indent=1), "--json")
     return 0
 
 

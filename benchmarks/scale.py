@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from taylormlp.paths import write_text_atomically
+
 SHAPES = {
     # Llama-3-8B: hidden 4096, intermediate 14336, 32 query / 8 key-value heads, vocabulary 128256, 32 layers
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -193,8 +195,7 @@ def main() -> int:
     print(f"peak RSS ratio {rows[-1]['layers']} vs {rows[0]['layers']} layers: "
           f"{report['peak_rss_ratio_deepest_to_shallowest']:.3f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_text_atomically(args.json, json.dumps(report, indent=1), "--json")
     return 0
 
 
