@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from taylormlp import predict
 from taylormlp.bench import prompt_ids
 from taylormlp.paths import check_output_file, write_text_atomically
-from taylormlp.release import load_release
+from taylormlp.release import load_release, release_dtype
 from taylormlp.sources import load_base
 
 
@@ -46,8 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     check_output_file(args.out, "--out", args.force)
     batches = sorted(set(args.batch_sizes))
-    saved = json.loads((args.releases[0] / "config.json").read_text())  # the original in the releases' dtype
-    base, tokenizer, _ = load_base(args.source, dtype=getattr(torch, saved.get("dtype") or "float32"))
+    base, tokenizer, _ = load_base(args.source, dtype=release_dtype(args.releases[0]))  # in the releases' dtype
     ids, _ = prompt_ids(tokenizer)
     original = work(base, ids, batches)
     del base

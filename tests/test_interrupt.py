@@ -1,4 +1,5 @@
-"""A protect run killed with SIGKILL leaves nothing that load_release accepts, and nothing half-written at --out.
+"""A protect run killed with SIGKILL leaves nothing that load_release accepts, and nothing half-written at --out;
+one stopped with SIGTERM removes its temporary directory as well.
 
 Each run is killed at a point it is seen to have reached, while it is still running: mid-calibration (its progress
 output shows the calibration prose being run), or mid-write (the temporary release directory beside --out exists
@@ -33,13 +34,14 @@ def _start(source, out, scratch):
     return proc, seen
 
 
-@pytest.mark.parametrize("phase", ["calibrating", "writing"])
-def test_sigkill_leaves_nothing_loadable(tiny_llama_dir, tmp_path, phase):
+def _signal_at(phase, sig, source, tmp_path):
+    """Start a protect of `source`, send `sig` once it is seen at `phase`; the run's directory, output path, exit
+    status, output, whether it was still running and whether it had got there when the signal went."""
     work, scratch = tmp_path / "work", tmp_path / "scratch"
     work.mkdir()
     scratch.mkdir()
     out = work / "rel"
-    proc, seen = _start(tiny_llama_dir, out, scratch)
+    proc, seen = _start(source, out, scratch)
     deadline = time.time() + 300
 
     def reached():
@@ -50,14 +52,21 @@ def test_sigkill_leaves_nothing_loadable(tiny_llama_dir, tmp_path, phase):
     try:
         while time.time() < deadline and proc.poll() is None and not reached():
             time.sleep(0.001)
-        alive = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        alive, got_there = proc.poll() is None, reached()  # (a SIGTERM's cleanup removes what reached() sees)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert reached(), f"the run never got to {phase} (exit {proc.returncode}): {bytes(seen)[-2000:]!r}"
-    assert alive and proc.returncode == -signal.SIGKILL, "the kill must land while the run is still at work"
+    assert got_there, f"the run never got to {phase} (exit {proc.returncode}): {bytes(seen)[-2000:]!r}"
+    assert alive, "the signal must land while the run is still at work"
+    return work, out, proc.returncode, bytes(seen)
+
+
+@pytest.mark.parametrize("phase", ["calibrating", "writing"])
+def test_sigkill_leaves_nothing_loadable(tiny_llama_dir, tmp_path, phase):
+    work, out, code, _ = _signal_at(phase, signal.SIGKILL, tiny_llama_dir, tmp_path)
+    assert code == -signal.SIGKILL
     leftovers = sorted(work.glob(".rel.tmp-*"))
     if phase == "calibrating":  # nothing was written yet, and nothing is
         assert sorted(p.name for p in work.iterdir()) == []
@@ -73,3 +82,17 @@ def test_sigkill_leaves_nothing_loadable(tiny_llama_dir, tmp_path, phase):
         assert any(leftovers[0].iterdir())  # it did hold part of the release
         with pytest.raises(TaylorMLPError, match="not a complete taylormlp release"):
             load_release(leftovers[0])
+
+
+@pytest.mark.parametrize("phase", ["calibrating", "writing"])
+def test_sigterm_cleans_up(tiny_llama_dir, tmp_path, phase):
+    """SIGTERM (kill, a scheduler, a container stop) is not SIGKILL: the run stops and removes what it was
+    writing, so nothing is left beside --out, not even the hidden temporary directory."""
+    work, out, code, seen = _signal_at(phase, signal.SIGTERM, tiny_llama_dir, tmp_path)
+    if out.exists():  # the rename landed first: a complete release and nothing else
+        load_release(out)
+        assert sorted(p.name for p in work.iterdir()) == ["rel"]
+    else:
+        assert code == 128 + signal.SIGTERM, seen[-2000:]
+        assert b"terminated; nothing was written" in seen
+        assert sorted(p.name for p in work.iterdir()) == []  # the temporary directory is gone too

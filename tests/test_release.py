@@ -10,7 +10,7 @@ from taylormlp import load_release, runtime
 from taylormlp.errors import TaylorMLPError
 from taylormlp.leakcheck import leak_check
 from taylormlp.pipeline import generate_ids, protect_to_release
-from taylormlp.release import MANIFEST, verify_release
+from taylormlp.release import MANIFEST, release_dtype, verify_release
 from taylormlp.sources import load_base
 
 from conftest import FAST
@@ -170,6 +170,7 @@ def test_release_dtype(tiny_llama_dir, tmp_path, dtype):
     protect_to_release(tiny_llama_dir, out, preset="default", coverage=0.5, dtype=dtype, **FAST)
     model = load_release(out)
     assert model.model.layers[0].mlp.theta.dtype == getattr(torch, dtype)
+    assert release_dtype(out) == getattr(torch, dtype)  # what bench and the GPU prediction load the original in
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
@@ -233,3 +234,13 @@ def test_release_spec_reads_layers_without_pieces_as_one_piece_per_channel():
     module = runtime.TaylorMLP(spec.family, spec.hidden_size, spec.layers[0].protected, spec.layers[0].rest,
                                spec.order, spec.basis, spec.activation, pieces=spec.layers[0].pieces)
     assert module.pieces == 2 and module.theta.shape == (8, 4 * 2)
+
+
+def test_release_dtype_default_and_unknown(tmp_path):
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert release_dtype(rel) == torch.float32  # a config that names no dtype: float32, as transformers reads it
+    (rel / "config.json").write_text(json.dumps({"dtype": "int8"}))
+    with pytest.raises(TaylorMLPError, match="int8"):
+        release_dtype(rel)

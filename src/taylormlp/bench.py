@@ -47,7 +47,7 @@ from .decode import decode_timings, input_device, interleaved, measure_decode, p
 from .errors import TaylorMLPError
 from .paths import write_text_atomically
 from .progress import bar, log, status
-from .release import load_release, release_size
+from .release import load_release, release_dtype, release_size
 from .runtime import TaylorMLP, decoder_layers
 from .sources import is_chat_model, load_base
 from .throughput import bench_timings, throughput_rows
@@ -213,13 +213,13 @@ def _maxrss_bytes() -> int:
 
 def _memory_probe_main(argv: list[str]) -> None:
     """Child process: baseline RSS after imports, after loading, after one decode run; prints JSON."""
-    kind, path, ids_json, tokens, threads = argv
+    kind, path, ids_json, tokens, threads, dtype = argv
     import transformers  # noqa: F401  (part of the baseline, as in any user's process)
 
     torch.set_num_threads(int(threads))
     base = _maxrss_bytes()
     if kind == "original":
-        model = load_base(path)[0]
+        model = load_base(path, dtype=getattr(torch, dtype))[0]  # in the releases' dtype, as it was timed
     else:
         model = load_release(path, verify=False)
     loaded = _maxrss_bytes()
@@ -229,13 +229,15 @@ def _memory_probe_main(argv: list[str]) -> None:
                       "rss_peak_bytes": peak - base}))
 
 
-def memory_probe(kind: str, path, input_ids, tokens: int, timeout: float = 900.0) -> dict:
+def memory_probe(kind: str, path, input_ids, tokens: int, timeout: float = 900.0,
+                 dtype: torch.dtype = torch.float32) -> dict:
     ids = torch.as_tensor(input_ids).reshape(-1).tolist()
     code = "import sys; from taylormlp.bench import _memory_probe_main; _memory_probe_main(sys.argv[1:])"
     env = {**os.environ, "TAYLORMLP_QUIET": "1"}
     try:
         proc = subprocess.run([sys.executable, "-c", code, kind, str(path), json.dumps(ids), str(tokens),
-                               str(torch.get_num_threads())], capture_output=True, text=True, timeout=timeout,
+                               str(torch.get_num_threads()), str(dtype).removeprefix("torch.")],
+                              capture_output=True, text=True, timeout=timeout,
                               env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"memory probe timed out after {timeout:.0f}s"}
@@ -370,8 +372,9 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
     for name, path in zip(_unique_names(releases), releases):
         with status(f"loading release {path}"):
             loaded[name] = load_release(path).to(device)
+    dtype = release_dtype(releases[0])
     with status(f"loading original {source}"):  # in the releases' dtype: a bf16 release against a bf16 original
-        base, tokenizer, base_dir = load_base(source, dtype=next(iter(loaded.values())).dtype)
+        base, tokenizer, base_dir = load_base(source, dtype=dtype)
         base = base.to(device)
     models = {ORIGINAL: base}
     paths = {ORIGINAL: Path(base_dir)}
@@ -401,7 +404,7 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
         for row in bar(rows, desc="peak memory (one fresh process per model)", unit="model"):
             kind = "original" if row["kind"] == "original" else "release"
             target = source if kind == "original" else row["path"]
-            row["memory"] = memory_probe(kind, target, ids, tokens)
+            row["memory"] = memory_probe(kind, target, ids, tokens, dtype=dtype)
     if serve is not None:
         targets = {row["name"]: (row["kind"], str(source) if row["kind"] == "original" else row["path"])
                    for row in rows}

@@ -11,8 +11,10 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -335,9 +337,20 @@ def _unexpected_io_error(exc: BaseException) -> str:
     return f"an input file is not valid JSON ({exc}); check the files you gave (truncated or damaged?)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, a container stop), raised where the process is, so that every `finally`
+    runs: a protect stopped this way removes its temporary release directory, as it does on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set from there
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         from . import commands  # after parsing: --help and usage errors need none of the models' libraries
 
@@ -349,9 +362,10 @@ def main(argv=None) -> int:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         print(f"taylormlp {args.command}: error: {_one_line(_unexpected_io_error(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written to the output directory", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; nothing was written to the output "
+              f"directory", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -407,5 +407,16 @@ def load_release(directory, dtype: torch.dtype | None = None, verify: bool = Tru
     return model
 
 
+def release_dtype(directory) -> torch.dtype:
+    """The dtype a release's weights are stored in (its config.json's "dtype"); float32 when it names none.  An
+    original is compared with a release in this dtype (bench, the GPU prediction): bf16 against bf16."""
+    config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in DTYPE_NAMES:
+        raise TaylorMLPError(f"{directory}: config.json names dtype {name!r}; a release is one of "
+                             f"{', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
 def release_size(directory) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
