@@ -384,6 +384,7 @@ def test_release_spec_round_trips_and_keeps_what_protect_recorded():
      "the taylormlp section of config.json lacks order, coverage: a damaged release"),
     ({**SPEC, "layers": [{"protected": 3}]}, "the taylormlp section's layers are malformed ("),
     ({**SPEC, "layers": [7]}, "the taylormlp section's layers are malformed ("),
+    ({**SPEC, "masked": ["hidden_act"]}, "the taylormlp section's masked keys are not a dict: a damaged release"),
 ])
 def test_release_spec_refuses_what_is_not_a_release(spec, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)) as info:
@@ -563,3 +564,39 @@ def test_release_class_forwards_every_argument_to_the_transformers_class(monkeyp
     model = cls(SimpleNamespace(model_type="llama", taylormlp=SPEC), "positional", flag=True)
     assert seen == {"args": ("positional",), "kwargs": {"flag": True}}
     assert [type(m.mlp) for m in model.model.layers] == [runtime.TaylorMLP] * 2
+
+
+# ---------------------------------------------------------------- third round: format 2's masking, base models
+
+
+def test_masked_config_hides_every_activation_name_and_unmasked_spec_puts_them_back():
+    config = _tiny_llama_config()
+    config.taylormlp = dict(SPEC, format_version=1)
+    act = config.hidden_act
+    written = runtime.masked_config(config)
+    assert config.hidden_act == act and config.taylormlp["format_version"] == 1  # the model's own config untouched
+    assert written.hidden_act == runtime.LOAD_NOTICE and written is not config
+    assert written.taylormlp == {**SPEC, "format_version": runtime.FORMAT_VERSION, "masked": {"hidden_act": act}}
+    again = runtime.masked_config(written)  # masking a masked config does not record the notice as the real name
+    assert again.taylormlp["masked"] == {}
+    spec = runtime.unmasked_spec(written)
+    assert written.hidden_act == act and spec.masked == {"hidden_act": act} and spec.order == SPEC["order"]
+
+
+def test_masked_config_leaves_keys_that_are_not_names():
+    config = SimpleNamespace(hidden_act=None, hidden_activation=7, activation_function="gelu", taylormlp=SPEC)
+    written = runtime.masked_config(config)  # (transformers' own configs refuse a None name; a plain object does not)
+    assert written.hidden_act is None and written.hidden_activation == 7  # not strings: nothing to hide
+    assert written.activation_function == runtime.LOAD_NOTICE
+    assert written.taylormlp["masked"] == {"activation_function": "gelu"}
+
+
+def test_base_model_release_class_installs_into_the_base_model():
+    config = _tiny_llama_config()
+    cls = runtime.release_class(config, base=True)
+    assert cls.__name__ == "TaylorMLPLlamaModel" and cls.__bases__ == (transformers.LlamaModel,)
+    config.taylormlp = SPEC
+    model = cls(config)
+    assert [m.mlp.pieces for m in model.layers] == [3, 5]  # layers sit at model.layers, one attribute higher
+    with pytest.raises(AttributeError):
+        runtime.install_taylor_mlps(transformers.LlamaModel(_tiny_llama_config()), SPEC)  # base=False: no .model

@@ -135,3 +135,87 @@ def test_an_error_over_budget_rejects_an_exact_candidate(monkeypatch):
     check, trace, _ = _screened(monkeypatch, fake)
     assert check(0.5, screen=False) is True
     assert check(0.6, screen=False) is False and trace[-1]["max_logit_error"] == 0.2
+
+
+def test_grid_between_floor_and_cap():
+    assert largest_accepted(Validation(0.55, []), 0.8, 2, floor=0.2) == 0.5  # grid 0.2, 0.35, 0.5, 0.65, 0.8
+    cap, floor = 0.3, 0.1  # 0.1 + (0.3 - 0.1) is 0.30000000000000004 in floats: the cap is returned as given
+    assert largest_accepted(Validation(1.0, []), cap, 3, floor=floor) == cap
+
+
+class Recorder:
+    """Records decode.validate's arguments, and what a progress bar is told."""
+
+    def __init__(self):
+        self.calls, self.postfix, self.updates = [], [], 0
+
+    def __call__(self, model, validation, max_tokens, budget=None, limit=None):
+        self.calls.append((model, validation, max_tokens, budget, limit))
+        return {"exact": True, "max_logit_error": 0.0, "tokens_matched": 1, "tokens": 1}
+
+    def update(self):
+        self.updates += 1
+
+    def set_postfix(self, **kw):
+        self.postfix.append(kw)
+
+
+def test_screened_check_passes_its_arguments_to_validate_and_reports_progress(monkeypatch):
+    import contextlib
+
+    import taylormlp.search as search
+
+    rec = Recorder()
+    monkeypatch.setattr(search, "validate", rec)
+    validation = [{"ids": [0] * n} for n in (10, 10, 10, 70)]  # 25% of 100 tokens: the first 3 sequences
+    model = object()
+    check = search.screened_check(model, validation, 64, 0.125, lambda c: contextlib.nullcontext(), [], rec)
+    assert check(0.5) is True  # a full check unless asked for a screen
+    assert check(0.25, screen=True) is True
+    assert rec.calls == [(model, validation, 64, 0.125, None), (model, validation, 64, 0.125, 3)]
+    assert rec.updates == 2
+    assert rec.postfix == [{"coverage": "0.500", "check": "full", "ok": True},
+                           {"coverage": "0.250", "check": "screen", "ok": True}]
+
+
+def test_screened_check_of_an_empty_validation_set_screens_nothing(monkeypatch):
+    import contextlib
+
+    import taylormlp.search as search
+
+    rec = Recorder()
+    monkeypatch.setattr(search, "validate", rec)
+    check = search.screened_check(None, [], 8, 0.1, lambda c: contextlib.nullcontext(), [])
+    check(0.5, screen=True)
+    assert rec.calls[-1][-1] == 0
+
+
+def test_search_coverage_runs_the_screened_bisection_on_the_protector(monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    import pytest
+
+    import taylormlp.search as search
+    from taylormlp.errors import TaylorMLPError
+
+    fake = FakeValidation(0.3)
+    monkeypatch.setattr(search, "validate", fake)
+    installed = []
+
+    @contextlib.contextmanager
+    def install(coverage):
+        fake.coverage = coverage
+        installed.append(coverage)
+        yield
+
+    protector = SimpleNamespace(model=object(), installed=install,
+                                opts=SimpleNamespace(batch_tokens=64, error_budget=0.1, search_steps=9))
+    data = SimpleNamespace(validation=[{"ids": [0] * 10} for _ in range(8)])
+    trace = []
+    assert search.search_coverage(protector, data, trace) == 153 / 512  # largest multiple of 1/512 not above 0.3
+    assert installed[0] == 1.0 and len(trace) == len(installed) == 11  # the top, 9 halvings, one full check
+    assert [row["screen"] for row in trace].count(False) == 1
+    for empty in (None, SimpleNamespace(validation=[])):
+        with pytest.raises(TaylorMLPError, match="no validation prompts"):
+            search.search_coverage(protector, empty, [])
