@@ -600,3 +600,31 @@ def test_base_model_release_class_installs_into_the_base_model():
     assert [m.mlp.pieces for m in model.layers] == [3, 5]  # layers sit at model.layers, one attribute higher
     with pytest.raises(AttributeError):
         runtime.install_taylor_mlps(transformers.LlamaModel(_tiny_llama_config()), SPEC)  # base=False: no .model
+
+
+@pytest.mark.parametrize("pieces", [None, 5])
+@pytest.mark.parametrize("basis", BASES)
+def test_forward_reads_nothing_back_from_an_accelerator(basis, pieces):
+    """Off the CPU the forward never asks the device for a value (each ask stalls a layer until the device is done and
+    rules out CUDA graphs): the meta device, which has no values to give, stands in for CUDA."""
+    mlp = runtime.TaylorMLP("gated", 4, 2, 1, 3, basis, "silu", pieces=pieces).to("meta")
+    with torch.no_grad():
+        y = mlp(torch.zeros(2, 3, 4, device="meta"))
+    assert y.shape == (2, 3, 4) and y.device.type == "meta"
+
+
+def test_on_the_cpu_the_continuation_is_worked_only_when_an_input_is_outside(monkeypatch):
+    mlp = runtime.TaylorMLP("plain", 2, 2, 0, 3, "taylor", "silu").double()  # plain: features are φ_n(t), no ⊙ u
+    with torch.no_grad():
+        mlp.gate.weight.copy_(torch.eye(2))
+        mlp.z0.zero_()
+        mlp.h.fill_(1.0)
+    calls = []
+    slopes = runtime.edge_slopes
+    monkeypatch.setattr(runtime, "edge_slopes", lambda *a: calls.append(a) or slopes(*a))
+    with torch.no_grad():
+        inside = mlp.features(torch.tensor([[0.5, -0.5]], dtype=torch.float64))
+        assert calls == []
+        outside = mlp.features(torch.tensor([[2.0, -0.5]], dtype=torch.float64))
+    assert calls == [("taylor", 3)]
+    assert inside.shape == outside.shape and outside[0, 3 * 2].item() == 1.0 + 3.0 * 1.0  # t³ at 1, + 3·excess 1

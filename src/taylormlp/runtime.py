@@ -248,7 +248,9 @@ class TaylorMLP(nn.Module):
             return self.features_differentiable(x)
         tc, excess, u, active = self.coordinates(x)
         work = tc.dtype
-        outside = bool((excess != 0).any())
+        # the continuation is skipped when nothing is outside: known for free on the CPU; on an accelerator asking
+        # would wait for the device (no CUDA graphs, a stall per layer), so there it is always added (+0 inside)
+        outside = tc.device.type != "cpu" or bool((excess != 0).any())
         N = self.order
         basis = torch.empty(*tc.shape[:-1], N + 1, tc.shape[-1], dtype=work, device=tc.device)
         phi = basis.unbind(-2)  # views: φ_n is written in place
