@@ -73,7 +73,7 @@ FIGURES = [
             "--prompts benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-default.json"), 12,
            ("compare-smollm2-paper.json", "compare-smollm2-default.json"), requires={"ram_gb": 4, "disk_gb": 5}),
     Figure("coverage-table", "README: Evaluation (coverage chosen by protect)",
-           "80ab2b3 (SmolLM2 rows), c402827 and fd0e966 (Gemma rows)",
+           "9c6e41c",
            ("taylormlp inspect {releases}/smollm2-paper --json > {results}/inspect-smollm2-paper-fresh.json",
             "taylormlp inspect {releases}/smollm2-default --json > {results}/inspect-smollm2-default.json",
             "taylormlp inspect {releases}/gemma3-paper --json > {results}/inspect-gemma3-paper.json",
