@@ -84,7 +84,7 @@ FIGURES = [
             "--json {results}/compare-gemma3-default.json"), 8,
            ("compare-gemma3-paper.json", "compare-gemma3-default.json"),
            ("smollm2-paper", "smollm2-default", "gemma3-paper", "gemma3-default"), {"ram_gb": 6, "disk_gb": 10}),
-    Figure("memory-vs-depth", "README: Large models (memory against depth)", "34b1555",
+    Figure("memory-vs-depth", "README: Large models (memory against depth)", "9c6e41c",
            ("{py} benchmarks/scale.py --shape smol-wide --layers 4 8 --json {results}/scale-smol-wide.json",), 25,
            ("scale-smol-wide.json",), requires={"ram_gb": 4, "disk_gb": 6}),
     Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "618f2ac",
@@ -115,11 +115,11 @@ FIGURES = [
            ("benchmarks/lm_eval_check.sh smollm2-135m-instruct {releases}/smollm2-default-cs20 "
             "> {results}/lm-eval-smollm2.txt",), 10, ("lm-eval-smollm2.txt",), ("smollm2-default-cs20",),
            {"lm_eval": True, "ram_gb": 6, "disk_gb": 4}),
-    Figure("audit-paper", "README: Security (audit of the paper release)", "63c7770",
+    Figure("audit-paper", "README: Security (audit of the paper release)", "9c6e41c",
            ("taylormlp audit {releases}/smollm2-paper --original smollm2-135m-instruct "
             "--json {results}/audit-smollm2-paper.json",), 20, ("audit-smollm2-paper.json",), ("smollm2-paper",),
            {"ram_gb": 6}),
-    Figure("audit-default", "README: Security (pieces add work, not secrecy)", "18f9a75",
+    Figure("audit-default", "README: Security (pieces add work, not secrecy)", "9c6e41c",
            ("taylormlp audit {releases}/smollm2-default --original smollm2-135m-instruct "
             "--attacks coefficient_ratio,factorization --json {results}/audit-smollm2-default.json",), 4,
            ("audit-smollm2-default.json",), ("smollm2-default",), {"ram_gb": 8}),
@@ -129,7 +129,7 @@ FIGURES = [
             "> {results}/stock-loading-smollm2-default.txt"), 6,
            ("stock-loading-smollm2-paper.txt", "stock-loading-smollm2-default.txt"),
            ("smollm2-paper", "smollm2-default"), {"disk_gb": 8}),
-    Figure("mutation", "docs/code.md (mutation scores; README: Development)", "34b1555",
+    Figure("mutation", "docs/code.md (mutation scores; README: Development)", "cf566c3",
            ("make mutate > {results}/mutate.txt 2>&1",), 15, ("mutate.txt",)),
     Figure("gpu-check", "README: Slowdown and docs/throughput.md (the slowdown curve on an H200)", "7ffe99c",
            ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, ("gpu/gpu-check-log.txt",), requires={"gpu": True}),

@@ -200,7 +200,16 @@ def test_search_coverage_runs_the_screened_bisection_on_the_protector(monkeypatc
     from taylormlp.errors import TaylorMLPError
 
     fake = FakeValidation(0.3)
-    monkeypatch.setattr(search, "validate", fake)
+    seen = []
+
+    def validate(model, validation, max_tokens, budget=None, limit=None):
+        seen.append((model, max_tokens, budget))
+        return fake(model, validation, max_tokens, budget, limit)
+
+    monkeypatch.setattr(search, "validate", validate)
+    progress = Recorder()
+    monkeypatch.setattr(search, "bar", lambda **kw: progress.postfix.append(kw) or progress)
+    progress.close = lambda: progress.postfix.append("closed")
     installed = []
 
     @contextlib.contextmanager
@@ -216,6 +225,9 @@ def test_search_coverage_runs_the_screened_bisection_on_the_protector(monkeypatc
     assert search.search_coverage(protector, data, trace) == 153 / 512  # largest multiple of 1/512 not above 0.3
     assert installed[0] == 1.0 and len(trace) == len(installed) == 11  # the top, 9 halvings, one full check
     assert [row["screen"] for row in trace].count(False) == 1
+    assert set(seen) == {(protector.model, 64, 0.1)}  # the protector's model, batch size and budget
+    assert progress.postfix[0] == {"desc": "coverage search", "unit": "check"} and progress.postfix[-1] == "closed"
+    assert progress.updates == 11  # every check moved the bar
     for empty in (None, SimpleNamespace(validation=[])):
         with pytest.raises(TaylorMLPError, match="no validation prompts"):
             search.search_coverage(protector, empty, [])
