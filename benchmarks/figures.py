@@ -111,7 +111,7 @@ FIGURES = [
            ("{py} benchmarks/frontier.py --cache {results}/calibration-smollm2.pkl --orders 8,16 "
             "--coverages 0.25,0.5,0.75,0.9,1.0 --out {results}/frontier.json > {results}/frontier.txt",), 30,
            ("frontier.json", "frontier.txt"), requires={"ram_gb": 4}),
-    Figure("lm-eval", "README: Evaluation (lm-evaluation-harness)", "7ecd9d0",
+    Figure("lm-eval", "README: Evaluation (lm-evaluation-harness)", "9c6e41c",
            ("benchmarks/lm_eval_check.sh smollm2-135m-instruct {releases}/smollm2-default-cs20 "
             "> {results}/lm-eval-smollm2.txt",), 10, ("lm-eval-smollm2.txt",), ("smollm2-default-cs20",),
            {"lm_eval": True, "ram_gb": 6, "disk_gb": 4}),
@@ -123,7 +123,7 @@ FIGURES = [
            ("taylormlp audit {releases}/smollm2-default --original smollm2-135m-instruct "
             "--attacks coefficient_ratio,factorization --json {results}/audit-smollm2-default.json",), 4,
            ("audit-smollm2-default.json",), ("smollm2-default",), {"ram_gb": 8}),
-    Figure("stock-loading", "README: Quick start (a release loads with stock transformers)", "2ecf2f4, a55c7b4",
+    Figure("stock-loading", "README: Quick start (a release loads with stock transformers)", "9c6e41c",
            ("benchmarks/stock_loading_check.sh {releases}/smollm2-paper > {results}/stock-loading-smollm2-paper.txt",
             "benchmarks/stock_loading_check.sh {releases}/smollm2-default "
             "> {results}/stock-loading-smollm2-default.txt"), 6,
