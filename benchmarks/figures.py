@@ -87,7 +87,7 @@ FIGURES = [
     Figure("memory-vs-depth", "README: Large models (memory against depth)", "9c6e41c",
            ("{py} benchmarks/scale.py --shape smol-wide --layers 4 8 --json {results}/scale-smol-wide.json",), 25,
            ("scale-smol-wide.json",), requires={"ram_gb": 4, "disk_gb": 6}),
-    Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "618f2ac",
+    Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "9c6e41c",
            ("{py} benchmarks/scale.py --shape llama3-8b --layers 1 2 4 --json {results}/scale-llama3-8b-paper.json",),
            15, ("scale-llama3-8b-paper.json",), requires={"ram_gb": 9, "disk_gb": 20}),
     Figure("slowdown-table", "README: Slowdown (--slowdown on SmolLM2)", "8fbb9e2 (1.25x-8x), 65edf1b (16x)",
