@@ -56,7 +56,7 @@ class Figure:
 
 
 FIGURES = [
-    Figure("cli-startup", "README: Quick start (the --help line)", "1607d27",
+    Figure("cli-startup", "README: Quick start (the --help line)", "9c6e41c",
            ("{{ for c in --help 'protect --help' --version; do /usr/bin/time -f \"taylormlp $c: %e s\" "
             "taylormlp $c > /dev/null; done; }} 2> {results}/cli-startup.txt",), 0.1, ("cli-startup.txt",)),
     Figure("demo-inspect", "README: Quick start (inspect the demo's release)", "the commit `make demo` ran",
