@@ -11,8 +11,9 @@ mapped to OUT/results and OUT/releases, so nothing committed is overwritten; the
 there first (once, shared by the figures that need them).  Each fresh output that has a committed counterpart in
 results/ is compared with it: JSON leaf by leaf (numbers within 1e-6 relative count as equal; timings will
 differ), text line by line.  A figure this machine cannot rebuild is named with the reason: no GPU, lm-eval not
-installed (`make eval-setup`), too little memory or disk, the demo release missing (`make demo`), or too long for
-the quick run.  Times are estimates on this project's idle 2-core CPU machine, prerequisites included.
+installed (`make eval-setup`), the serve extra missing, too little memory or disk, the demo release missing
+(`make demo`), or too long for the quick run.  Times are estimates on this project's idle 2-core CPU machine,
+prerequisites included.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ RELEASES = {
     "smollm2-paper": ("taylormlp protect smollm2-135m-instruct --preset paper --out {releases}/smollm2-paper", 1.5),
     "smollm2-default": ("taylormlp protect smollm2-135m-instruct --out {releases}/smollm2-default", 2.0),
     "smollm2-4x": ("taylormlp protect smollm2-135m-instruct --slowdown 4 --out {releases}/smollm2-4x", 6.0),
+    # the same command as smollm2-4x, under the name docs/throughput.md and docs/serving.md use
+    "smollm2-slow4": ("taylormlp protect smollm2-135m-instruct --slowdown 4 --out {releases}/smollm2-slow4", 6.0),
     "smollm2-default-cs20": ("taylormlp protect smollm2-135m-instruct --calibration-samples 20 "
                              "--out {releases}/smollm2-default-cs20", 1.5),
     "gemma3-paper": ("taylormlp protect gemma3-270m --preset paper --out {releases}/gemma3-paper", 4.0),
@@ -52,7 +55,7 @@ class Figure:
     minutes: float  # on the idle 2-core CPU machine, its own steps only
     outputs: tuple[str, ...] = ()  # files under {results} it writes (compared with results/)
     needs: tuple[str, ...] = ()  # names in RELEASES
-    requires: dict = field(default_factory=dict)  # gpu, lm_eval, demo, ram_gb, disk_gb
+    requires: dict = field(default_factory=dict)  # gpu, lm_eval, serve, demo, ram_gb, disk_gb
 
 
 FIGURES = [
@@ -111,7 +114,7 @@ FIGURES = [
            ("{py} benchmarks/frontier.py --cache {results}/calibration-smollm2.pkl --orders 8,16 "
             "--coverages 0.25,0.5,0.75,0.9,1.0 --out {results}/frontier.json > {results}/frontier.txt",), 30,
            ("frontier.json", "frontier.txt"), requires={"ram_gb": 4}),
-    Figure("lm-eval", "README: Evaluation (lm-evaluation-harness)", "9c6e41c",
+    Figure("lm-eval", "docs/measurements.md (lm-evaluation-harness; summed up in README: Evaluation)", "9c6e41c",
            ("benchmarks/lm_eval_check.sh smollm2-135m-instruct {releases}/smollm2-default-cs20 "
             "> {results}/lm-eval-smollm2.txt",), 10, ("lm-eval-smollm2.txt",), ("smollm2-default-cs20",),
            {"lm_eval": True, "ram_gb": 6, "disk_gb": 4}),
@@ -133,7 +136,8 @@ FIGURES = [
            ("make mutate > {results}/mutate.txt 2>&1",), 15, ("mutate.txt",)),
     Figure("gpu-check", "README: Slowdown and docs/throughput.md (the slowdown curve on an H200)", "7ffe99c",
            ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, ("gpu/gpu-check-log.txt",), requires={"gpu": True}),
-    Figure("llama3-8b-32", "README: Large models (the Llama-3-8B shape at full depth)", "4dbc5f8",
+    Figure("llama3-8b-32", "docs/large-models.md (the Llama-3-8B shape at full depth; summed up in README: Large "
+           "models)", "4dbc5f8",
            ("{py} benchmarks/scale.py --shape llama3-8b --layers 32 --build-only --workdir {releases}/scale",
             "/usr/bin/time -f '%e s %M KB' taylormlp protect {releases}/scale/model-32 --out {releases}/scale/rel-32 "
             "--preset paper --coverage 0.5 --dtype bfloat16 --calibration-samples 16",
@@ -142,6 +146,17 @@ FIGURES = [
             "taylormlp audit {releases}/scale/rel-32 --stream --attacks coefficient_ratio,factorization --original "
             "{releases}/scale/model-32 --json {results}/audit-llama3-8b-streamed.json"), 95,
            ("offload-llama3-8b-gate0.02.json", "audit-llama3-8b-streamed.json"), requires={"ram_gb": 12, "disk_gb": 50}),
+    Figure("bench-batch", "docs/throughput.md (the curve; summed up in README: Slowdown)", "c195b4e",
+           ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
+            "--batch-sizes 1 8 32 --json {results}/bench-batch-smollm2.json "
+            "--plot {results}/bench-batch-smollm2.png",),
+           12, ("bench-batch-smollm2.json",), ("smollm2-default", "smollm2-slow4"), {"ram_gb": 8, "disk_gb": 9}),
+    Figure("serve-bench", "docs/serving.md (throughput through the server; summed up in README: Slowdown)",
+           "c195b4e",
+           ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
+            "--serve-concurrency 1 8 --json {results}/serve-bench-smollm2.json",),
+           12, ("serve-bench-smollm2.json",), ("smollm2-default", "smollm2-slow4"),
+           {"serve": True, "ram_gb": 8, "disk_gb": 9}),
     Figure("slowdown-b32", "README: Slowdown and docs/throughput.md (the batch-32 dial)", "d8c1c04",
            ("taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --out {releases}/smollm2-slow4-b32",
             "taylormlp bench smollm2-135m-instruct {releases}/smollm2-slow4-b32 --batch-sizes 32 "
@@ -168,7 +183,8 @@ def machine() -> dict:
             gpu = torch.cuda.is_available()
         except ImportError:
             pass
-    return {"ram_gb": ram, "gpu": gpu, "lm_eval": importlib.util.find_spec("lm_eval") is not None}
+    return {"ram_gb": ram, "gpu": gpu, "lm_eval": importlib.util.find_spec("lm_eval") is not None,
+            "serve": importlib.util.find_spec("openai") is not None and importlib.util.find_spec("fastapi") is not None}
 
 
 def total_minutes(fig: Figure, made: set[str]) -> float:
@@ -182,6 +198,8 @@ def blockers(fig: Figure, here: dict, out: Path, quick: bool, made: set[str]) ->
         why.append("needs a CUDA GPU (none visible)")
     if need.get("lm_eval") and not here["lm_eval"]:
         why.append("lm-eval is not installed (make eval-setup)")
+    if need.get("serve") and not here["serve"]:
+        why.append("the serve extra is not installed (pip install -e '.[serve]')")
     if need.get("demo"):
         from taylormlp.kinds import is_release  # torch-free
 
