@@ -110,9 +110,9 @@ FIGURES = [
             "{releases}/smollm2-4x --tokens 16 --repeats 2 --json {results}/bench-smollm2.json "
             "--plot {results}/bench-smollm2.png",), 8, ("bench-smollm2.json",),
            ("smollm2-paper", "smollm2-default", "smollm2-4x"), {"ram_gb": 6, "disk_gb": 9}),
-    Figure("frontier", "docs/method.md (fidelity frontier)", "9373526",
+    Figure("frontier", "docs/method.md (fidelity frontier)", "c39f39a",
            ("{py} benchmarks/frontier.py --cache {results}/calibration-smollm2.pkl --orders 8,16 "
-            "--coverages 0.25,0.5,0.75,0.9,1.0 --out {results}/frontier.json > {results}/frontier.txt",), 30,
+            "--coverages 0.25,0.5,0.75,0.9,1.0 --out {results}/frontier.json > {results}/frontier.txt",), 16,
            ("frontier.json", "frontier.txt"), requires={"ram_gb": 4}),
     Figure("lm-eval", "docs/measurements.md (lm-evaluation-harness; summed up in README: Evaluation)", "9c6e41c",
            ("benchmarks/lm_eval_check.sh smollm2-135m-instruct {releases}/smollm2-default-cs20 "
@@ -157,6 +157,15 @@ FIGURES = [
             "--serve-concurrency 1 8 --json {results}/serve-bench-smollm2.json",),
            12, ("serve-bench-smollm2.json",), ("smollm2-default", "smollm2-slow4"),
            {"serve": True, "ram_gb": 8, "disk_gb": 9}),
+    Figure("audit-stream-2", "docs/large-models.md (the streamed audit on the 2-layer Llama-3-8B shape)", "83c4f4f",
+           ("{py} benchmarks/scale.py --shape llama3-8b --layers 2 --build-only --workdir {releases}/scale",
+            "taylormlp protect {releases}/scale/model-2 --out {releases}/scale/rel-2 --preset paper --coverage 0.5 "
+            "--dtype bfloat16 --calibration-samples 16",
+            "OMP_NUM_THREADS=1 /usr/bin/time -f '%e s %M KB' taylormlp audit {releases}/scale/rel-2 --stream "
+            "--attacks coefficient_ratio,factorization --json {results}/audit-stream-2.json",
+            "OMP_NUM_THREADS=1 /usr/bin/time -f '%e s %M KB' taylormlp audit {releases}/scale/rel-2 --stream "
+            "--attacks coefficient_ratio,factorization --original {releases}/scale/model-2 "
+            "--json {results}/audit-stream-2-original.json"), 20, requires={"ram_gb": 12, "disk_gb": 12}),
     Figure("slowdown-b32", "README: Slowdown and docs/throughput.md (the batch-32 dial)", "d8c1c04",
            ("taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --out {releases}/smollm2-slow4-b32",
             "taylormlp bench smollm2-135m-instruct {releases}/smollm2-slow4-b32 --batch-sizes 32 "
