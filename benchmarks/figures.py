@@ -146,16 +146,16 @@ FIGURES = [
             "taylormlp audit {releases}/scale/rel-32 --stream --attacks coefficient_ratio,factorization --original "
             "{releases}/scale/model-32 --json {results}/audit-llama3-8b-streamed.json"), 95,
            ("offload-llama3-8b-gate0.02.json", "audit-llama3-8b-streamed.json"), requires={"ram_gb": 12, "disk_gb": 50}),
-    Figure("bench-batch", "docs/throughput.md (the curve; summed up in README: Slowdown)", "c195b4e",
+    Figure("bench-batch", "docs/throughput.md (the curve; summed up in README: Slowdown)", "c9295b7",
            ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
             "--batch-sizes 1 8 32 --json {results}/bench-batch-smollm2.json "
             "--plot {results}/bench-batch-smollm2.png",),
-           12, ("bench-batch-smollm2.json",), ("smollm2-default", "smollm2-slow4"), {"ram_gb": 8, "disk_gb": 9}),
+           13, ("bench-batch-smollm2.json",), ("smollm2-default", "smollm2-slow4"), {"ram_gb": 8, "disk_gb": 9}),
     Figure("serve-bench", "docs/serving.md (throughput through the server; summed up in README: Slowdown)",
-           "c195b4e",
+           "c9295b7",
            ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
             "--serve-concurrency 1 8 --json {results}/serve-bench-smollm2.json",),
-           12, ("serve-bench-smollm2.json",), ("smollm2-default", "smollm2-slow4"),
+           6, ("serve-bench-smollm2.json",), ("smollm2-default", "smollm2-slow4"),
            {"serve": True, "ram_gb": 8, "disk_gb": 9}),
     Figure("audit-stream-2", "docs/large-models.md (the streamed audit on the 2-layer Llama-3-8B shape)", "83c4f4f",
            ("{py} benchmarks/scale.py --shape llama3-8b --layers 2 --build-only --workdir {releases}/scale",

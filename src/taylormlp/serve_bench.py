@@ -43,7 +43,7 @@ from pathlib import Path
 from .decode import interleaved, paired_ratios
 from .errors import TaylorMLPError
 from .progress import log, status
-from .serve import PAGE_TOKENS, require_serve_extra
+from .serve import PAGE_TOKENS, ReleaseServer, require_serve_extra
 
 # the `generation_config` request field (transformers' serve extension of OpenAI's API): no EOS stops a request
 IGNORE_EOS = json.dumps({"eos_token_id": -1})
@@ -190,8 +190,6 @@ def server_main(argv: list[str]) -> None:
     kind, path, name, port, kv_tokens, threads = argv
     import torch
     from transformers.utils import logging as hf_logging
-
-    from .serve import ReleaseServer
 
     torch.set_num_threads(int(threads))
     hf_logging.set_verbosity_error()  # transformers logs a warning per request
