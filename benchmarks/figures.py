@@ -65,7 +65,7 @@ FIGURES = [
     Figure("demo-inspect", "README: Quick start (inspect the demo's release)", "the commit `make demo` ran",
            ("taylormlp inspect releases/smollm2-paper --json > {results}/inspect-smollm2-paper.json",), 0.2,
            ("inspect-smollm2-paper.json",), requires={"demo": True}),
-    Figure("protect-smollm2", "README: Large models (SmolLM2 protect time and memory)", "d8c1c04",
+    Figure("protect-smollm2", "README: Large models (SmolLM2 protect time and memory)", "4c5ba6f",
            ("/usr/bin/time -f '%e s %M KB' taylormlp protect smollm2-135m-instruct --preset paper "
             "--out {releases}/smollm2-paper-timed 2> {results}/protect-smollm2-paper.time",
             "taylormlp compare smollm2-135m-instruct {releases}/smollm2-paper-timed "
@@ -105,7 +105,7 @@ FIGURES = [
            ("bash benchmarks/slowdown16_rss.sh {results}/slowdown-16-protect-log.txt",), 15,
            requires={"ram_gb": 14, "disk_gb": 21}),
     Figure("bench-smollm2", "docs/measurements.md (bench of the SmolLM2 releases; summed up in README: Slowdown)",
-           "9373526",
+           "4c5ba6f",
            ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper {releases}/smollm2-default "
             "{releases}/smollm2-4x --tokens 16 --repeats 2 --json {results}/bench-smollm2.json "
             "--plot {results}/bench-smollm2.png",), 8, ("bench-smollm2.json",),
