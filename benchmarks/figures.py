@@ -166,7 +166,7 @@ FIGURES = [
             "OMP_NUM_THREADS=1 /usr/bin/time -f '%e s %M KB' taylormlp audit {releases}/scale/rel-2 --stream "
             "--attacks coefficient_ratio,factorization --original {releases}/scale/model-2 "
             "--json {results}/audit-stream-2-original.json"), 20, requires={"ram_gb": 12, "disk_gb": 12}),
-    Figure("slowdown-b32", "README: Slowdown and docs/throughput.md (the batch-32 dial)", "d8c1c04",
+    Figure("slowdown-b32", "README: Slowdown and docs/throughput.md (the batch-32 dial)", "06bbc8a",
            ("taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --out {releases}/smollm2-slow4-b32",
             "taylormlp bench smollm2-135m-instruct {releases}/smollm2-slow4-b32 --batch-sizes 32 "
             "--json {results}/bench-smollm2-slow4-b32.json",
