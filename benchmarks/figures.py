@@ -132,7 +132,7 @@ FIGURES = [
             "> {results}/stock-loading-smollm2-default.txt"), 6,
            ("stock-loading-smollm2-paper.txt", "stock-loading-smollm2-default.txt"),
            ("smollm2-paper", "smollm2-default"), {"disk_gb": 8}),
-    Figure("mutation", "docs/code.md (mutation scores; README: Development)", "cf566c3",
+    Figure("mutation", "docs/code.md (mutation scores; README: Development)", "d9db046",
            ("make mutate > {results}/mutate.txt 2>&1",), 15, ("mutate.txt",)),
     Figure("gpu-check", "README: Slowdown and docs/throughput.md (the slowdown curve on an H200)", "7ffe99c",
            ("bash benchmarks/gpu_check.sh {results}/gpu",), 10, ("gpu/gpu-check-log.txt",), requires={"gpu": True}),
