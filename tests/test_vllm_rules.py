@@ -67,3 +67,70 @@ def test_every_release_tensor_is_a_base_model_tensor_by_name(tiny_release, base)
     for key, tensor in stored.items():
         assert state[key.removeprefix("model.")].dtype == tensor.dtype and torch.equal(
             state[key.removeprefix("model.")], tensor), key
+
+
+# ---------------------------------------------------------------- what an engine does to the runtime (no vLLM needed)
+
+
+def _piecewise_mlp(basis="chebyshev", order=12, seed=0):
+    """A TaylorMLP with several pieces per channel and a rest MLP, random coefficients, inputs partly outside."""
+    from taylormlp.runtime import TaylorMLP
+
+    torch.manual_seed(seed)
+    mlp = TaylorMLP("gated", 16, 6, 3, order, basis, "silu", pieces=10).eval()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn_like(p))
+        mlp.h.copy_(torch.rand(10) + 0.5)
+        mlp.owner.copy_(torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 5, 1]))
+        mlp.edge_lo.copy_(torch.tensor([-float("inf"), 0.0, -float("inf"), -float("inf"), -float("inf"),
+                                        -float("inf"), -float("inf"), -1.0, 1.0, 0.5]))
+        mlp.edge_hi.copy_(torch.tensor([0.0, float("inf"), 0.5, float("inf"), float("inf"), float("inf"), -1.0, 1.0,
+                                        float("inf"), float("inf")]))
+    return mlp
+
+
+@pytest.mark.parametrize("basis", ["chebyshev", "taylor"])
+def test_the_runtime_compiles_as_one_graph_and_matches_eager_bit_for_bit(basis):
+    """vLLM's default mode compiles the model (torch.compile, CUDA graphs on a GPU): no graph break, no host sync,
+    and the compiled MLP gives eager's values exactly (the basis runs as the same code, one custom op)."""
+    mlp = _piecewise_mlp(basis)
+    x = 3.0 * torch.randn(2, 7, 16)  # many inputs outside the calibrated intervals: the continuation is live
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), mlp(x))
+        assert torch.equal(compiled(x[:, :3]), mlp(x[:, :3]))  # another length, the same graph
+
+
+def test_an_engine_re_creating_parameters_in_its_dtype_keeps_the_piece_index_integer():
+    """vLLM re-creates every parameter it did not replace as an empty tensor of the model dtype, then loads the
+    checkpoint into it; the piece -> channel index and the piece edges are buffers, which it loads as they are."""
+    mlp = _piecewise_mlp()
+    names = dict(mlp.named_parameters())
+    assert not {"owner", "edge_lo", "edge_hi"} & set(names)
+    assert mlp.owner.dtype == torch.long and {"owner", "edge_lo", "edge_hi"} <= set(mlp.state_dict())
+
+
+def test_serve_engine_vllm_without_vllm_is_one_line_naming_the_install(tiny_release, monkeypatch, capsys):
+    import importlib.util
+
+    from taylormlp import vllm_engine
+    from taylormlp.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "vllm" else real(name, *rest))
+    assert main(["serve", str(tiny_release), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "vLLM is not installed" in err and "make vllm-setup" in err and "pip install" in err
+
+
+def test_vllm_settings_are_given_for_a_release_and_not_for_an_original(tiny_release, tiny_llama_dir):
+    from taylormlp import vllm_engine
+
+    assert vllm_engine.engine_kwargs(tiny_release) == {"model_impl": "transformers", "trust_remote_code": True}
+    assert vllm_engine.cli_flags(tiny_release) == ["--model-impl", "transformers", "--trust-remote-code"]
+    assert vllm_engine.engine_kwargs(tiny_llama_dir) == {} and vllm_engine.cli_flags(tiny_llama_dir) == []
+    command = vllm_engine.server_command(tiny_release, "127.0.0.1", 8123, "rel")
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--trust-remote-code" in command

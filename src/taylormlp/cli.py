@@ -281,13 +281,21 @@ def _add_audit(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-    s = _command(sub, "serve", "serve a release through an OpenAI-compatible HTTP API (transformers serve)",
+    s = _command(sub, "serve", "serve a release through an OpenAI-compatible HTTP API (transformers or vLLM)",
                  "Verify a RELEASE and serve it with transformers' own serving engine: an OpenAI-compatible HTTP API "
                  "(GET /v1/models; POST /v1/chat/completions, /v1/completions and /v1/responses, streaming or not) "
                  "with continuous batching of concurrent requests. The model is named after the release directory "
                  "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
                  "'taylormlp[serve]'. See docs/serving.md.")
     s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
+    s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="'transformers' (default): transformers' own server, below; 'vllm': vLLM's OpenAI-compatible "
+                        "server (compiled graphs, continuous batching, paged attention) started with the settings a "
+                        "release needs (--model-impl transformers --trust-remote-code); needs vLLM in this Python "
+                        "environment (make vllm-setup: .venv-vllm/bin/taylormlp)")
+    s.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's default: bfloat16 on a CPU, "
+                        "the checkpoint's on a GPU); float32 is token-exact with load_release. Default: auto")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=PORT, default=8000, help=f"TCP port to listen on, {PORT.limits} (default 8000)")

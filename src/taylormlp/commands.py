@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import preflight
+from . import preflight, vllm_engine
 from .audit import run_audit
 from .bench import run_bench
 from .demo import run_demo
@@ -208,6 +208,10 @@ def cmd_audit(args) -> int:
 
 def cmd_serve(args) -> int:
     refuse_non_release(args.release)
+    if args.engine == "vllm":
+        vllm_engine.require_vllm()
+        verify_release(args.release)
+        return vllm_engine.run_server(args.release, args.host, args.port, args.dtype)
     from . import serve  # imports transformers' serving engine, of the optional serve extra
 
     serve.require_serve_extra()

@@ -1,25 +1,21 @@
 """TaylorMLP runtime: the module that evaluates released series coefficients, and the architecture table.
 
-This file is self-contained (it imports only torch and transformers): `save_release` copies it verbatim
-into every release as ``modeling_taylormlp.py`` so that ``AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)`` runs exactly this code.  There is one implementation, not two.
-
-For a protected channel j with released gate row ``V_j`` (times a secret-free ±1 sign), expansion
-point ``z0_j`` and half width ``h_j``:
+This file is self-contained (it imports only torch and transformers): `save_release` copies it verbatim into every
+release as ``modeling_taylormlp.py``, so that ``from_pretrained(DIR, trust_remote_code=True)`` and vLLM's Transformers
+backend run exactly this code.  There is one implementation, not two.  For a protected channel j with released gate
+row ``V_j`` (times a secret-free ±1 sign), expansion point ``z0_j`` and half width ``h_j``:
 
     z = V_j · x,   t = (z - z0_j) / h_j
     y = Σ_n Θ_n · φ_n(t)            (plain MLP)
     y = Σ_n Θ_n · (φ_n(t) ⊙ u)      (gated MLP, u = W_up x)
 
-with φ_n(t) = tⁿ (basis "taylor") or the Chebyshev polynomial T_n(t) (basis "chebyshev"), built term by
-term with their recurrences, and all orders applied as ONE stacked matmul with Θ = [Θ_0 | … | Θ_N].
-Inputs outside the calibrated interval (|t| > 1) are evaluated at the clamped point plus the first-order
-continuation φ_n(t_c) + φ_n'(t_c)(t - t_c): exact inside, linear and bounded outside (never Inf/NaN).
-Unprotected channels stay an ordinary MLP (``rest``) whose output is added.
-
-Piecewise layers (``pieces`` Q > protected P): piece q is one more series of channel ``owner[q]`` with its own
-z0, h and Θ block, live where that channel's z lies in [edge_lo[q], edge_hi[q]); a channel's pieces partition
-the line (outer edges ±inf), so exactly one piece serves each input.  Cost grows with Q as with N.
+with φ_n(t) = tⁿ (basis "taylor") or the Chebyshev polynomial T_n(t) (basis "chebyshev"), built term by term with
+their recurrences, and all orders applied as ONE stacked matmul with Θ = [Θ_0 | … | Θ_N].  Inputs outside the
+calibrated interval (|t| > 1) are evaluated at the clamped point plus the first-order continuation φ_n(t_c) +
+φ_n'(t_c)(t - t_c): exact inside, linear and bounded outside (never Inf/NaN).  Unprotected channels stay an ordinary
+MLP (``rest``) whose output is added.  Piecewise layers (``pieces`` Q > protected P): piece q is one more series of
+channel ``owner[q]`` with its own z0, h and Θ block, live where that channel's z lies in [edge_lo[q], edge_hi[q]); a
+channel's pieces partition the line (outer edges ±inf), so exactly one piece serves each input.  Cost grows with Q.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
+import transformers
 from torch import nn
 
 FORMAT_VERSION = 2  # 2: config.json masks the activation (LOAD_NOTICE) so that stock loaders refuse the release
@@ -39,7 +36,8 @@ BASES = ("taylor", "chebyshev")
 # (AutoModelForCausalLM without trust_remote_code, LlamaForCausalLM, `transformers serve`) fails in its ACT2FN lookup
 # with this text instead of loading random MLPs; the release classes put the real names (ReleaseSpec.masked) back.
 LOAD_NOTICE = ("this is a TaylorMLP release, not a stock model: load it with taylormlp.load_release(DIR) or "
-               "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+               "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); on vLLM, add --model-impl "
+               "transformers --trust-remote-code")
 ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")  # every name a stock MLP may read
 
 # ---------------------------------------------------------------- architecture table (the one place)
@@ -47,21 +45,20 @@ ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")  # 
 # Each entry: where the decoder layers live, the MLP attribute, the names of its linear maps, whether the
 # linears are GPT-2 Conv1D ([in, out] weights), which config key names the activation, and the transformers classes
 # of the causal LM and of its base model (what AutoModel builds).
+
+
+def _gated(model_class: str, base_class: str, act_key: str = "hidden_act") -> dict:
+    return dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+                act_key=act_key, conv1d=False, model_class=model_class, base_class=base_class)
+
+
 ARCHITECTURES = {
-    "llama": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_act", conv1d=False, model_class="LlamaForCausalLM", base_class="LlamaModel"),
-    "mistral": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                    act_key="hidden_act", conv1d=False, model_class="MistralForCausalLM", base_class="MistralModel"),
-    "qwen2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_act", conv1d=False, model_class="Qwen2ForCausalLM", base_class="Qwen2Model"),
-    "gemma": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                  act_key="hidden_activation", conv1d=False, model_class="GemmaForCausalLM", base_class="GemmaModel"),
-    "gemma2": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                   act_key="hidden_activation", conv1d=False, model_class="Gemma2ForCausalLM",
-                   base_class="Gemma2Model"),
-    "gemma3_text": dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                        act_key="hidden_activation", conv1d=False, model_class="Gemma3ForCausalLM",
-                        base_class="Gemma3TextModel"),
+    "llama": _gated("LlamaForCausalLM", "LlamaModel"),
+    "mistral": _gated("MistralForCausalLM", "MistralModel"),
+    "qwen2": _gated("Qwen2ForCausalLM", "Qwen2Model"),
+    "gemma": _gated("GemmaForCausalLM", "GemmaModel", "hidden_activation"),
+    "gemma2": _gated("Gemma2ForCausalLM", "Gemma2Model", "hidden_activation"),
+    "gemma3_text": _gated("Gemma3ForCausalLM", "Gemma3TextModel", "hidden_activation"),
     "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2",
                 act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM", base_class="PhiModel"),
     "gpt2": dict(family="plain", layers="transformer.h", gate="c_fc", up=None, down="c_proj",
@@ -100,17 +97,11 @@ def linear_weight(module) -> torch.Tensor:
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
-# ---------------------------------------------------------------- activations (torch, for the `rest` MLP)
-
-
 def torch_activation(name: str):
-    """The activation module transformers itself uses for this config name (bit-identical results)."""
-    from transformers.activations import ACT2FN
-
-    if name == "gelu_tanh":
-        name = "gelu_pytorch_tanh"
+    """The activation module transformers itself uses for this config name (bit-identical results; the rest MLP)."""
+    name = "gelu_pytorch_tanh" if name == "gelu_tanh" else name
     try:
-        return ACT2FN[name]
+        return transformers.activations.ACT2FN[name]
     except KeyError as exc:
         raise ValueError(f"activation {name!r} is not supported") from exc
 
@@ -161,6 +152,44 @@ def series_values(basis: str, coeffs: torch.Tensor, t: torch.Tensor, slopes=None
 
 
 # ---------------------------------------------------------------- the module
+
+
+def series_basis(tc: torch.Tensor, excess: torch.Tensor, order: int, basis: str) -> torch.Tensor:
+    """[..., N+1, P]: φ_n(t_c) for n = 0..N plus the linear continuation φ_n'(±1)·excess past the interval, written
+    order by order into one preallocated tensor (the runtime's hot loop; TaylorMLP.features)."""
+    # the continuation is skipped when nothing is outside, known for free on the CPU; an accelerator would stall (and
+    # no CUDA graph could be captured) to say so: there it is always added (+0 inside)
+    outside = tc.device.type != "cpu" or bool((excess != 0).any())
+    out = torch.empty(*tc.shape[:-1], order + 1, tc.shape[-1], dtype=tc.dtype, device=tc.device)
+    phi = out.unbind(-2)  # views: φ_n is written in place
+    phi[0].fill_(1.0)
+    if order >= 1:
+        phi[1].copy_(tc)
+    if basis == "taylor":  # φ_n = tⁿ built term by term
+        for n in range(2, order + 1):
+            torch.mul(phi[n - 1], tc, out=phi[n])
+    else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
+        two_t = 2.0 * tc
+        for n in range(2, order + 1):
+            torch.mul(two_t, phi[n - 1], out=phi[n])
+            phi[n].sub_(phi[n - 2])
+    if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(±1)·excess (φ_0' = 0: φ_0 stays 1)
+        plus, minus = edge_slopes(basis, order)
+        magnitude = excess.abs()  # φ_n'(−1) = ±φ_n'(+1): the term is φ_n'(+1)·excess (same) or φ_n'(+1)·|excess|
+        for n in range(1, order + 1):
+            phi[n].add_(plus[n] * (excess if minus[n] == plus[n] else magnitude))
+    return out
+
+
+# series_basis as one opaque op for torch.compile (inlined, the recurrence unrolls into one expression growing with N:
+# minutes of compiling at order 12); once a process, though a release's copy of this file may be imported beside ours
+SERIES_BASIS_OP = "series_basis_v1"  # a new name whenever series_basis changes
+if not hasattr(torch.ops.taylormlp, SERIES_BASIS_OP):
+    torch.library.custom_op(f"taylormlp::{SERIES_BASIS_OP}", series_basis, mutates_args=()).register_fake(
+        lambda tc, excess, order, basis: tc.new_empty(*tc.shape[:-1], order + 1, tc.shape[-1]))
+SERIES_BASIS = getattr(torch.ops.taylormlp, SERIES_BASIS_OP)
+
+
 
 
 def piece_inputs(module, x: torch.Tensor):
@@ -216,10 +245,11 @@ class TaylorMLP(nn.Module):
         # one series per piece; a channel's pieces partition the real line [edge_lo, edge_hi) (outer edges ±inf)
         self.z0 = nn.Parameter(torch.zeros(pieces), requires_grad=False)  # expansion points (times ±1)
         self.h = nn.Parameter(torch.ones(pieces), requires_grad=False)  # half widths of the intervals
-        if pieces > protected:
-            self.owner = nn.Parameter(torch.zeros(pieces, dtype=torch.long), requires_grad=False)  # piece -> channel
-            self.edge_lo = nn.Parameter(torch.full((pieces,), -float("inf")), requires_grad=False)
-            self.edge_hi = nn.Parameter(torch.full((pieces,), float("inf")), requires_grad=False)
+        if pieces > protected:  # buffers, not parameters: an engine that re-creates parameters in its dtype (vLLM)
+            # loads buffers as they are, so the piece -> channel index stays an integer tensor
+            self.register_buffer("owner", torch.zeros(pieces, dtype=torch.long))
+            self.register_buffer("edge_lo", torch.full((pieces,), -float("inf")))
+            self.register_buffer("edge_hi", torch.full((pieces,), float("inf")))
         self.theta = nn.Parameter(torch.zeros(hidden, (order + 1) * pieces))  # [Θ_0 | Θ_1 | … | Θ_N]
         self.rest = RestMLP(family, hidden, rest, act, rest_bias, rest_out_bias) if rest > 0 else None
 
@@ -237,51 +267,26 @@ class TaylorMLP(nn.Module):
         return tc, t - tc, u, active
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider.
-
-        Written order by order into one preallocated [..., N+1, P] tensor, each step the same floating-point
-        operations as features_differentiable (φ_n, then φ_n + φ_n'(t_c)·excess outside the interval, then ⊙ live,
-        ⊙ u), so the values are bit-identical to it at a third of its memory traffic: a prefill or validation of
-        many tokens at high N spends its time here.  With autograd recording, the out-of-place form runs."""
+        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider: series_basis, in
+        place at a third of the out-of-place form's memory traffic and bit-identical to it; under torch.compile (vLLM,
+        CUDA graphs) the same code as the custom op SERIES_BASIS; with autograd recording, the out-of-place form."""
         inputs = [x, self.gate.weight, self.z0, self.h] + ([self.up.weight] if self.up is not None else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return self.features_differentiable(x)
         tc, excess, u, active = self.coordinates(x)
-        work = tc.dtype
-        # the continuation is skipped when nothing is outside: known for free on the CPU; on an accelerator asking
-        # would wait for the device (no CUDA graphs, a stall per layer), so there it is always added (+0 inside)
-        outside = tc.device.type != "cpu" or bool((excess != 0).any())
-        N = self.order
-        basis = torch.empty(*tc.shape[:-1], N + 1, tc.shape[-1], dtype=work, device=tc.device)
-        phi = basis.unbind(-2)  # views: φ_n is written in place
-        phi[0].fill_(1.0)
-        if N >= 1:
-            phi[1].copy_(tc)
-        if self.basis == "taylor":  # φ_n = tⁿ built term by term
-            for n in range(2, N + 1):
-                torch.mul(phi[n - 1], tc, out=phi[n])
-        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
-            two_t = 2.0 * tc
-            for n in range(2, N + 1):
-                torch.mul(two_t, phi[n - 1], out=phi[n])
-                phi[n].sub_(phi[n - 2])
-        if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(±1)·excess (φ_0' = 0: φ_0 stays 1)
-            plus, minus = edge_slopes(self.basis, N)
-            magnitude = excess.abs()  # φ_n'(−1) = ±φ_n'(+1): the term is φ_n'(+1)·excess (same) or φ_n'(+1)·|excess|
-            for n in range(1, N + 1):
-                phi[n].add_(plus[n] * (excess if minus[n] == plus[n] else magnitude))
+        build = SERIES_BASIS if torch.compiler.is_compiling() else series_basis
+        basis = build(tc, excess, self.order, self.basis)
         if active is not None:
-            basis.mul_(active.to(work).unsqueeze(-2))
+            basis.mul_(active.to(tc.dtype).unsqueeze(-2))
         if u is not None:
             basis.mul_(u.unsqueeze(-2))
         return basis.flatten(-2)
 
     def features_differentiable(self, x: torch.Tensor) -> torch.Tensor:
-        """features() out of place, as the formulas read: what autograd runs through (fine-tuning attacks, gradients
-        to the input), and the reference the in-place form is tested against bit for bit."""
+        """features() out of place, as the formulas read (autograd runs through it; the in-place form is tested against
+        it bit for bit): no branch on a tensor's value, no write into a view; the continuation is always added."""
         tc, excess, u, active = self.coordinates(x)
         work = tc.dtype
-        outside = excess != 0
         N = self.order
         phi = [torch.ones_like(tc)]
         if self.basis == "taylor":  # φ_n = tⁿ built term by term
@@ -291,11 +296,10 @@ class TaylorMLP(nn.Module):
             for n in range(1, N + 1):
                 phi.append(tc if n == 1 else 2.0 * tc * phi[n - 1] - phi[n - 2])
         basis = torch.stack(phi, dim=-2)  # [..., N+1, P]
-        if bool(outside.any()):  # φ_n'(±1) on the side of t_c, needed only where |t| > 1
-            plus, minus = edge_slopes(self.basis, N)
-            right = tc >= 0
-            dphi = [torch.zeros_like(tc)] + [torch.where(right, plus[n], minus[n]) for n in range(1, N + 1)]
-            basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
+        plus, minus = edge_slopes(self.basis, N)  # φ_n'(±1) on the side of t_c, times the excess (0 inside)
+        right = tc >= 0
+        dphi = [torch.zeros_like(tc)] + [torch.where(right, plus[n], minus[n]) for n in range(1, N + 1)]
+        basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
         if active is not None:
             basis = basis * active.to(work).unsqueeze(-2)
         if u is not None:
@@ -303,6 +307,8 @@ class TaylorMLP(nn.Module):
         return basis.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.protected == 0:  # a layer with no protected channel is its rest MLP alone (no zero-width matmul)
+            return self.rest(x)
         feats = self.features(x)
         y = nn.functional.linear(feats.to(self.theta.dtype), self.theta).to(x.dtype)  # one stacked matmul
         if self.rest is not None:
@@ -414,8 +420,6 @@ def unmasked_spec(config) -> ReleaseSpec:
 def _make_release_class(base_name: str, base: bool = False):
     """TaylorMLP<base_name>: the transformers class with the release's activation restored and TaylorMLPs installed
     (``base``: a base model such as LlamaModel, what AutoModel and vLLM's Transformers backend build)."""
-    import transformers
-
     parent = getattr(transformers, base_name)
 
     def __init__(self, config, *args, **kwargs):
@@ -432,8 +436,6 @@ def release_class(config, base: bool = False):
     base_name = architecture(config)["base_class" if base else "model_class"]
     cls = globals().get("TaylorMLP" + base_name)
     if cls is None:  # the module-level loop below found no such class in the installed transformers
-        import transformers
-
         raise ValueError(f"this release needs transformers' {base_name}, which the installed transformers "
                          f"{transformers.__version__} lacks; upgrade transformers (pip install -U transformers)")
     return cls

@@ -3,18 +3,28 @@
 transformers' `serve` (transformers.cli.serving) is the engine: its FastAPI app and handlers answer /v1/models,
 /v1/chat/completions, /v1/completions and /v1/responses (streaming or not), and its continuous batching (paged
 attention, on CPU as well) puts concurrent requests into shared decode steps.  What it cannot do alone is load a
-release: its ModelManager builds getattr(transformers, config.architectures[0]), a stock class that refuses a
-release (runtime.LOAD_NOTICE).  The one hook used here is a ModelManager whose loader is load_release, pinned to
-the release (transformers' `force_model`); the handlers, the app and the batching engine are transformers' own.
+release: it builds getattr(transformers, config.architectures[0]), a stock class that refuses a release
+(runtime.LOAD_NOTICE).  The one hook used here is the loader, replaced by load_release and pinned to the release
+(transformers' `force_model`); the handlers, the app and the batching engine are transformers' own.
+
+Two generations of transformers' serving are supported (tested on 5.19 and 5.25), told apart by what
+transformers.cli.serving.model_manager holds, not by version numbers:
+
+- up to 5.24, the ModelManager loads each model in the server's process (`_load_model`), and the GenerationState
+  runs the continuous batching worker in a thread of it;
+- from 5.25 (ENGINE_PROCESS), each model runs in a process of its own (spawned): a ModelLoader loads it there, an
+  EngineClient carries the requests to it, and the batching worker is a thread of that process.
 
 Nothing of the serve extra (fastapi, uvicorn, openai) is imported before `require_serve_extra` has checked it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import importlib.util
+import inspect
 import math
 import signal
 import socket
@@ -24,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.cli.serving import model_manager as _serving_models
 from transformers.cli.serving.model_manager import ModelManager
 
 from .errors import TaylorMLPError
@@ -34,6 +45,8 @@ from .sources import load_base, resolve_source
 SERVE_PACKAGES = ("fastapi", "uvicorn", "openai", "pydantic")
 INSTALL_SERVE = "pip install 'taylormlp[serve]' (in a checkout: pip install -e '.[serve]')"
 PAGE_TOKENS = 256  # transformers' ContinuousBatchingConfig.page_size default: the KV cache is allocated in pages
+# transformers >= 5.25: each model runs in a process of its own, loaded there by a ModelLoader (see the docstring)
+ENGINE_PROCESS = hasattr(_serving_models, "ModelLoader")
 
 
 def require_serve_extra(what: str = "`taylormlp serve`") -> None:
@@ -74,30 +87,153 @@ def load_original(directory):
     return load_base(directory)[0]
 
 
-class ReleaseModelManager(ModelManager):
-    """transformers' ModelManager for one release: loaded by `load` (load_verified_release; for the benchmark's
-    original, load_original), listed and requested as `name`.  After a POST /reset it is loaded again from the
-    same directory."""
+class _PinnedToRelease:
+    """What both generations of the hook share: the release (`release`, loaded by `load`: load_verified_release, or
+    for the benchmark's original load_original), served as `name` and refusing any other name; `threads`, if set,
+    the torch threads of the process that runs the model."""
 
-    def __init__(self, release, name: str, load=load_verified_release, **kwargs):
-        self.release, self.name, self.load = Path(release), name, load
-        super().__init__(force_model=name, **kwargs)  # loads the release now, never unloads it
+    def _pin(self, release, name: str, load, threads: int | None) -> None:
+        self.release, self.name, self.load, self.threads = Path(release), name, load, threads
 
-    @staticmethod
-    def process_model_name(model_id: str) -> str:
-        return model_id  # the served name as it is (transformers appends "@main" to a Hub repository's name)
-
-    def _refuse_others(self, model_id: str) -> None:
-        if model_id != self.name:
+    def _refuse_others(self, model_id) -> None:
+        if model_id is not None and model_id != self.name:
             raise ValueError(f"this server serves only the TaylorMLP release {self.name!r}, not {model_id!r}")
 
-    def _load_processor(self, model_id_and_revision, gguf_file=None):
-        self._refuse_others(model_id_and_revision)
+    def _tokenizer(self, model_id):
+        self._refuse_others(model_id)
         return AutoTokenizer.from_pretrained(self.release)
 
-    def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
-        self._refuse_others(model_id_and_revision)
+    def _model(self, model_id):
+        self._refuse_others(model_id)
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         return self.load(self.release)
+
+    def _listing(self, loaded: bool) -> list[dict]:
+        return [{"id": self.name, "object": "model", "created": 0, "owned_by": "local",
+                 "status": {"value": "loaded" if loaded else "unloaded"}}]
+
+
+if ENGINE_PROCESS:  # transformers >= 5.25: the model runs in a process of its own
+    from transformers.cli.serving.model_manager import EngineClient, ModelLoader
+    from transformers.cli.serving.utils import ModelNotServedError, canonical_model_id
+
+    class ReleaseModelLoader(_PinnedToRelease, ModelLoader):
+        """transformers' ModelLoader for one release.  It is pickled into the model's process, which calls
+        `load_model_and_processor` (so `_load_model` runs there); the server's process reads only the config and the
+        tokenizer (`load_config`, `load_processor`)."""
+
+        def __init__(self, release, name: str, load, threads: int | None = None):
+            self._pin(release, name, load, threads)
+            super().__init__(device="cpu")
+
+        def _refuse_others(self, model_id) -> None:
+            # the model's process gets canonical_model_id(name) ("name@main"), the server's process the name
+            super()._refuse_others(self.name if model_id == canonical_model_id(self.name) else model_id)
+
+        def load_config(self, model_id):
+            self._refuse_others(model_id)
+            return super().load_config(str(self.release))
+
+        def load_processor(self, model_id):
+            return self._tokenizer(model_id)
+
+        def _load_model(self, model_id, tqdm_class=None, progress_callback=None):
+            # In the model's process, which transformers stops with SIGTERM: tqdm's default lock, a multiprocessing
+            # semaphore, would then be left behind and reported leaked at exit.  A thread lock is all tqdm needs here.
+            from tqdm import tqdm
+
+            tqdm.set_lock(threading.RLock())
+            return self._model(model_id)
+
+    class ReleaseModelManager(_PinnedToRelease, ModelManager):
+        """transformers' ModelManager for one release: its model's process starts now and is never stopped for
+        being idle; after a POST /reset it starts again with the next request, from the same directory.  The engine
+        goes by `name` itself (transformers would name it canonical_model_id(name): "name@main", or a path of that
+        name in the working directory)."""
+
+        def __init__(self, release, name: str, generation_state, load=load_verified_release, threads=None):
+            self._pin(release, name, load, threads)
+            super().__init__(ReleaseModelLoader(release, name, load, threads), generation_state, model_timeout=-1,
+                             force_model=name)
+
+        def preload_engine(self, force_model: str, engine_connection=None) -> None:
+            engine = EngineClient(self.name, self.loader, self.generation_state, connection=engine_connection)
+            self.engines[self.name] = engine
+            try:
+                engine.start()
+            except RuntimeError as exc:  # the model's process sends its error back as "<type>: <message>"
+                prefix = f"{TaylorMLPError.__name__}: "
+                if str(exc).startswith(prefix):
+                    raise TaylorMLPError(str(exc)[len(prefix):]) from None
+                raise
+
+        def get_engine(self, model):
+            if model is not None and model != self.name:
+                raise ModelNotServedError(f"this server serves only the TaylorMLP release {self.name!r}, not "
+                                          f"{model!r}")
+            return self.engines[self.name]
+
+        def list_models(self, cache_dir=None) -> list[dict]:
+            return self._listing(self.loaded)
+
+        @property
+        def loaded(self) -> bool:
+            return any(engine.process_running for engine in self.engines.values())
+
+        def batching(self, state) -> bool:
+            """Whether continuous batching runs the release's requests: the model's process is alive, and generates
+            through transformers' CBGenerateRunner, whose batching worker starts with that process."""
+            engine = self.engines.get(self.name)
+            process = engine and engine.managed_process
+            return bool(process is not None and process.is_alive() and engine.use_cb)
+
+        def shutdown(self) -> None:
+            """Stops the model's process (transformers: SIGTERM, then SIGKILL after 5 s) and waits until it is gone."""
+            processes = [engine.managed_process for engine in self.engines.values()
+                         if engine.managed_process is not None]
+            super().shutdown()
+            from multiprocessing.connection import wait
+
+            for process in processes:  # its sentinel, not join(): transformers' own thread reaps it
+                wait([process.sentinel], timeout=30)
+
+else:  # transformers 5.16 to 5.24: the model is loaded in the server's process
+
+    class ReleaseModelManager(_PinnedToRelease, ModelManager):
+        """transformers' ModelManager for one release, loaded now and never unloaded (transformers' `force_model`).
+        After a POST /reset it is loaded again with the next request, from the same directory."""
+
+        def __init__(self, release, name: str, generation_state, load=load_verified_release, threads=None):
+            self._pin(release, name, load, threads)
+            super().__init__(device="cpu", force_model=name)
+
+        @staticmethod
+        def process_model_name(model_id: str) -> str:
+            return model_id  # the served name as it is (transformers appends "@main" to a Hub repository's name)
+
+        def _load_processor(self, model_id_and_revision, gguf_file=None):
+            return self._tokenizer(model_id_and_revision)
+
+        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+            return self._model(model_id_and_revision)
+
+        def list_models(self, cache_dir=None) -> list[dict]:
+            return self._listing(self.loaded)
+
+        get_gen_models = list_models  # what /v1/models calls in older releases (5.19: every model of the Hub cache)
+
+        @property
+        def loaded(self) -> bool:
+            return bool(self.loaded_models)
+
+        def batching(self, state) -> bool:
+            """Whether continuous batching runs the release's requests: transformers starts its batching worker, a
+            thread of this process, with the first request."""
+            worker = state._cb_manager
+            return worker is not None and worker.is_alive()
 
 
 def _materialized(value, where: tuple = ()):
@@ -175,56 +311,77 @@ def batching_config(kv_cache_tokens: int, max_batch_tokens: int):
     from free memory (60% of the RAM on a CPU), allocated up front."""
     from transformers import ContinuousBatchingConfig
 
-    return ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=math.ceil(kv_cache_tokens / PAGE_TOKENS),
+    # transformers 5.16 calls the page size `block_size`; later releases `page_size` (`block_size` a deprecated alias)
+    fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+    size = "page_size" if "page_size" in fields else "block_size"
+    return ContinuousBatchingConfig(**{size: PAGE_TOKENS}, num_blocks=math.ceil(kv_cache_tokens / PAGE_TOKENS),
                                     max_batch_tokens=max_batch_tokens)
 
 
-def build_app(manager: ModelManager, continuous: bool, cb_config=None):
-    """transformers' serve app on `manager`, wired as `transformers serve` wires it (transformers/cli/serve.py);
-    returns (app, generation state)."""
+def _accepted(function, kwargs: dict) -> dict:
+    """The `kwargs` that `function` takes: the arguments of transformers' serving classes change between releases
+    (TranscriptionHandler and build_server take the GenerationState up to 5.24, not from 5.25)."""
+    parameters = inspect.signature(function).parameters
+    return {name: value for name, value in kwargs.items() if name in parameters}
+
+
+def build_app(manager, state):
+    """transformers' serve app on `manager`, with `state` (its GenerationState), wired as `transformers serve` wires
+    it (transformers/cli/serve.py)."""
     from openai.types import completion_create_params as completion_params
     from openai.types.chat import completion_create_params as chat_params
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.response import ResponseHandler
     from transformers.cli.serving.server import build_server
-    from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
-    from transformers.cli.serving.utils import GenerationState
 
-    state = GenerationState(continuous_batching=continuous, cb_config=cb_config)
-    chat = checked(ChatCompletionHandler, chat_params)(model_manager=manager, generation_state=state)
-    completion = checked(CompletionHandler, completion_params)(model_manager=manager, generation_state=state)
-    app = build_server(manager, chat, completion_handler=completion,
-                       response_handler=ResponseHandler(model_manager=manager, generation_state=state),
-                       transcription_handler=TranscriptionHandler(manager, state),
-                       systemone_handler=SystemOneHandler(model_manager=manager, generation_state=state),
-                       generation_state=state)
-    return app, state
+    common = dict(model_manager=manager, generation_state=state)
+    handlers = dict(completion_handler=checked(CompletionHandler, completion_params)(**common),
+                    response_handler=ResponseHandler(**common),
+                    transcription_handler=TranscriptionHandler(**_accepted(TranscriptionHandler, common)),
+                    generation_state=state)
+    if importlib.util.find_spec("transformers.cli.serving.systemone") is not None:  # /v1/systemone, from 5.24
+        from transformers.cli.serving.systemone import SystemOneHandler
+
+        handlers["systemone_handler"] = SystemOneHandler(**common)
+    return build_server(manager, checked(ChatCompletionHandler, chat_params)(**common),
+                        **_accepted(build_server, handlers))
 
 
 class ReleaseServer:
     """A release behind transformers' serve app on uvicorn: `run()` serves until Ctrl-C / SIGTERM (in the main
-    thread) or `stop()` (from another thread), then stops the batching worker.
+    thread) or `stop()` (from another thread), then stops the batching worker (and from transformers 5.25 the
+    model's process).
 
     Served as `name` (default: the release directory's name).  `original=True` is for `taylormlp bench
     --serve-concurrency` only (`taylormlp serve` serves releases): `release` is then an original model SOURCE,
-    loaded by sources.load_base, behind the same app and batching, so that its throughput is the reference."""
+    loaded by sources.load_base, behind the same app and batching, so that its throughput is the reference.
+    `threads`: the torch threads of the process that runs the model (default: torch's)."""
 
     def __init__(self, release, host: str = "127.0.0.1", port: int = 8000, batching: str = "continuous",
                  kv_cache_tokens: int = 8192, max_batch_tokens: int = 256, name: str | None = None,
-                 original: bool = False):
+                 original: bool = False, threads: int | None = None):
         import uvicorn
+        from transformers.cli.serving.utils import GenerationState
 
         directory = resolve_source(release) if original else Path(release)
         self.release, self.batching = release, batching
         self.name = name or directory.resolve().name
         self.url = f"http://{host}:{port}"
-        self.manager = ReleaseModelManager(directory, self.name, load=load_original if original else
-                                           load_verified_release, device="cpu")
-        self.app, self.state = build_app(self.manager, batching == "continuous",
-                                         batching_config(kv_cache_tokens, max_batch_tokens))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
+        self.state = GenerationState(continuous_batching=batching == "continuous",
+                                     cb_config=batching_config(kv_cache_tokens, max_batch_tokens))
+        self.manager = ReleaseModelManager(directory, self.name, self.state, threads=threads,
+                                           load=load_original if original else load_verified_release)
+        self.app = build_app(self.manager, self.state)
+        watch = {}
+        if ENGINE_PROCESS:  # as `transformers serve`: stop if the model's process died (checked every 5 s)
+            async def stop_if_the_model_died():
+                if self.manager.is_dead:
+                    self.server.should_exit = True
+
+            watch = dict(callback_notify=stop_if_the_model_died, timeout_notify=5)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning", **watch))
 
     def run(self) -> None:
         print(f"serving {self.release} as model {self.name!r} at {self.url}/v1 ({self.batching} batching); Ctrl-C "
@@ -239,9 +396,20 @@ class ReleaseServer:
         finally:
             if main:
                 signal.signal(signal.SIGTERM, sigterm)
-            self.state.shutdown()
-            self.manager.shutdown()
+            if hasattr(self.state, "shutdown"):  # up to 5.24 the batching worker is a thread of this process
+                self.state.shutdown()
+            self.manager.shutdown()  # from 5.25 it stops the model's process, and the batching worker in it
+        if getattr(self.manager, "is_dead", False):
+            raise TaylorMLPError(f"the process running {self.name!r} died (its error is above); the server stopped")
         print("server stopped", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self.server.should_exit = True
+
+    def is_batching(self) -> bool:
+        """Whether continuous batching runs this server's requests, with its worker alive."""
+        return self.manager.batching(self.state)
+
+    def is_loaded(self) -> bool:
+        """Whether the model is loaded (from 5.25: whether its process runs)."""
+        return self.manager.loaded

@@ -91,8 +91,9 @@ def kv_cache_tokens(concurrency: int, prompt_tokens: int, tokens: int) -> int:
 
 def stream_request(client, model: str, prompt: str, chat: bool, tokens: int, clock=time.perf_counter) -> dict:
     """One streamed greedy request of `tokens` tokens (EOS ignored): its send, first-text and end times (`clock`),
-    the time of its last text, and the tokens produced (usage of the last chunk)."""
-    common = dict(model=model, max_tokens=tokens, temperature=0, stream=True,
+    the time of its last text, and the tokens produced (usage of the last chunk: OpenAI's `include_usage`, which
+    transformers needs from 5.25 and sends regardless before)."""
+    common = dict(model=model, max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True},
                   extra_body={"generation_config": IGNORE_EOS})
     start = clock()
     if chat:
@@ -191,10 +192,10 @@ def server_main(argv: list[str]) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(int(threads))  # and the model's own process (transformers >= 5.25): ReleaseServer's threads
     hf_logging.set_verbosity_error()  # transformers logs a warning per request
-    ReleaseServer(path, port=int(port), kv_cache_tokens=int(kv_tokens), name=name,
-                  original=kind == "original").run()
+    ReleaseServer(path, port=int(port), kv_cache_tokens=int(kv_tokens), name=name, original=kind == "original",
+                  threads=int(threads)).run()
 
 
 def is_up(url: str) -> bool:

