@@ -8,6 +8,9 @@
 #      order 13 (paper preset, one piece per channel); `taylormlp bench --device cuda --batch-sizes 1 8 32` of both
 #      against the original (the measured slowdown curve), and benchmarks/gpu_prediction.py on the same releases
 #      (the predicted one, to set beside it).
+#   0. issue 30 (stages "compiled", "trunc"): the throttle on a compiled graph, benchmarks/compiled_decode.py: eager
+#      against torch.compile with a static KV cache and CUDA graphs, at SmolLM2's shape (orders 8, 13) and at a
+#      4-layer Llama-3-8B shape (order 8), batch 1, 8, 32.
 #   3. issue 19: the Llama-3-8B shape at full depth (32 layers): build, `protect --device cuda` (paper preset, coverage
 #      0.5, bf16, 16 calibration samples) with wall time and peak RSS, greedy generation of 16 tokens on the GPU with
 #      teacher-forced agreement against the original (benchmarks/offload_generate.py), then the throughput curve.
@@ -40,7 +43,8 @@ export TAYLORMLP_QUIET=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$
 TOK_ARGS=()
 TOKENIZER="${TOKENIZER:-$([ -d .gpu/tokenizer ] && echo .gpu/tokenizer || true)}"
 [ -n "$TOKENIZER" ] && TOK_ARGS=(--tokenizer "$TOKENIZER")
-if [ "${SMALL:-0}" = 1 ]; then SMOL_LAYERS=2; BIG_SHAPE=smol-wide; BIG_LAYERS=2; else SMOL_LAYERS=30; BIG_SHAPE=llama3-8b; BIG_LAYERS=32; fi
+if [ "${SMALL:-0}" = 1 ]; then SMOL_LAYERS=2; BIG_SHAPE=smol-wide; BIG_LAYERS=2; TRUNC_LAYERS=1; COMPILE_MODE=default
+else SMOL_LAYERS=30; BIG_SHAPE=llama3-8b; BIG_LAYERS=32; TRUNC_LAYERS=4; COMPILE_MODE=reduce-overhead; fi
 LOG="$OUT_DIR/gpu-check-log.txt"
 : > "$LOG"
 say() { echo "[$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
@@ -77,8 +81,27 @@ sys.exit(rc)')
 } > "$OUT_DIR/gpu-machine.txt"
 say "machine: $(tr '\n' ' ' < "$OUT_DIR/gpu-machine.txt")"
 
+# issue 30: the throttle on a compiled graph (torch.compile, static KV cache, CUDA graphs: how engines decode) against
+# eager, at SmolLM2's shape (orders 8 and 13) and a truncated Llama-3-8B shape (order 8), batch 1, 8, 32
+for shape in compiled trunc; do
+  [[ " $STAGES " == *" $shape "* ]] || continue
+  if [ "$shape" = compiled ]; then S=smollm2; L=$SMOL_LAYERS; ORDERS="8 13"; else S=$BIG_SHAPE; L=$TRUNC_LAYERS; ORDERS=8; fi
+  M="$WORK/$shape/model-$L"
+  step "$shape-build" "$PY" benchmarks/scale.py --shape "$S" --layers "$L" --build-only --workdir "$WORK/$shape" \
+    --device "$DEVICE" "${TOK_ARGS[@]}" || continue
+  RELS=()
+  for n in $ORDERS; do
+    step "$shape-protect-n$n" "${PROTECT[@]}" "$M" --out "$WORK/$shape/rel-n$n" --preset paper --coverage 1.0 \
+      --order "$n" --dtype bfloat16 --calibration-samples 16 --device "$DEVICE" && RELS+=("$WORK/$shape/rel-n$n")
+  done
+  [ ${#RELS[@]} -gt 0 ] && LIMIT=$((2 * STAGE_LIMIT_S)) step "$shape-decode" "$PY" benchmarks/compiled_decode.py "$M" \
+    "${RELS[@]}" --device "$DEVICE" --mode "$COMPILE_MODE" --batch-sizes 1 8 32 --tokens 32 --repeats 3 \
+    --json "$OUT_DIR/gpu-compiled-$S-$L.json" --md "$OUT_DIR/gpu-compiled-$S-$L.md"
+  rm -rf "$WORK/$shape"
+done
+
 # the suite's GPU tests (a streamed protect on cuda against the original; placement on cuda devices), tiny models
-STAGES="${STAGES:-tests smol big}"   # which of the stages below to run
+STAGES="${STAGES:-compiled trunc tests smol big}"   # which of the stages below to run (in their order below)
 [[ " $STAGES " == *" tests "* ]] && TAYLORMLP_TEST_TOKENIZER="${TOKENIZER:-}" step cuda-tests "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_stream.py tests/test_offload.py
 

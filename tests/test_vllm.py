@@ -175,3 +175,19 @@ def test_taylormlp_serve_engine_vllm(releases, smol_tokenizer, tmp_path):
         server.send_signal(signal.SIGINT)
         code = server.wait(timeout=120)
     assert code == 0
+
+
+def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
+    """The bench's shape on vLLM (timings are the machine's: nothing here asserts a speed): one row per batch size and
+    model, the original at 1.00x, a release's work model above the original's."""
+    from taylormlp.vllm_bench import run_vllm_bench
+
+    source = releases["pieces"].parent / "src-pieces"
+    results = run_vllm_bench(source, [releases["pieces"]], batch_sizes=(2,), tokens=4, repeats=1, dtype="float32",
+                             json_path=tmp_path / "b.json", workdir=tmp_path)
+    rows = {(r["batch"], r["name"]): r for r in results["throughput"]}
+    assert set(rows) == {(b, n) for b in (1, 2) for n in ("original", "pieces")}
+    assert rows[1, "original"]["slowdown"] == 1.0 and all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    release = next(m for m in results["models"] if m["name"] == "pieces")
+    assert release["flops_ratio"] > 1.5 and release["bytes_ratio"] > 1.5
+    assert json.loads((tmp_path / "b.json").read_text())["engine"] == "vllm"

@@ -134,3 +134,31 @@ def test_vllm_settings_are_given_for_a_release_and_not_for_an_original(tiny_rele
     assert vllm_engine.engine_kwargs(tiny_llama_dir) == {} and vllm_engine.cli_flags(tiny_llama_dir) == []
     command = vllm_engine.server_command(tiny_release, "127.0.0.1", 8123, "rel")
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--trust-remote-code" in command
+
+
+def test_vllm_bench_rows_pair_each_round_with_the_originals(monkeypatch):
+    """bench --engine vllm's table from injected timings: the slowdown is the median of per-round ratios against the
+    original in the same round (not a ratio of medians), tok/s counts the decode steps of the whole batch."""
+    from taylormlp.vllm_bench import ORIGINAL, summarize
+
+    def run(decode, prefill=0.1):
+        return {"decode_s": decode, "prefill_s": prefill, "inter_token_s": decode / 7}
+
+    runs = {(1, ORIGINAL): [run(1.0), run(2.0), run(1.0)], (1, "rel"): [run(3.0), run(4.0), run(5.0)],
+            (8, ORIGINAL): [run(2.0)] * 3, (8, "rel"): [run(4.0), run(8.0), run(6.0)]}
+    rows = {(r["batch"], r["name"]): r for r in summarize(runs, [1, 8], [ORIGINAL, "rel"], tokens=8)}
+    assert rows[1, "rel"]["slowdown"] == 3.0 and (rows[1, "rel"]["slowdown_min"], rows[1, "rel"]["slowdown_max"]) \
+        == (2.0, 5.0)  # ratios 3, 2, 5: paired by round
+    assert rows[1, ORIGINAL]["slowdown"] == 1.0
+    assert rows[8, "rel"]["slowdown"] == 3.0 and rows[8, "rel"]["decode_tokens_per_s"] == 8 * 7 / 6.0
+    assert rows[1, "rel"]["ttft_ms"] == pytest.approx(100.0) and rows[1, "rel"]["inter_token_ms"] == pytest.approx(
+        1e3 * 4.0 / 7)
+
+
+def test_bench_engine_vllm_refuses_flags_it_does_not_use(tiny_release, tiny_llama_dir, capsys):
+    from taylormlp.cli import main
+
+    assert main(["bench", str(tiny_llama_dir), str(tiny_release), "--engine", "vllm", "--device", "cuda"]) == 2
+    assert "--engine vllm" in capsys.readouterr().err
+    assert main(["bench", str(tiny_llama_dir), str(tiny_release), "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 is for --engine vllm" in capsys.readouterr().err

@@ -248,6 +248,11 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--serve-tokens", type=POSITIVE, metavar="T",
                    help=f"with --serve-concurrency: max_tokens of every request, greedy, EOS ignored so that each "
                         f"decodes exactly T tokens, {POSITIVE.limits} (default 16)")
+    _engine_flags(b, "taylormlp", "'taylormlp' (default): our own eager runtime in this process; 'vllm': vLLM at its "
+                  "defaults (compiled), the original on vLLM's own model code, each release as the README gives, one "
+                  "process per model, interleaved rounds; with the work model's FLOPs and bytes ratios beside",
+                  "with --engine vllm: the dtype vLLM runs every model in (default auto: vLLM's choice, bfloat16 on a "
+                  "CPU)")
     b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
                         "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")
@@ -280,6 +285,14 @@ def _add_audit(sub) -> None:
                         "when the release is more than half the available memory and every chosen attack can be")
 
 
+def _engine_flags(parser, ours: str, engine_help: str, dtype_help: str) -> None:
+    """--engine (ours or vllm) and --dtype (vLLM's), shared by bench and serve."""
+    parser.add_argument("--engine", choices=[ours, "vllm"], default=ours,
+                        help=engine_help + "; vllm needs vLLM in this Python environment (make vllm-setup: "
+                                           ".venv-vllm/bin/taylormlp)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help=dtype_help)
+
+
 def _add_serve(sub) -> None:
     s = _command(sub, "serve", "serve a release through an OpenAI-compatible HTTP API (transformers or vLLM)",
                  "Verify a RELEASE and serve it with transformers' own serving engine: an OpenAI-compatible HTTP API "
@@ -288,14 +301,11 @@ def _add_serve(sub) -> None:
                  "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
                  "'taylormlp[serve]'. See docs/serving.md.")
     s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
-    s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="'transformers' (default): transformers' own server, below; 'vllm': vLLM's OpenAI-compatible "
-                        "server (compiled graphs, continuous batching, paged attention) started with the settings a "
-                        "release needs (--model-impl transformers --trust-remote-code); needs vLLM in this Python "
-                        "environment (make vllm-setup: .venv-vllm/bin/taylormlp)")
-    s.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's default: bfloat16 on a CPU, "
-                        "the checkpoint's on a GPU); float32 is token-exact with load_release. Default: auto")
+    _engine_flags(s, "transformers", "'transformers' (default): transformers' own server, below; 'vllm': vLLM's "
+                  "OpenAI-compatible server (compiled graphs, continuous batching, paged attention) started with the "
+                  "settings a release needs (--model-impl transformers --trust-remote-code)",
+                  "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's default: bfloat16 on a CPU, the "
+                  "checkpoint's on a GPU); float32 is token-exact with load_release. Default: auto")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=PORT, default=8000, help=f"TCP port to listen on, {PORT.limits} (default 8000)")

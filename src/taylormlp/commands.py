@@ -19,6 +19,7 @@ from .paths import check_output_file
 from .pipeline import dump_json, generate_text, inspect_release, load_any, protect_to_release
 from .progress import quiet
 from .release import verify_release
+from .vllm_bench import run_vllm_bench
 
 SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
                     "weights from a determined attacker; see README 'Security and limits' and run `taylormlp audit`.")
@@ -185,6 +186,16 @@ def cmd_bench(args) -> int:
     _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
+    if args.engine == "vllm":
+        if args.serve_concurrency or args.device != "cpu":
+            raise TaylorMLPError("--engine vllm times vLLM's own engine on the device vLLM was built for; drop "
+                                 "--serve-concurrency and --device")
+        run_vllm_bench(args.source, args.releases, batch_sizes=args.batch_sizes or (1,), tokens=args.tokens,
+                       repeats=args.repeats, dtype=args.dtype, json_path=args.json, plot_path=args.plot)
+        return 0
+    if args.dtype != "auto":
+        raise TaylorMLPError(f"--dtype {args.dtype} is for --engine vllm; taylormlp's own bench times each model in "
+                             f"its release's dtype")
     serve = None
     for flag, value in (("--serve-requests", args.serve_requests), ("--serve-tokens", args.serve_tokens)):
         if value is not None and not args.serve_concurrency:

@@ -10,7 +10,7 @@ can.  Two settings on top of vLLM's defaults say so, and RELEASE_FLAGS is the on
 
 Without them vLLM refuses a release (its own Llama reads the masked activation, runtime.LOAD_NOTICE).  The original is
 run on vLLM's own model code (no flags).  Everything here that starts vLLM runs one engine per process: ``python -m
-taylormlp.vllm_engine greedy|teacher ...`` is that process for tests, checks and benchmarks; ``taylormlp serve
+taylormlp.vllm_engine greedy ...`` is that process for tests, checks and benchmarks; ``taylormlp serve
 --engine vllm`` runs vLLM's OpenAI-compatible server (``run_server``).
 """
 
@@ -70,11 +70,12 @@ def engine_environment(env=None) -> dict:
 # ---------------------------------------------------------------- runs inside one engine process
 
 
-def _engine(model_dir, dtype: str, eager: bool, max_model_len: int, tensor_parallel: int = 1, flags: bool = True):
+def _engine(model_dir, dtype: str, eager: bool, max_model_len: int, tensor_parallel: int = 1, flags: bool = True,
+            **extra):
     from vllm import LLM
 
     return LLM(model=str(model_dir), dtype=dtype, enforce_eager=eager, max_model_len=max_model_len, seed=0,
-               tensor_parallel_size=tensor_parallel, **(engine_kwargs(model_dir) if flags else {}))
+               tensor_parallel_size=tensor_parallel, **(engine_kwargs(model_dir) if flags else {}), **extra)
 
 
 def greedy_tokens(llm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -101,14 +102,44 @@ def teacher_forced_top(llm, sequences: list[list[int]], prompt_lengths: list[int
     return tops
 
 
+REPLY = "TAYLORMLP-REPLY "  # a worker's answer lines on stdout (vLLM logs to both streams)
+
+
+def timed_batch(llm, prompt: list[int], batch: int, tokens: int) -> dict:
+    """`batch` copies of `prompt` decoded together, greedily, `tokens` tokens each (EOS ignored): the wall time of
+    the prefill and first token (a run of 1 token) and of the whole run; decode = the difference, tokens - 1 steps."""
+    import time
+
+    from vllm import SamplingParams
+
+    requests = [{"prompt_token_ids": list(prompt)} for _ in range(batch)]
+    seconds = []
+    for n in (1, tokens):
+        start = time.perf_counter()
+        llm.generate(requests, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
+    decode = max(seconds[1] - seconds[0], 1e-9)
+    return {"prefill_s": seconds[0], "total_s": seconds[1], "decode_s": decode, "inter_token_s": decode / (tokens - 1),
+            "decode_tokens_per_s": batch * (tokens - 1) / decode}
+
+
+def serve_worker(llm) -> None:
+    """Answer timing requests, one JSON line each on stdin ({prompt, batch, tokens}), until stdin closes."""
+    print(REPLY + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(REPLY + json.dumps(timed_batch(llm, job["prompt"], job["batch"], job["tokens"])), flush=True)
+
+
 def main(argv=None) -> int:
-    """One engine in this process: `greedy` writes {"tokens": [...]} for --prompts; `teacher` writes {"top": [...]}
-    for --sequences (with --prompt-lengths).  JSON in and out, so each engine runs in a process of its own."""
+    """One engine in this process: `greedy` writes {"tokens": [...]} for the job's prompts and, for each entry of
+    its "teacher" ({name: {sequences, lengths}}), {"top": {name: [...]}}; `worker` answers timing requests on stdin
+    (EngineWorker).  JSON in and out, so each engine runs in a process of its own."""
     p = argparse.ArgumentParser(prog="python -m taylormlp.vllm_engine")
-    p.add_argument("mode", choices=("greedy", "teacher"))
+    p.add_argument("mode", choices=("greedy", "worker"))
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help="JSON: {prompts: [[ids]], new_tokens} or {sequences, lengths}")
-    p.add_argument("--out", required=True)
+    p.add_argument("--input", help="JSON: {prompts: [[ids]], new_tokens, teacher: {name: {sequences, lengths}}}")
+    p.add_argument("--out")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -117,13 +148,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     require_vllm()
     os.environ.update({k: v for k, v in engine_environment().items() if k not in os.environ})
-    job = json.loads(Path(args.input).read_text())
+    # a timing worker re-sends one prompt: vLLM's prefix cache would skip its prefill from the second run on
+    extra = {"enable_prefix_caching": False} if args.mode == "worker" else {}
     llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel,
-                  not args.no_release_flags)
-    if args.mode == "greedy":
-        result = {"tokens": greedy_tokens(llm, job["prompts"], job["new_tokens"])}
-    else:
-        result = {"top": teacher_forced_top(llm, job["sequences"], job["lengths"])}
+                  not args.no_release_flags, **extra)
+    if args.mode == "worker":
+        serve_worker(llm)
+        return 0
+    job = json.loads(Path(args.input).read_text())
+    result = {"tokens": greedy_tokens(llm, job["prompts"], job["new_tokens"])} if "prompts" in job else {}
+    for name, forced in job.get("teacher", {}).items():  # teacher forcing on given sequences, same engine
+        result.setdefault("top", {})[name] = teacher_forced_top(llm, forced["sequences"], forced["lengths"])
     Path(args.out).write_text(json.dumps(result))
     return 0
 
@@ -147,6 +182,44 @@ def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", ea
         tail = log_file.read_text(errors="replace").strip().splitlines()[-6:]
         raise TaylorMLPError(f"vLLM ({mode}, {tag}) failed with exit status {done.returncode}: " + " | ".join(tail))
     return json.loads(out_file.read_text())
+
+
+class EngineWorker:
+    """One model on vLLM in a child process of its own (`python -m taylormlp.vllm_engine worker`), kept loaded so
+    that runs of several models can be interleaved: ``run(prompt, batch, tokens)`` is timed_batch there."""
+
+    def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512):
+        argv = [sys.executable, "-m", "taylormlp.vllm_engine", "worker", "--model", str(model_dir), "--dtype", dtype,
+                "--max-model-len", str(max_model_len)] + (["--eager"] if eager else [])
+        env = {**engine_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "w")
+        self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                      env=env)
+        self._reply()  # ready: loaded (and compiled)
+
+    def _reply(self) -> dict:
+        for line in self.child.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.log.flush()
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-6:]
+        raise TaylorMLPError(f"vLLM worker {self.log_path.stem} stopped (exit status {self.child.wait()}): "
+                             + " | ".join(tail))
+
+    def run(self, prompt: list[int], batch: int, tokens: int) -> dict:
+        self.child.stdin.write(json.dumps({"prompt": list(prompt), "batch": batch, "tokens": tokens}) + "\n")
+        self.child.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.stdin.close()
+            try:
+                self.child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+        self.log.close()
 
 
 # ---------------------------------------------------------------- the OpenAI-compatible server
