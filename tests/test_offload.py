@@ -81,7 +81,8 @@ def reference(tiny_release, smol_tokenizer):
 def assert_offloaded(model):
     device_map = getattr(model, "hf_device_map", None) or {}
     assert "disk" in set(device_map.values()), device_map
-    on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    tensors = [*model.named_parameters(), *model.named_buffers()]  # a piecewise layer's owner and edges are buffers
+    on_meta = [name for name, p in tensors if p.device.type == "meta"]
     assert on_meta, "device_map put weights on disk, yet every parameter is materialised"
     return on_meta
 
@@ -105,7 +106,10 @@ def test_auto_device_map_offloads_to_disk_and_generates_the_same(layouts, layout
     model = load_release(release, device_map="auto", max_memory=cpu_budget(release), offload_folder=tmp_path / "off")
     on_meta = assert_offloaded(model)
     assert piecewise_layers(model), "the default preset should give piecewise layers (owner, ±inf edges)"
-    assert any(name.endswith("mlp.owner") for name in on_meta) and any(name.endswith("mlp.edge_hi") for name in on_meta)
+    assert any(name.endswith("mlp.theta") for name in on_meta)
+    # the piece index and edges are buffers: accelerate keeps them resident (a few values a layer), owner an int64 index
+    assert all(m.owner.device.type == "cpu" and m.owner.dtype == torch.int64 for m in
+               (model.model.layers[i].mlp for i in piecewise_layers(model)))
     assert not model.training
     assert torch.equal(greedy(model, smol_tokenizer), reference[torch.float32])
 
@@ -125,10 +129,10 @@ def test_explicit_disk_layer_keeps_int64_owner_and_infinite_edges(tiny_release, 
     assert model.hf_device_map["model.layers.1"] == "disk"
     mlp = model.model.layers[1].mlp
     assert 1 in piecewise_layers(model)
-    assert mlp.owner.device.type == "meta" and mlp.theta.device.type == "meta"
-    # what accelerate hands the module at each forward: the released values, owner still an int64 index
+    assert mlp.theta.device.type == "meta" and mlp.owner.device.type == "cpu"  # buffers stay resident
+    # what the module runs with at each forward: Θ from accelerate's weights map, the resident index and edges
     weights = mlp._hf_hook.weights_map
-    owner, lo, hi = weights["owner"], weights["edge_lo"], weights["edge_hi"]
+    owner, lo, hi = mlp.owner, mlp.edge_lo, mlp.edge_hi
     assert owner.dtype == torch.int64 and int(owner.min()) >= 0 and int(owner.max()) < mlp.protected
     assert lo.dtype == hi.dtype == weights["theta"].dtype == dtype
     assert torch.isneginf(lo).any() and torch.isposinf(hi).any()
@@ -149,7 +153,7 @@ def test_stock_transformers_offloads_a_release(layouts, layout, smol_tokenizer, 
     mixed = AutoModelForCausalLM.from_pretrained(release, trust_remote_code=True, device_map=MIXED_MAP,
                                                  offload_folder=tmp_path / "b")
     assert_offloaded(mixed)
-    assert mixed.model.layers[1].mlp.owner.device.type == "meta"
+    assert mixed.model.layers[1].mlp.theta.device.type == "meta" and mixed.model.layers[1].mlp.owner.dtype == torch.int64
     assert torch.equal(greedy(mixed, smol_tokenizer), reference[torch.float32])
 
 

@@ -22,14 +22,15 @@ import torch
 
 from conftest import FAST, free_port, tiny, tiny_llama
 
-pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm", reason="the vllm tests run in .venv-vllm (make vllm-setup); `make test` runs them")
+from taylormlp import load_release
+from taylormlp.decode import greedy
+from taylormlp.pipeline import protect_to_release
+from taylormlp.runtime import LOAD_NOTICE
+from taylormlp.vllm_engine import run_engine
 
-from taylormlp import load_release  # noqa: E402
-from taylormlp.decode import greedy  # noqa: E402
-from taylormlp.pipeline import protect_to_release  # noqa: E402
-from taylormlp.runtime import LOAD_NOTICE  # noqa: E402
-from taylormlp.vllm_engine import run_engine  # noqa: E402
+# every test here needs vLLM (each engine runs in a child process, which fails without it): `make test` runs them in
+# .venv-vllm with -m vllm and leaves them out of .venv's run with -m "not vllm"
+pytestmark = pytest.mark.vllm
 
 PROMPTS = [[1, 50, 60, 70], [1, 900, 33], [1, 5, 6, 7, 8, 9, 10]]
 NEW = 12
