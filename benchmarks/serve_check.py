@@ -4,6 +4,7 @@ and stops on Ctrl-C.
 
     .venv/bin/python benchmarks/serve_check.py                                   # releases/smollm2-default
     .venv/bin/python benchmarks/serve_check.py --release releases/smollm2-4x --json results/serve-check-smollm2-4x.json
+    .venv-vllm/bin/python benchmarks/serve_check.py --engine vllm --json results/serve-check-smollm2-default-vllm.json
 
 The server runs as its own process (the command a user types, continuous batching); the requests go through the
 `openai` client, all at once from threads; the reference generations are made afterwards in this process
@@ -64,6 +65,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=Path, default=ROOT / "benchmarks/prompts_smollm2.json")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent chat requests (default 4)")
     ap.add_argument("--max-tokens", type=int, default=24, help="max_tokens of each request (default 24)")
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                    help="taylormlp serve's engine (vllm: in float32, the dtype load_release runs in)")
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for the server (default 900)")
     args = ap.parse_args()
 
@@ -75,6 +78,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="serve-check-")) / "server.log"
     cmd = [sys.executable, "-m", "taylormlp.cli", "serve", str(args.release), "--port", str(port)]
+    cmd += ["--engine", "vllm", "--dtype", "float32"] if args.engine == "vllm" else []
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, "TAYLORMLP_QUIET": "1"})
     try:
@@ -101,7 +105,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    stopped = proc.returncode == 0 and log.read_text().rstrip().endswith("server stopped")
+    stopped = proc.returncode == 0 and (args.engine == "vllm" or log.read_text().rstrip().endswith("server stopped"))
 
     model, tokenizer = load_any(args.release)
     reference = []
