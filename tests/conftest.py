@@ -87,16 +87,16 @@ def smol_tokenizer():
                                          or resolve_source("smollm2-135m-instruct"))
 
 
-def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0, **sizes):
+def save_tiny_chat_model(out, tokenizer, attention_scale: float = 1.0, gate_scales=None, **sizes):
     """A tiny random Llama with `tokenizer`'s vocabulary and chat template, saved as a HF model directory `out`.
     Its gate pre-activations are spread so the series has real work to do; `attention_scale` > 1 scales the
     attention projections so that its greedy generations depend on the prompt (at 1 they repeat one token);
-    `sizes`: tiny_llama's (hidden, inter, layers)."""
+    `gate_scales`: the spread per layer (default 10 each); `sizes`: tiny_llama's (hidden, inter, layers, config)."""
     model = tiny_llama(vocab=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, **sizes)
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight.mul_(10.0)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gate_proj.weight.mul_(10.0 if gate_scales is None else gate_scales[i])
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(layer.self_attn, name).weight.mul_(attention_scale)
     model.save_pretrained(out)

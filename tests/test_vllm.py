@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import FAST, free_port, tiny, tiny_llama
+from conftest import FAST, free_port, save_tiny_chat_model, tiny
 
 from taylormlp import load_release
 from taylormlp.decode import greedy
@@ -38,26 +38,14 @@ NEW = 12
 SHAPE = dict(hidden=64, inter=64, layers=3, num_attention_heads=2, num_key_value_heads=1)
 
 
-def _save(model, tokenizer, out, gate_scales, attention_scale=4.0):
-    with torch.no_grad():
-        for layer, scale in zip(model.model.layers, gate_scales):
-            layer.mlp.gate_proj.weight.mul_(scale)  # gate ranges wide enough for real series work
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.self_attn, name).weight.mul_(attention_scale)  # prompt-dependent answers
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory, smol_tokenizer):
     """{'paper': one piece per channel + rest + a layer with none protected, 'pieces': pieces, no rest}."""
     root = tmp_path_factory.mktemp("vllm")
-    tok = smol_tokenizer
-    base = dict(vocab=len(tok), tie_word_embeddings=True, **SHAPE)
-    # layer 1's gate 30x wider than the others': the narrowest-first paper selection protects none of its channels
-    paper_src = _save(tiny_llama(**base), tok, root / "src-paper", (10.0, 300.0, 10.0))
-    pieces_src = _save(tiny_llama(**base), tok, root / "src-pieces", (10.0, 10.0, 10.0))
+    # layer 1's gate 30x wider than the others': the narrowest-first paper selection protects none of its channels;
+    # attention scaled so that greedy answers depend on the prompt
+    paper_src = save_tiny_chat_model(root / "src-paper", smol_tokenizer, 4.0, (10.0, 300.0, 10.0), **SHAPE)
+    pieces_src = save_tiny_chat_model(root / "src-pieces", smol_tokenizer, 4.0, **SHAPE)
     out = {"paper": root / "paper", "pieces": root / "pieces"}
     protect_to_release(paper_src, out["paper"], preset="paper", coverage=0.5, **FAST)
     protect_to_release(pieces_src, out["pieces"], preset="default", order=12, **FAST)

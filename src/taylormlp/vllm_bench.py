@@ -20,6 +20,7 @@ from pathlib import Path
 from .bench import flops_per_token, parameter_bytes_read, prompt_ids
 from .bench_report import format_throughput, plot_throughput
 from .decode import interleaved, paired_ratios
+from .errors import TaylorMLPError
 from .paths import write_text_atomically
 from .progress import log
 from .release import load_release
@@ -64,7 +65,7 @@ def run_vllm_bench(source, releases, batch_sizes=(1,), tokens: int = 32, repeats
                    json_path=None, plot_path=None, workdir=None) -> dict:
     require_vllm()
     if tokens < 2:
-        raise ValueError("--tokens must be at least 2 on vLLM (one prefill token, then decode steps)")
+        raise TaylorMLPError(f"--tokens {tokens}: with --engine vllm at least 2 (one prefill token, then decode steps)")
     source_dir = resolve_source(source)
     names = {Path(r).name: Path(r) for r in releases}
     ids = prompt_ids(load_tokenizer(source_dir))[0][0].tolist()

@@ -119,8 +119,7 @@ def timed_batch(llm, prompt: list[int], batch: int, tokens: int) -> dict:
         llm.generate(requests, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
         seconds.append(time.perf_counter() - start)
     decode = max(seconds[1] - seconds[0], 1e-9)
-    return {"prefill_s": seconds[0], "total_s": seconds[1], "decode_s": decode, "inter_token_s": decode / (tokens - 1),
-            "decode_tokens_per_s": batch * (tokens - 1) / decode}
+    return {"prefill_s": seconds[0], "total_s": seconds[1], "decode_s": decode, "inter_token_s": decode / (tokens - 1)}
 
 
 def serve_worker(llm) -> None:
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-release-flags", action="store_true", help="start vLLM without RELEASE_FLAGS (a refusal check)")
     args = p.parse_args(argv)
     require_vllm()
-    os.environ.update({k: v for k, v in engine_environment().items() if k not in os.environ})
+    os.environ.update(engine_environment())  # CPU_DEFAULTS where unset (a child started by hand)
     # a timing worker re-sends one prompt: vLLM's prefix cache would skip its prefill from the second run on
     extra = {"enable_prefix_caching": False} if args.mode == "worker" else {}
     llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel,
@@ -163,8 +162,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _child(mode: str, model_dir, dtype: str, eager: bool, *more: str) -> tuple[list[str], dict]:
+    """argv and environment of `python -m taylormlp.vllm_engine MODE` (the engine in that process)."""
+    argv = [sys.executable, "-m", "taylormlp.vllm_engine", mode, "--model", str(model_dir), "--dtype", dtype, *more]
+    argv += ["--eager"] if eager else []
+    return argv, {**engine_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _tail(log_path: Path) -> str:
+    return " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-6:])
+
+
 def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", eager: bool = False,
-               tensor_parallel: int = 1, timeout: float = 900, python: str | None = None, flags: bool = True) -> dict:
+               tensor_parallel: int = 1, timeout: float = 900, flags: bool = True) -> dict:
     """`python -m taylormlp.vllm_engine MODE` on MODEL_DIR in a child process (one engine per process); its result.
     A failed engine is a TaylorMLPError carrying the last lines vLLM printed."""
     workdir = Path(workdir)
@@ -172,15 +182,12 @@ def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", ea
     tag = f"{mode}-{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-tp{tensor_parallel}"
     job_file, out_file, log_file = (workdir / f"{tag}.{ext}" for ext in ("job.json", "out.json", "log"))
     job_file.write_text(json.dumps(job))
-    argv = [python or sys.executable, "-m", "taylormlp.vllm_engine", mode, "--model", str(model_dir), "--input",
-            str(job_file), "--out", str(out_file), "--dtype", dtype, "--tensor-parallel", str(tensor_parallel)]
-    argv += (["--eager"] if eager else []) + ([] if flags else ["--no-release-flags"])
-    env = {**engine_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    argv, env = _child(mode, model_dir, dtype, eager, "--input", str(job_file), "--out", str(out_file),
+                       "--tensor-parallel", str(tensor_parallel), *([] if flags else ["--no-release-flags"]))
     with open(log_file, "w") as log:
         done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     if done.returncode != 0 or not out_file.is_file():
-        tail = log_file.read_text(errors="replace").strip().splitlines()[-6:]
-        raise TaylorMLPError(f"vLLM ({mode}, {tag}) failed with exit status {done.returncode}: " + " | ".join(tail))
+        raise TaylorMLPError(f"vLLM ({mode}, {tag}) failed with exit status {done.returncode}: {_tail(log_file)}")
     return json.loads(out_file.read_text())
 
 
@@ -189,9 +196,7 @@ class EngineWorker:
     that runs of several models can be interleaved: ``run(prompt, batch, tokens)`` is timed_batch there."""
 
     def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512):
-        argv = [sys.executable, "-m", "taylormlp.vllm_engine", "worker", "--model", str(model_dir), "--dtype", dtype,
-                "--max-model-len", str(max_model_len)] + (["--eager"] if eager else [])
-        env = {**engine_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+        argv, env = _child("worker", model_dir, dtype, eager, "--max-model-len", str(max_model_len))
         self.log_path = Path(log_path)
         self.log = open(self.log_path, "w")
         self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -203,9 +208,8 @@ class EngineWorker:
             if line.startswith(REPLY):
                 return json.loads(line[len(REPLY):])
         self.log.flush()
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-6:]
         raise TaylorMLPError(f"vLLM worker {self.log_path.stem} stopped (exit status {self.child.wait()}): "
-                             + " | ".join(tail))
+                             f"{_tail(self.log_path)}")
 
     def run(self, prompt: list[int], batch: int, tokens: int) -> dict:
         try:
