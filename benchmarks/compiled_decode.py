@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from taylormlp.bench import prompt_ids
-from taylormlp.decode import batch_ids, interleaved, paired_ratios
-from taylormlp.paths import write_text_atomically
-from taylormlp.release import load_release, release_dtype
-from taylormlp.sources import load_base, load_tokenizer, resolve_source
+from taylormlp.measure.bench import prompt_ids
+from taylormlp.measure.decode import batch_ids, interleaved, paired_ratios
+from taylormlp.common.paths import write_text_atomically
+from taylormlp.release.directory import load_release, release_dtype
+from taylormlp.release.sources import load_base, load_tokenizer, resolve_source
 
 
 def timed_generate(model, ids: torch.Tensor, tokens: int, device: str, compile_mode: str | None) -> dict:

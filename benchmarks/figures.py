@@ -225,7 +225,7 @@ def blockers(fig: Figure, here: dict, out: Path, quick: bool, made: set[str]) ->
     if need.get("serve") and not here["serve"]:
         why.append("the serve extra is not installed (pip install -e '.[serve]')")
     if need.get("demo"):
-        from taylormlp.kinds import is_release  # torch-free
+        from taylormlp.release.kinds import is_release  # torch-free
 
         if not is_release(ROOT / "releases" / "smollm2-paper"):
             why.append("no demo release at releases/smollm2-paper (run make demo)")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taylormlp.calibration import calibrate
-from taylormlp.decode import validate
-from taylormlp.options import ProtectOptions
-from taylormlp.protector import Protector
-from taylormlp.sources import is_chat_model, load_base
+from taylormlp.protection.calibration import calibrate
+from taylormlp.measure.decode import validate
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.protection.protector import Protector
+from taylormlp.release.sources import is_chat_model, load_base
 
 
 VARIANTS = {

@@ -22,7 +22,7 @@
 # with SmolLM2's tokenizer files; default .gpu/tokenizer if it exists, else the built-in model's), WORK (scratch
 # directory, default .gpu-work), SMALL=1 (a dry run of every stage on tiny depths, for a CPU rehearsal),
 # STAGE_LIMIT_S (seconds per stage, default 240), BUDGET_S (the whole script's seconds, default 520).
-# Preparing it here:  mkdir -p .gpu && .venv/bin/python -c "from taylormlp.sources import resolve_source, \
+# Preparing it here:  mkdir -p .gpu && .venv/bin/python -c "from taylormlp.release.sources import resolve_source, \
 #   load_tokenizer; load_tokenizer(resolve_source('smollm2-135m-instruct')).save_pretrained('.gpu/tokenizer')"
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Issue 17, item 5: the slowdown curve on GPUs, PREDICTED from machine-independent work (taylormlp.predict), for
+"""Issue 17, item 5: the slowdown curve on GPUs, PREDICTED from machine-independent work (taylormlp.measure.predict), for
 the original and each release; runs on any machine (the CPU here), measures no time.
 
     .venv/bin/python benchmarks/gpu_prediction.py smollm2-135m-instruct releases/smollm2-default \
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from taylormlp import predict
-from taylormlp.bench import prompt_ids
-from taylormlp.paths import check_output_file, write_text_atomically
-from taylormlp.release import load_release, release_dtype
-from taylormlp.sources import load_base
+from taylormlp.measure import predict
+from taylormlp.measure.bench import prompt_ids
+from taylormlp.common.paths import check_output_file, write_text_atomically
+from taylormlp.release.directory import load_release, release_dtype
+from taylormlp.release.sources import load_base
 
 
 def work(model, ids, batches) -> dict:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     del base
     gc.collect()
     lines = ["# The slowdown curve on GPUs: a PREDICTION", "",
-             f"Not measured. Predicted by `benchmarks/gpu_prediction.py` (taylormlp.predict) from the work of one "
+             f"Not measured. Predicted by `benchmarks/gpu_prediction.py` (taylormlp.measure.predict) from the work of one "
              f"cached decode step of `{args.source}` and each release, counted operator by operator (bytes moved, "
              f"FLOPs, kernels) with a {ids.shape[1]}-token context, and a roofline per operator with the datasheet "
              f"figures below. engine = kernels back to back (launches hidden: CUDA graphs, a serving engine); "

@@ -27,8 +27,8 @@ if ! "$py" -c "import lm_eval" 2>/dev/null; then
 fi
 original=$("$py" - "$1" <<'PY'
 import sys
-from taylormlp.errors import TaylorMLPError
-from taylormlp.sources import resolve_source
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.release.sources import resolve_source
 try:
     print(resolve_source(sys.argv[1]).resolve())
 except TaylorMLPError as exc:

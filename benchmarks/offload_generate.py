@@ -43,10 +43,10 @@ def run_one(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from taylormlp.bench import prompt_ids
-    from taylormlp.decode import greedy, tokens_matched
-    from taylormlp.release import load_release
-    from taylormlp.sources import load_tokenizer
+    from taylormlp.measure.bench import prompt_ids
+    from taylormlp.measure.decode import greedy, tokens_matched
+    from taylormlp.release.directory import load_release
+    from taylormlp.release.sources import load_tokenizer
 
     torch.manual_seed(0)
     placement = {"device_map": "auto", "max_memory": parse_memory(args.max_memory),
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
-    from taylormlp.decode import first_divergence
-    from taylormlp.paths import write_text_atomically
+    from taylormlp.measure.decode import first_divergence
+    from taylormlp.common.paths import write_text_atomically
 
     with tempfile.TemporaryDirectory(prefix="taylormlp-offload-") as tmp:
         if args.offload_folder is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taylormlp.paths import write_text_atomically
+from taylormlp.common.paths import write_text_atomically
 
 SHAPES = {
     # Llama-3-8B: hidden 4096, intermediate 14336, 32 query / 8 key-value heads, vocabulary 128256, 32 layers
@@ -64,7 +64,7 @@ def make_model(directory: Path, shape: dict, layers: int, seed: int = 0, tokeniz
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from taylormlp.sources import resolve_source
+    from taylormlp.release.sources import resolve_source
 
     tok = AutoTokenizer.from_pretrained(tokenizer or resolve_source("smollm2-135m-instruct"))
     config = LlamaConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],

@@ -8,7 +8,7 @@ and stops on Ctrl-C.
 
 The server runs as its own process (the command a user types, continuous batching); the requests go through the
 `openai` client, all at once from threads; the reference generations are made afterwards in this process
-(taylormlp.pipeline.generate_ids: chat template, greedy).  Writes the JSON atomically; exit status 1 if any check
+(taylormlp.measure.generate.generate_ids: chat template, greedy).  Writes the JSON atomically; exit status 1 if any check
 fails.  Chat prompts: the first --concurrency chat prompts of benchmarks/prompts_smollm2.json.
 """
 
@@ -70,7 +70,9 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for the server (default 900)")
     args = ap.parse_args()
 
-    from taylormlp.pipeline import dump_json, generate_ids, load_any  # after parsing: --help needs no torch
+    from taylormlp.common.paths import dump_json
+    from taylormlp.measure.generate import generate_ids
+    from taylormlp.release.sources import load_any  # after parsing: --help needs no torch
 
     chats = [p["text"] for p in json.loads(args.prompts.read_text())["prompts"] if p["kind"] == "chat"]
     chats = chats[:args.concurrency]

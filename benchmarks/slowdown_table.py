@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from taylormlp.bench import weight_bytes
-from taylormlp.stream import available_memory
+from taylormlp.measure.bench import weight_bytes
+from taylormlp.common.machine import available_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,7 +1,7 @@
 """SmolLM2 releases on vLLM against the original on vLLM: greedy generations on the held-out prompts.
 
 Every model runs on vLLM at its defaults (compiled mode), the original on vLLM's own Llama, each release with the two
-settings the README gives (--model-impl transformers --trust-remote-code, taylormlp.vllm_engine.RELEASE_FLAGS); one
+settings the README gives (--model-impl transformers --trust-remote-code, taylormlp.serve.vllm_engine.RELEASE_FLAGS); one
 engine per process.  Per dtype: greedy continuations of `--tokens` tokens (EOS does not stop them) on the prompts
 (chat template applied), and how many equal the original's in the same dtype.  In bfloat16 rounding alone changes
 greedy text, so the release in bf16 is set beside the original in bf16 against the original in float32: identical
@@ -23,11 +23,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from taylormlp.calibration import format_prompt
-from taylormlp.evaluate import read_prompts
-from taylormlp.paths import write_text_atomically
-from taylormlp.sources import resolve_source
-from taylormlp.vllm_engine import run_engine
+from taylormlp.measure.generate import format_prompt
+from taylormlp.measure.compare import read_prompts
+from taylormlp.common.paths import write_text_atomically
+from taylormlp.release.sources import resolve_source
+from taylormlp.serve.vllm_engine import run_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 

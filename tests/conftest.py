@@ -81,7 +81,7 @@ def smol_tokenizer():
     holding its tokenizer files."""
     from transformers import AutoTokenizer
 
-    from taylormlp.sources import resolve_source
+    from taylormlp.release.sources import resolve_source
 
     return AutoTokenizer.from_pretrained(os.environ.get("TAYLORMLP_TEST_TOKENIZER")
                                          or resolve_source("smollm2-135m-instruct"))
@@ -112,7 +112,7 @@ def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory, tiny_llama_dir):
-    from taylormlp.pipeline import protect_to_release
+    from taylormlp.protection.flow import protect_to_release
 
     out = tmp_path_factory.mktemp("rel") / "release"
     protect_to_release(tiny_llama_dir, out, preset="default", order=12, **FAST)

@@ -14,12 +14,20 @@ import torch
 
 os.environ["TAYLORMLP_QUIET"] = "1"
 
-from taylormlp import calibration, convert, options, runtime  # noqa: E402
-from taylormlp.attacks import AuditContext, AuditOptions, coefficient_ratio, distill, factorization, finetune, \
-    regression, protected_layers  # noqa: E402
-from taylormlp.attacks import ATTACKS, get_attack, registry, verdict  # noqa: E402
-from taylormlp.audit import audit_model, format_table  # noqa: E402
-from taylormlp.errors import TaylorMLPError  # noqa: E402
+from taylormlp import runtime
+
+from taylormlp.protection import calibration
+
+from taylormlp.protection import flow
+
+from taylormlp.protection import options  # noqa: E402
+from taylormlp.attacks import coefficient_ratio, distill, factorization, finetune, regression
+from taylormlp.attacks.context import AuditContext, AuditOptions, protected_layers  # noqa: E402
+from taylormlp.attacks import ATTACKS, registry
+from taylormlp.attacks.registry import get_attack
+from taylormlp.attacks.verdicts import verdict  # noqa: E402
+from taylormlp.attacks.audit import audit_model, format_table  # noqa: E402
+from taylormlp.common.errors import TaylorMLPError  # noqa: E402
 
 from conftest import tiny, tiny_llama  # noqa: E402
 
@@ -58,7 +66,7 @@ def make_release(family: str, basis: str, order: int = 8, coverage: float = 1.0,
                 layer.mlp.c_fc.weight.mul_(0.3 / torch.cat(seen).std())
     original = copy.deepcopy(model)
     ranges = calibration.collect_ranges(model, calib)
-    convert.protect(model, calibration=ranges,
+    flow.protect(model, calibration=ranges,
                     options=options.ProtectOptions(basis=basis, order=order, coverage=coverage, margin=0.0,
                                                    max_pieces=max_pieces, piece_tolerance=1e-15, trust_tolerance=0.0))
     return model, original
@@ -123,7 +131,7 @@ def test_regression_series_features_are_exact_where_the_release_is_not():
             layer.mlp.gate_proj.weight.mul_(20.0)
     original = copy.deepcopy(model)
     ranges = calibration.collect_ranges(model, _calibration_ids())
-    convert.protect(model, calibration=ranges,
+    flow.protect(model, calibration=ranges,
                     options=options.ProtectOptions(basis="taylor", order=8, coverage=1.0, margin=0.0))
     ctx = _ctx(model, original)
     assert regression.run(ctx, features="activation")["relative_weight_error"] > 0.1  # release ≠ act here
@@ -226,7 +234,7 @@ def test_unknown_attack_is_refused():
 
 def test_cli_audit_writes_table_and_json(tmp_path, capsys):
     from taylormlp import cli
-    from taylormlp.release import save_release
+    from taylormlp.release.directory import save_release
 
     release, _ = make_release("gated", "chebyshev", coverage=0.5)
     save_release(release, tmp_path / "rel")

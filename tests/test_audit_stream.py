@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from taylormlp.audit import run_audit
+from taylormlp.attacks.audit import run_audit
 from taylormlp.cli import main
 
 CLOSED_FORM = ["coefficient_ratio", "factorization"]
@@ -18,7 +18,7 @@ SAME = {"coefficient_ratio": ("relative_weight_error", "per_layer_max", "sign_ac
 
 @pytest.fixture(scope="module")
 def both(tiny_release, tiny_llama_dir):
-    from taylormlp.attacks import AuditOptions
+    from taylormlp.attacks.context import AuditOptions
 
     options = AuditOptions(attack_options={"factorization": {"speed": False}})
     whole = run_audit(tiny_release, original=tiny_llama_dir, attacks=CLOSED_FORM, options=options,
@@ -73,7 +73,7 @@ def test_stream_refuses_attacks_that_run_the_model(tiny_release, capsys):
 
 
 def test_a_big_release_streams_by_itself(tiny_release, monkeypatch):
-    from taylormlp import audit
+    from taylormlp.attacks import audit
 
     monkeypatch.setattr(audit, "available_memory", lambda: 1000)  # bytes: any release is "more than half" of it
     assert audit.should_stream(tiny_release, CLOSED_FORM, None)

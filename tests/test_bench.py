@@ -9,11 +9,11 @@ os.environ["TAYLORMLP_QUIET"] = "1"
 import pytest
 import torch
 
-from taylormlp import bench  # noqa: E402
-from taylormlp.calibration import collect_ranges  # noqa: E402
-from taylormlp.options import ProtectOptions  # noqa: E402
-from taylormlp.protector import Protector  # noqa: E402
-from taylormlp.errors import TaylorMLPError  # noqa: E402
+from taylormlp.measure import bench  # noqa: E402
+from taylormlp.protection.calibration import collect_ranges  # noqa: E402
+from taylormlp.protection.options import ProtectOptions  # noqa: E402
+from taylormlp.protection.protector import Protector  # noqa: E402
+from taylormlp.common.errors import TaylorMLPError  # noqa: E402
 from taylormlp.runtime import TaylorMLP  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
@@ -182,8 +182,8 @@ def test_unique_names():
 
 
 def test_memory_probe_in_fresh_process(base_and_ranges, tmp_path):
-    from taylormlp.convert import protect
-    from taylormlp.release import save_release
+    from taylormlp.protection.flow import protect
+    from taylormlp.release.directory import save_release
 
     base, ranges = base_and_ranges
     model = copy.deepcopy(base)
@@ -255,7 +255,7 @@ def test_run_bench_batch_sizes_end_to_end(tiny_llama_dir, tiny_release, tmp_path
 
 def test_throughput_rows_from_injected_timings():
     """The throughput ratio is the original's tokens/s over the release's at the same batch: decode times given."""
-    from taylormlp.throughput import throughput_rows
+    from taylormlp.measure.throughput import throughput_rows
 
     def run(batch, decode_s, prefill_s=0.5):
         return {"batch": batch, "decode_s": decode_s, "prefill_s": prefill_s, "new_tokens": 4,
@@ -279,12 +279,12 @@ def test_throughput_rows_from_injected_timings():
 def test_bench_refuses_releases_that_do_not_fit_in_memory_together(tiny_llama_dir, tiny_release, monkeypatch):
     """bench keeps every release in memory at once: too many bytes for this machine is a clear error before any
     loading, naming the sizes and the way out (fewer releases per run)."""
-    import taylormlp.stream as stream
+    import taylormlp.common.machine as machine
 
     size = sum(f.stat().st_size for f in tiny_release.glob("*.safetensors"))
-    monkeypatch.setattr(stream, "available_memory", lambda: int(1.5 * size))
+    monkeypatch.setattr(machine, "available_memory", lambda: int(1.5 * size))
     bench.check_bench_memory([tiny_release])  # one fits
     with pytest.raises(TaylorMLPError, match=r"2 releases hold .* GB .* Bench fewer releases per run"):
         bench.run_bench(tiny_llama_dir, [tiny_release, tiny_release], tokens=1, repeats=1, memory=False)
-    monkeypatch.setattr(stream, "available_memory", lambda: None)  # unknown: no check
+    monkeypatch.setattr(machine, "available_memory", lambda: None)  # unknown: no check
     bench.check_bench_memory([tiny_release] * 3)

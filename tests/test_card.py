@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from taylormlp import protect, save_release
-from taylormlp.card import base_model, model_card
-from taylormlp.pipeline import protect_to_release
-from taylormlp.sources import load_base
+from taylormlp import save_release
+from taylormlp.protection.flow import protect
+from taylormlp.release.card import base_model, model_card
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.release.sources import load_base
 
 from conftest import FAST
 

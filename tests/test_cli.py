@@ -22,7 +22,7 @@ def _commands():
 
 
 def test_help_explains_every_flag(capsys):
-    from taylormlp.cli import TERMS, Number
+    from taylormlp.cli.parser import TERMS, Number
 
     sub = _commands()
     assert set(sub) == {"protect", "generate", "inspect", "compare", "bench", "audit", "demo", "serve"}
@@ -48,7 +48,8 @@ def _help(argv, capsys) -> str:
 
 
 def test_audit_help_names_every_attack_with_its_cost(capsys):
-    from taylormlp.attacks import ATTACKS, get_attack
+    from taylormlp.attacks import ATTACKS
+    from taylormlp.attacks.registry import get_attack
 
     text = " ".join(_help(["audit", "--help"], capsys).split())  # argparse wraps lines
     for name in ATTACKS:
@@ -81,8 +82,14 @@ def test_help_and_usage_errors_import_no_torch():
 def test_tables_have_one_definition():
     """The CLI's torch-free tables are the very ones the heavy modules use; runtime.BASES, which runtime.py (copied
     into releases) must define itself, equals choices.BASES."""
-    from taylormlp import choices, options, release, runtime, series, sources
-    from taylormlp.attacks import ATTACKS, get_attack
+    from taylormlp import runtime
+    from taylormlp.common import choices
+    from taylormlp.protection import options
+    from taylormlp.release import directory as release
+    from taylormlp.maths import series
+    from taylormlp.release import sources
+    from taylormlp.attacks import ATTACKS
+    from taylormlp.attacks.registry import get_attack
 
     assert runtime.BASES == choices.BASES
     assert options.PRESETS is choices.PRESETS and options.MAX_PIECES is choices.MAX_PIECES
@@ -107,8 +114,8 @@ def test_tables_have_one_definition():
     ("seed", -1, r"seed \(--seed\) must be a whole number of at least 0"),
 ])
 def test_protect_options_check_the_python_api(field, value, message):
-    from taylormlp.errors import TaylorMLPError
-    from taylormlp.options import ProtectOptions
+    from taylormlp.common.errors import TaylorMLPError
+    from taylormlp.protection.options import ProtectOptions
 
     with pytest.raises(TaylorMLPError, match=message):
         ProtectOptions(**{field: value}).resolved()

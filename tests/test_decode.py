@@ -7,7 +7,7 @@ statistic, not this machine's speed.
 import pytest
 import torch
 
-from taylormlp import decode
+from taylormlp.measure import decode
 
 from conftest import tiny_llama
 

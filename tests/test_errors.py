@@ -123,7 +123,7 @@ def _manifest(update):
 
 def _future_config_version(d: Path):
     """A consistent release (manifest matches) whose config says taylormlp format version 99."""
-    from taylormlp.release import write_manifest
+    from taylormlp.release.directory import write_manifest
 
     cfg = json.loads((d / "config.json").read_text())
     cfg["taylormlp"]["format_version"] = 99
@@ -133,7 +133,7 @@ def _future_config_version(d: Path):
 
 def _drop_tokenizer(d: Path):
     """A release written without its tokenizer (save_release(model, DIR) through the API), manifest consistent."""
-    from taylormlp.release import write_manifest
+    from taylormlp.release.directory import write_manifest
 
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (d / name).exists():
@@ -150,7 +150,7 @@ def _truncate_shard(d: Path):
 
 
 def _gguf_head(n: int) -> bytes:
-    from taylormlp.sources import BUILTIN_MODELS
+    from taylormlp.release.sources import BUILTIN_MODELS
 
     with open(BUILTIN_MODELS["smollm2-135m-instruct"].gguf_path(), "rb") as fh:
         return fh.read(n)
@@ -182,7 +182,7 @@ def _fail_on_save_file(c: Ctx):
 
 def _fail_on_json_write(c: Ctx):
     """The JSON file is created, then the disk fills up half way through writing it."""
-    import taylormlp.paths
+    import taylormlp.common.paths
 
     class Full:
         def __init__(self, fh):
@@ -198,7 +198,7 @@ def _fail_on_json_write(c: Ctx):
             self.fh.write(text[:10])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    c.monkeypatch.setattr(taylormlp.paths, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+    c.monkeypatch.setattr(taylormlp.common.paths, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
 
 
 PROTECT_FAST = ["--coverage", "0.5", "--calibration-samples", "10"]
@@ -223,18 +223,18 @@ CASES = [
                                                    "--out", c.tmp / "out"], r"config\.json.*model_type"),
     Case("protect/tokenizer-json-truncated", lambda c: ["protect", c.source(_truncate("tokenizer.json")),
                                                         "--out", c.tmp / "out"],
-         r"tokenizer\.json: not valid JSON.*re-download"),
+         r"tokenizer\.json is not valid JSON.*re-download"),
     Case("protect/tokenizer-json-binary", lambda c: ["protect", c.source(_write("tokenizer.json", b"\x80\x81" * 50)),
-                                                     "--out", c.tmp / "out"], r"tokenizer\.json: not UTF-8 text"),
+                                                     "--out", c.tmp / "out"], r"tokenizer\.json is not UTF-8 text"),
     Case("protect/tokenizer-json-mislabelled", lambda c: ["protect", c.source(_copy_over("config.json",
                                                                                         "tokenizer.json")),
                                                           "--out", c.tmp / "out"],
          r"could not load the tokenizer from .*tokenizer\.json.*re-download"),
     Case("protect/tokenizer-config-corrupt", lambda c: ["protect", c.source(_write("tokenizer_config.json", "[1, 2")),
-                                                        "--out", c.tmp / "out"], r"tokenizer_config\.json: not valid"),
+                                                        "--out", c.tmp / "out"], r"tokenizer_config\.json is not valid"),
     Case("protect/tokenizer-config-a-list", lambda c: ["protect", c.source(_write("tokenizer_config.json", "[1, 2]")),
                                                        "--out", c.tmp / "out"],
-         r"tokenizer_config\.json: holds a JSON list, not an object"),
+         r"tokenizer_config\.json holds a JSON list, not a JSON dict"),
     Case("protect/safetensors-truncated", lambda c: ["protect", c.source(_truncate("model.safetensors", 0.7)),
                                                      "--out", c.tmp / "out"], r"model\.safetensors: .*re-download"),
     Case("protect/safetensors-mislabelled", lambda c: ["protect", c.source(_write("model.safetensors",
@@ -294,10 +294,10 @@ CASES = [
                                                          "--base", "--prompt", "hi"],
          r"model\.safetensors: not a safetensors file"),
     Case("generate/base-tokenizer-corrupt", lambda c: ["generate", c.source(_truncate("tokenizer.json", 0.3)),
-                                                       "--base", "--prompt", "hi"], r"tokenizer\.json: not valid JSON"),
+                                                       "--base", "--prompt", "hi"], r"tokenizer\.json is not valid JSON"),
     # ---- inspect
     Case("inspect/manifest-binary", lambda c: ["inspect", c.release(_write("taylormlp_manifest.json", b"\xff" * 9))],
-         r"taylormlp_manifest\.json is corrupt.*re-download the release or run `taylormlp protect` again"),
+         r"taylormlp_manifest\.json is (corrupt|not valid JSON|not UTF-8 text).*re-download the release or run `taylormlp protect` again"),
     Case("inspect/manifest-wrong-shape", lambda c: ["inspect", c.release(_manifest(
         lambda m: {**m, "files": {"config.json": {"bytes": 3}}}))],
          r"taylormlp_manifest\.json is corrupt \(every file needs a size and a sha256\)"),
@@ -308,7 +308,7 @@ CASES = [
         lambda m: {**m, "format_version": 7}))], r"unknown format_version 7"),
     Case("inspect/leak-check-source-corrupt", lambda c: ["inspect", c.tiny_rel, "--leak-check",
                                                          c.source(_write("config.json", "{,"))],
-         r"config\.json: not valid JSON"),
+         r"config\.json is not valid JSON"),
     # ---- compare: prompt files of the wrong shape, outputs that cannot be written
     Case("compare/prompts-not-json", lambda c: ["compare", c.tiny_dir, c.tiny_rel, "--prompts", c.prompts("{nope")],
          r"prompts\.json is not valid JSON"),
@@ -366,7 +366,7 @@ CASES = [
     Case("bench/release-format-version", lambda c: ["bench", c.tiny_dir, c.release(_manifest(
         lambda m: {**m, "format_version": 3})), "--tokens", "1", "--repeats", "1"], r"unknown format_version 3"),
     Case("bench/source-config-corrupt", lambda c: ["bench", c.source(_truncate("config.json")), c.tiny_rel],
-         r"config\.json: not valid JSON"),
+         r"config\.json is not valid JSON"),
     # ---- audit
     Case("audit/json-under-a-file", lambda c: ["audit", c.tiny_rel, "--json", c.a_file() / "a.json"],
          r"--json .*afile\.txt is a file"),
@@ -431,8 +431,9 @@ def test_empty_prompt_generates_from_bos(tiny_release, capsys):
     """An empty prompt with a model that has a BOS token: the continuation of BOS alone, not a crash."""
     from transformers import AutoTokenizer
 
-    from taylormlp.pipeline import generate_ids, load_any
-    from taylormlp.release import load_release
+    from taylormlp.measure.generate import generate_ids
+    from taylormlp.release.sources import load_any
+    from taylormlp.release.directory import load_release
 
     code = main(["generate", str(tiny_release), "--prompt", "", "--max-new-tokens", "5"])
     captured = capsys.readouterr()
@@ -449,7 +450,8 @@ def test_empty_prompt_generates_from_bos(tiny_release, capsys):
 
 
 def test_prompt_that_fits_the_context_exactly_is_accepted(tiny_release):
-    from taylormlp.pipeline import generate_ids, load_any
+    from taylormlp.measure.generate import generate_ids
+    from taylormlp.release.sources import load_any
 
     model, tokenizer = load_any(tiny_release)
     model.config.max_position_embeddings = 12
@@ -460,8 +462,8 @@ def test_prompt_that_fits_the_context_exactly_is_accepted(tiny_release):
 
 def test_write_atomically_full_disk_leaves_no_temporary(tmp_path):
     """release.write_atomically turns ENOSPC into a clear error and removes its temporary directory."""
-    from taylormlp.errors import TaylorMLPError
-    from taylormlp.release import write_atomically
+    from taylormlp.common.errors import TaylorMLPError
+    from taylormlp.release.directory import write_atomically
 
     def fill(tmp: Path):
         (tmp / "a.bin").write_bytes(b"x" * 100)
@@ -474,7 +476,7 @@ def test_write_atomically_full_disk_leaves_no_temporary(tmp_path):
 
 def test_json_output_creates_missing_directories(tmp_path):
     """A --json path in a directory that does not exist yet is created (as --out is); the file appears whole."""
-    from taylormlp.pipeline import dump_json
+    from taylormlp.common.paths import dump_json
 
     target = tmp_path / "a" / "b" / "r.json"
     dump_json({"x": 1}, target)
@@ -491,11 +493,11 @@ def test_json_output_creates_missing_directories(tmp_path):
 ])
 def test_safety_net_turns_escaped_io_errors_into_one_line(exc, message, monkeypatch, capsys, tmp_path):
     """OSError / UnicodeDecodeError / JSON errors that escape every specific check still become one line, exit 2."""
-    import taylormlp.commands
+    import taylormlp.cli.commands
 
     def boom(args):
         raise exc
-    monkeypatch.setattr(taylormlp.commands, "cmd_inspect", boom)
+    monkeypatch.setattr(taylormlp.cli.commands, "cmd_inspect", boom)
     code = main(["inspect", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

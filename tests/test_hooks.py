@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from taylormlp.hooks import HookSet, swapped
+from taylormlp.common.hooks import HookSet, swapped
 
 
 class Layer(nn.Module):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from taylormlp import load_release
-from taylormlp.errors import TaylorMLPError
+from taylormlp.common.errors import TaylorMLPError
 
 
 def _start(source, out, scratch):

@@ -16,10 +16,10 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from taylormlp import load_release, runtime
-from taylormlp.attacks import RecoveredLayer, rebuild_model
-from taylormlp.errors import TaylorMLPError
-from taylormlp.pipeline import protect_to_release
-from taylormlp.release import MANIFEST, write_manifest
+from taylormlp.attacks.context import RecoveredLayer, rebuild_model
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.release.directory import MANIFEST, write_manifest
 
 from conftest import FAST, TINY_ARCHS, tiny
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 import transformers
 
-from taylormlp import runtime, series
-from taylormlp.pieces import forget_splits, single_pieces, split_pieces
-from taylormlp.protector import build_taylor_mlp, mlp_weights
-from taylormlp.errors import TaylorMLPError
-from taylormlp.release import load_release
+from taylormlp import runtime
+
+from taylormlp.maths import series
+from taylormlp.maths.pieces import single_pieces, split_pieces
+from taylormlp.protection.protector import build_taylor_mlp, mlp_weights
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.release.directory import load_release
 
 
 def _setup(model, gate_scale, seed=0):
@@ -161,17 +163,16 @@ def test_split_pieces_remembered_split_gives_the_same_pieces():
     hi = rng.uniform(1, 8, 40)
     fresh = {}
     for order in (6, 12, 8):
-        forget_splits()
-        fresh[order] = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8)
-    forget_splits()
+        fresh[order] = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8, splits={})
+    splits: dict = {}
     for order in (8, 12, 6):  # the first call decides the split, the others reuse it
-        pieces, err = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8)
+        pieces, err = split_pieces("chebyshev", "silu", lo, hi, order, 1e-4, 6, split_order=8, splits=splits)
+        assert len(splits) == 1
         want, want_err = fresh[order]
         assert len(pieces.owner) > len(lo)  # some channels were split
         for name in ("owner", "lo", "hi", "coeffs", "edge_lo", "edge_hi"):
             np.testing.assert_array_equal(getattr(pieces, name), getattr(want, name))
         np.testing.assert_array_equal(err, want_err)
-    forget_splits()
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

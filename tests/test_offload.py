@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taylormlp import load_release, runtime
-from taylormlp.errors import TaylorMLPError
-from taylormlp.release import write_manifest
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.release.directory import write_manifest
 
 NEW_TOKENS = 12
 PROMPT = "The history of bread"

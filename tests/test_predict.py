@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from taylormlp import predict
-from taylormlp.calibration import collect_ranges
-from taylormlp.options import ProtectOptions
-from taylormlp.protector import Protector
+from taylormlp.measure import predict
+from taylormlp.protection.calibration import collect_ranges
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.protection.protector import Protector
 
 from conftest import tiny_llama
 

@@ -8,11 +8,13 @@ import re
 import pytest
 
 from conftest import FAST, save_tiny_chat_model
-from taylormlp import pipeline, preflight, stream
+from taylormlp.protection import flow
+from taylormlp.protection import preflight
+from taylormlp.common import machine
 from taylormlp.cli import main
-from taylormlp.options import ProtectOptions
-from taylormlp.pipeline import protect_to_release
-from taylormlp.release import release_size
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.release.directory import release_size
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_peak_memory_counts_the_resident_tensors_twice(wide_dir, tmp_path):
 def no_calibration(monkeypatch):
     def calibrate(*args, **kwargs):
         raise AssertionError("calibration ran: the pre-flight should have refused first")
-    monkeypatch.setattr(pipeline, "calibrate", calibrate)
+    monkeypatch.setattr(flow, "calibrate", calibrate)
 
 
 def _one_line(capsys) -> str:
@@ -102,7 +104,7 @@ def test_searched_coverage_is_checked_at_its_bound(wide_dir, tmp_path, monkeypat
 
 
 def test_peak_above_the_available_memory_is_refused(wide_dir, tmp_path, monkeypatch, capsys, no_calibration):
-    monkeypatch.setattr(stream, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(machine, "available_memory", lambda: 1 << 20)
     code = main(["protect", str(wide_dir), "--out", str(tmp_path / "rel"), "--preset", "paper", "--coverage", "1"])
     assert code == 2
     line = _one_line(capsys)

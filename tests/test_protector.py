@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from taylormlp import runtime
-from taylormlp.calibration import collect_ranges
-from taylormlp.errors import TaylorMLPError
-from taylormlp.options import ProtectOptions
-from taylormlp.protector import CandidateMLP, Protector, channel_work
+from taylormlp.protection.calibration import collect_ranges
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.protection.protector import CandidateMLP, Protector
+from taylormlp.measure.cost import channel_work
 
 from conftest import TINY_ARCHS, tiny
 

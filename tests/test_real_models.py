@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from taylormlp import load_release
-from taylormlp.evaluate import compare, read_prompts
-from taylormlp.leakcheck import leak_check
-from taylormlp.pipeline import inspect_release, protect_to_release
+from taylormlp.measure.compare import compare, read_prompts
+from taylormlp.release.leakcheck import leak_check
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.release.inspect import inspect_release
 
 pytestmark = pytest.mark.slow
 PROMPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts_smollm2.json"
@@ -75,8 +76,8 @@ def test_gguf_streamed_conversion_equals_transformers_whole_model_load(tmp_path)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from taylormlp.gguf_convert import convert_gguf
-    from taylormlp.sources import BUILTIN_MODELS
+    from taylormlp.release.gguf import convert_gguf
+    from taylormlp.release.sources import BUILTIN_MODELS
 
     gguf = BUILTIN_MODELS["smollm2-135m-instruct"].gguf_path()
     convert_gguf(gguf, tmp_path, shard_bytes=128 * 1024 ** 2)  # ~540 MB of float32: several shards and an index

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from taylormlp import load_release, runtime
-from taylormlp.errors import TaylorMLPError
-from taylormlp.leakcheck import leak_check
-from taylormlp.pipeline import generate_ids, protect_to_release
-from taylormlp.release import MANIFEST, release_dtype, verify_release
-from taylormlp.sources import load_base
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.release.leakcheck import leak_check
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.measure.generate import generate_ids
+from taylormlp.release.directory import MANIFEST, release_dtype, verify_release
+from taylormlp.release.sources import load_base
 
 from conftest import FAST
 
@@ -151,7 +152,7 @@ def test_leak_check_finds_nothing_in_release_and_catches_a_plant(tiny_release, t
     # plant an original down column into a coefficient tensor: the scan must find it
     from safetensors.torch import load_file, save_file
 
-    from taylormlp.release import write_manifest
+    from taylormlp.release.directory import write_manifest
 
     rel = _copy(tiny_release, tmp_path)
     key = "model.layers.1.mlp.theta"
@@ -180,7 +181,7 @@ def test_piecewise_release_round_trips(tiny_llama_dir, tmp_path, smol_tokenizer)
     """Pieces (owner, edges, per-piece Θ) survive save/load, also through stock transformers."""
     from transformers import AutoModelForCausalLM
 
-    from taylormlp.pipeline import protect_to_release
+    from taylormlp.protection.flow import protect_to_release
 
     out = tmp_path / "pieces"
     protect_to_release(tiny_llama_dir, out, preset="default", order=4, coverage=1.0, max_pieces=4,

@@ -4,7 +4,7 @@ the screen is already decisive, and stays right when the screen lets candidates 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taylormlp.search import largest_accepted
+from taylormlp.protection.search import largest_accepted
 
 
 def plain_bisection(accept, steps: int) -> float:
@@ -82,7 +82,7 @@ class FakeValidation:
 def _screened(monkeypatch, fake, lengths=(10, 10, 10, 10, 10, 10, 10, 10), extra=None):
     import contextlib
 
-    import taylormlp.search as search
+    import taylormlp.protection.search as search
 
     monkeypatch.setattr(search, "validate", fake)
     installed = []
@@ -163,7 +163,7 @@ class Recorder:
 def test_screened_check_passes_its_arguments_to_validate_and_reports_progress(monkeypatch):
     import contextlib
 
-    import taylormlp.search as search
+    import taylormlp.protection.search as search
 
     rec = Recorder()
     monkeypatch.setattr(search, "validate", rec)
@@ -181,7 +181,7 @@ def test_screened_check_passes_its_arguments_to_validate_and_reports_progress(mo
 def test_screened_check_of_an_empty_validation_set_screens_nothing(monkeypatch):
     import contextlib
 
-    import taylormlp.search as search
+    import taylormlp.protection.search as search
 
     rec = Recorder()
     monkeypatch.setattr(search, "validate", rec)
@@ -196,8 +196,8 @@ def test_search_coverage_runs_the_screened_bisection_on_the_protector(monkeypatc
 
     import pytest
 
-    import taylormlp.search as search
-    from taylormlp.errors import TaylorMLPError
+    import taylormlp.protection.search as search
+    from taylormlp.common.errors import TaylorMLPError
 
     fake = FakeValidation(0.3)
     seen = []

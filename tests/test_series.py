@@ -6,7 +6,9 @@ import pytest
 from numpy.polynomial import chebyshev as C
 from numpy.polynomial import polynomial as Poly
 
-from taylormlp import runtime, series
+from taylormlp import runtime
+
+from taylormlp.maths import series
 
 mp.mp.dps = 50
 REFERENCE = {

@@ -14,7 +14,7 @@ import torch
 from numpy.polynomial import chebyshev as C
 from numpy.polynomial import polynomial as P
 
-from taylormlp import series
+from taylormlp.maths import series
 
 ACTS = ["silu", "gelu", "gelu_pytorch_tanh"]
 BASES = ["taylor", "chebyshev"]

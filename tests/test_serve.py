@@ -26,9 +26,11 @@ try:  # the HTTP client openai uses (httpx2 in newer releases)
 except ImportError:  # pragma: no cover - older openai releases
     import httpx
 
-from taylormlp import serve
+from taylormlp.serve import transformers_server as serve
 from taylormlp.cli import main
-from taylormlp.pipeline import generate_ids, load_any, protect_to_release
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.measure.generate import generate_ids
+from taylormlp.release.sources import load_any
 
 from conftest import FAST, free_port, save_tiny_chat_model
 

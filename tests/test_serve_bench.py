@@ -19,8 +19,12 @@ import torch
 
 from openai import OpenAI
 
-from taylormlp import bench, serve, serve_bench
-from taylormlp.errors import TaylorMLPError
+from taylormlp.measure import bench
+
+from taylormlp.serve import transformers_server as serve
+
+from taylormlp.measure import serve_bench
+from taylormlp.common.errors import TaylorMLPError
 
 from conftest import free_port, tiny_llama
 

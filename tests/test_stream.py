@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from taylormlp import load_release
-from taylormlp.calibration import RangeRecorder, collect_ranges
+from taylormlp.protection.calibration import RangeRecorder, collect_ranges
 from taylormlp.cli import main
-from taylormlp.calibration import calibrate
-from taylormlp.convert import protect
-from taylormlp.options import ProtectOptions
-from taylormlp.errors import TaylorMLPError
-from taylormlp.pipeline import protect_to_release
-from taylormlp.sources import load_base
-from taylormlp.stream import SafetensorsSource, open_streamed, resolve_device
+from taylormlp.protection.calibration import calibrate
+from taylormlp.protection.flow import protect
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.protection.flow import protect_to_release
+from taylormlp.release.sources import load_base
+from taylormlp.release.stream import SafetensorsSource, open_streamed
+from taylormlp.common.machine import resolve_device
 
 from conftest import FAST
 
@@ -108,7 +109,8 @@ def check_streamed_protect_on(device, model_dir, tmp_path):
     (run on that device) recorded, and its logits, loaded on the CPU, within the series' error of the original's on
     calibration-style prompts: Chebyshev order 8 is ~2e-5 of the largest logit here, a wrong Θ, sign, z0 or a
     layer left out is off by far more."""
-    from taylormlp.calibration import calibration_prompts, format_prompt
+    from taylormlp.protection.calibration import calibration_prompts
+    from taylormlp.measure.generate import format_prompt
     from taylormlp.runtime import TaylorMLP
 
     out = tmp_path / device
@@ -176,7 +178,7 @@ def _bad_config(d):
     (_truncate, "model.safetensors"),
     (_garbage, "model.safetensors: not a safetensors file"),
     (_mislabel, "mislabelled|describes"),
-    (_bad_index, "model.safetensors.index.json: corrupt"),
+    (_bad_index, "model.safetensors.index.json is not valid JSON"),
     (_no_weights, "no safetensors weights .*pytorch_model.bin"),
     (_bad_config, "config.json"),
 ])
@@ -205,7 +207,7 @@ def test_source_reader_checks_every_file(tiny_llama_dir):
 
 def test_rows_left_out_of_the_ranges_are_not_recorded(tiny_llama_dir):
     """Validation prompts share the generation batches with calibration prompts but never enter the ranges."""
-    from taylormlp.calibration import greedy_sequences
+    from taylormlp.measure.generate import greedy_sequences
 
     model, tok, _ = load_base(tiny_llama_dir)
     prompts = ["The sun is", "Water is made of hydrogen and oxygen, and"]

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from taylormlp.options import ProtectOptions
-from taylormlp.errors import TaylorMLPError
-from taylormlp.sources import load_base
-from taylormlp.throttle import TOLERANCE, SlowdownChooser, WorkModel, protect_for_slowdown
+from taylormlp.protection.options import ProtectOptions
+from taylormlp.common.errors import TaylorMLPError
+from taylormlp.release.sources import load_base
+from taylormlp.protection import flow
+from taylormlp.protection.throttle import TOLERANCE, SlowdownChooser
+from taylormlp.measure.cost import WorkModel
 
 from conftest import FAST
 
@@ -29,15 +31,23 @@ def _fake_machine(calls, factor):
     return measure
 
 
+def protect_for_slowdown(model, tok, texts, opts, chat, target, measure=None, serving_batch=1):
+    """The protect flow with --slowdown (flow.run), installed where its Θ may be held whole: (spec as config.json
+    holds it, the slowdown record, the setting)."""
+    spec, setting = flow.run(model, tok, texts, opts, chat, slowdown=target, measure=measure,
+                             serving_batch=serving_batch)
+    return (flow.install(model, setting, spec) if setting.held else spec.to_dict()), setting.slowdown, setting
+
+
 def _run(tiny_llama_dir, target, factor=FACTOR):
-    from taylormlp.bench import flops_per_token
+    from taylormlp.measure.cost import flops_per_token
 
     model, tok, _ = load_base(tiny_llama_dir)
     calls = {"n": 0, "curves": 0, "base_flops": flops_per_token(model)}
     opts = ProtectOptions(preset="default", order=4, **FAST)
-    spec, slow, protector = protect_for_slowdown(model, tok, None, opts, True, target,
-                                                 measure=_fake_machine(calls, factor))
-    calls["protector"] = protector
+    spec, slow, setting = protect_for_slowdown(model, tok, None, opts, True, target,
+                                               measure=_fake_machine(calls, factor))
+    calls["protector"], calls["setting"] = setting.protector, setting
     return model, spec, slow, calls
 
 
@@ -73,8 +83,8 @@ def test_choice_is_monotone_in_the_target(choices):
 def test_small_target_keeps_the_largest_exact_coverage(choices, tiny_llama_dir):
     """Below the preset's cost: no candidate family has an exact setting with more coverage than the chosen one
     whose predicted slowdown still fits the target."""
-    from taylormlp.bench import flops_per_token
-    from taylormlp.calibration import calibrate
+    from taylormlp.measure.cost import flops_per_token
+    from taylormlp.protection.calibration import calibrate
 
     _, spec, slow, _ = choices[1.25]
     fresh, tok, _ = load_base(tiny_llama_dir)
@@ -120,7 +130,7 @@ def _convex_machine(calls):
 def test_raised_orders_are_validated_only_when_kept(tiny_llama_dir, monkeypatch):
     """Above the probe, a candidate is timed first and validated only if it is kept: the missed first guess is
     never validated (a validation at high N is the search's dearest step)."""
-    from taylormlp.bench import flops_per_token
+    from taylormlp.measure.cost import flops_per_token
 
     seen = _spy_validations(monkeypatch)
     model, tok, _ = load_base(tiny_llama_dir)
@@ -167,9 +177,10 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
     """A high target raises N until Θ outgrows the machine (16x on SmolLM2: ~18 GB on a 23 GB machine): such a
     candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
     written release are the same as when everything fits."""
-    import taylormlp.throttle as throttle
-    from taylormlp.pipeline import write_release
-    from taylormlp.release import ModelTensors, load_release, save_release
+    import taylormlp.protection.throttle as throttle
+    from taylormlp.protection.flow import write_release
+    from taylormlp.release.directory import ModelTensors, load_release, save_release
+    from taylormlp.runtime import ReleaseSpec
 
     monkeypatch.setattr(throttle, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
     model, spec, slow, calls = _run(tiny_llama_dir, 4.0)
@@ -182,8 +193,8 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
     assert getattr(model.config, "taylormlp", None) is None
     with pytest.raises(TaylorMLPError, match="not been protected"):
         save_release(model, tmp_path / "wrong")
-    lean = load_release(write_release(tmp_path / "lean", calls["protector"], spec, ModelTensors(model), torch.float32,
-                                      None))
+    lean = load_release(write_release(tmp_path / "lean", calls["setting"], ReleaseSpec.from_dict(spec),
+                                      ModelTensors(model), torch.float32, None))
     whole = load_release(save_release(whole_model, tmp_path / "whole"))
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
@@ -193,9 +204,9 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
 def test_timing_a_subset_of_layers_scales_to_the_whole_model(tiny_llama_dir):
     """measure_ratio on a few layers, scaled by their share of the extra work, gives the ratio of all layers on a
     machine whose decode time is a sum over layers (here: 1 + extra MACs of the installed TaylorMLPs)."""
-    from taylormlp.bench import flops_per_token
-    from taylormlp.calibration import calibrate
-    from taylormlp.throughput import measure_ratios, timed_layers
+    from taylormlp.measure.cost import flops_per_token
+    from taylormlp.protection.calibration import calibrate
+    from taylormlp.measure.throughput import measure_ratios, timed_layers
 
     model, tok, _ = load_base(tiny_llama_dir)
     base = ProtectOptions(preset="default", order=4, **FAST).resolved()
@@ -228,7 +239,7 @@ def test_available_memory_reads_this_machine():
     """Linux: MemAvailable, in bytes, positive and at most MemTotal (both read here from /proc/meminfo)."""
     from pathlib import Path
 
-    from taylormlp.throttle import available_memory
+    from taylormlp.common.machine import available_memory
 
     meminfo = Path("/proc/meminfo")
     if not meminfo.is_file():
@@ -251,7 +262,7 @@ def test_available_memory_reads_this_machine():
 def test_available_memory_parses_meminfo_and_is_none_where_unknown(monkeypatch, text, expected):
     import io
 
-    import taylormlp.stream as stream
+    import taylormlp.common.machine as machine
 
     def fake_open(path, *args, **kwargs):
         assert path == "/proc/meminfo"
@@ -259,8 +270,8 @@ def test_available_memory_parses_meminfo_and_is_none_where_unknown(monkeypatch, 
             raise text
         return io.StringIO(text)
 
-    monkeypatch.setattr(stream, "open", fake_open, raising=False)  # found before the builtin by stream's functions
-    assert stream.available_memory() == expected
+    monkeypatch.setattr(machine, "open", fake_open, raising=False)  # found before the builtin by machine's functions
+    assert machine.available_memory() == expected
 
 
 # ---------------------------------------------------------------- --serving-batch: the dial at a batch size
@@ -294,8 +305,8 @@ def _batch_machine(scale, timed):
 def batch_choices(tiny_llama_dir):
     """protect_for_slowdown at serving batch 1 and 32 for one target, timed by measure_ratios with an injected
     per-batch timer: {B: (spec, slowdown record, batches timed)}."""
-    from taylormlp.bench import flops_per_token
-    from taylormlp.throughput import measure_ratios
+    from taylormlp.measure.cost import flops_per_token
+    from taylormlp.measure.throughput import measure_ratios
 
     out = {}
     for batch in (1, 32):
@@ -336,7 +347,7 @@ def test_serving_batch_meets_the_target_at_that_batch(batch_choices):
 
 
 def test_curve_flops_and_bytes_ratios_land_in_config_and_card(batch_choices, tiny_llama_dir):
-    from taylormlp.card import model_card
+    from taylormlp.release.card import model_card
 
     spec, slow, _, _ = batch_choices[32]
     assert spec["slowdown"] == slow  # the config's taylormlp section carries the record

@@ -1,6 +1,6 @@
 """Releases on vLLM (marked `vllm`: `make test` runs them in .venv-vllm, where vLLM's CPU build is installed).
 
-Every engine runs in a process of its own (taylormlp.vllm_engine.run_engine), at vLLM's defaults plus the two
+Every engine runs in a process of its own (taylormlp.serve.vllm_engine.run_engine), at vLLM's defaults plus the two
 settings a release needs (vllm_engine.RELEASE_FLAGS): compiled mode (torch.compile) unless a case says eager.  The
 reference is load_release + decode.greedy in the same process as the test, with the same no-stopping rule.
 
@@ -23,10 +23,10 @@ import torch
 from conftest import FAST, free_port, save_tiny_chat_model, tiny
 
 from taylormlp import load_release
-from taylormlp.decode import greedy
-from taylormlp.pipeline import protect_to_release
+from taylormlp.measure.decode import greedy
+from taylormlp.protection.flow import protect_to_release
 from taylormlp.runtime import LOAD_NOTICE
-from taylormlp.vllm_engine import run_engine
+from taylormlp.serve.vllm_engine import run_engine
 
 # every test here needs vLLM (each engine runs in a child process, which fails without it): `make test` runs them in
 # .venv-vllm with -m vllm and leaves them out of .venv's run with -m "not vllm"
@@ -123,7 +123,7 @@ def test_taylormlp_serve_engine_vllm(releases, smol_tokenizer, tmp_path):
     malformed request gets a 4xx and the next is answered, SIGINT stops it with exit status 0."""
     from openai import BadRequestError, OpenAI, UnprocessableEntityError
 
-    from taylormlp.pipeline import generate_ids
+    from taylormlp.measure.generate import generate_ids
 
     release, port = releases["paper"], free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -169,7 +169,7 @@ def test_taylormlp_serve_engine_vllm(releases, smol_tokenizer, tmp_path):
 def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     """The bench's shape on vLLM (timings are the machine's: nothing here asserts a speed): one row per batch size and
     model, the original at 1.00x, a release's work model above the original's."""
-    from taylormlp.vllm_bench import run_vllm_bench
+    from taylormlp.measure.vllm_bench import run_vllm_bench
 
     source = releases["pieces"].parent / "src-pieces"
     results = run_vllm_bench(source, [releases["pieces"]], batch_sizes=(2,), tokens=4, repeats=1, dtype="float32",

@@ -115,7 +115,7 @@ def test_an_engine_re_creating_parameters_in_its_dtype_keeps_the_piece_index_int
 def test_serve_engine_vllm_without_vllm_is_one_line_naming_the_install(tiny_release, monkeypatch, capsys):
     import importlib.util
 
-    from taylormlp import vllm_engine
+    from taylormlp.serve import vllm_engine
     from taylormlp.cli import main
 
     real = importlib.util.find_spec
@@ -127,7 +127,7 @@ def test_serve_engine_vllm_without_vllm_is_one_line_naming_the_install(tiny_rele
 
 
 def test_vllm_settings_are_given_for_a_release_and_not_for_an_original(tiny_release, tiny_llama_dir):
-    from taylormlp import vllm_engine
+    from taylormlp.serve import vllm_engine
 
     assert vllm_engine.engine_kwargs(tiny_release) == {"model_impl": "transformers", "trust_remote_code": True}
     assert vllm_engine.cli_flags(tiny_release) == ["--model-impl", "transformers", "--trust-remote-code"]
@@ -139,7 +139,7 @@ def test_vllm_settings_are_given_for_a_release_and_not_for_an_original(tiny_rele
 def test_vllm_bench_rows_pair_each_round_with_the_originals(monkeypatch):
     """bench --engine vllm's table from injected timings: the slowdown is the median of per-round ratios against the
     original in the same round (not a ratio of medians), tok/s counts the decode steps of the whole batch."""
-    from taylormlp.vllm_bench import ORIGINAL, summarize
+    from taylormlp.measure.vllm_bench import ORIGINAL, summarize
 
     def run(decode, prefill=0.1):
         return {"decode_s": decode, "prefill_s": prefill, "inter_token_s": decode / 7}

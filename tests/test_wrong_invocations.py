@@ -329,9 +329,9 @@ def _argv(case: Out, c: Ctx) -> list[str]:
 
 @pytest.mark.parametrize("case", OUTPUTS, ids=[c.id for c in OUTPUTS])
 def test_existing_outputs_are_left_alone(case, ctx, tmp_path, capsys, monkeypatch):
-    import taylormlp.demo
+    import taylormlp.cli.demo
 
-    monkeypatch.setattr(taylormlp.demo, "DEMO_SOURCE", str(ctx.src))  # the tiny model stands in for SmolLM2
+    monkeypatch.setattr(taylormlp.cli.demo, "DEMO_SOURCE", str(ctx.src))  # the tiny model stands in for SmolLM2
     argv = _argv(case, ctx)
     before = _state(tmp_path)
     code = _run(argv)

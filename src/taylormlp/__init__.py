@@ -9,15 +9,14 @@ Public API (in the spirit of optimum-quanto's quantize/freeze):
 
 import importlib
 
-from .errors import TaylorMLPError
-
-__version__ = "0.1.0"
+from .common import __version__  # noqa: F401 - taylormlp.__version__
+from .common.errors import TaylorMLPError
 
 # The one place where taylormlp imports its own modules lazily: the API names below load torch and transformers on
 # first use (PEP 562), so that `import taylormlp.cli` -- and with it `taylormlp --help` and every usage error -- needs
-# neither (cli.py imports only the torch-free choices.py and errors.py before parsing).
-_LAZY = {"protect": "convert", "ProtectOptions": "options", "save_release": "release", "load_release": "release",
-         "TaylorMLP": "runtime"}
+# neither (cli/parser.py imports only the torch-free common/choices.py and common/errors.py before parsing).
+_LAZY = {"protect": "protection.flow", "ProtectOptions": "protection.options", "save_release": "release.directory",
+         "load_release": "release.directory", "TaylorMLP": "runtime"}
 
 
 def __getattr__(name: str):

@@ -22,9 +22,9 @@ import math
 import numpy as np
 import torch
 
-from .. import series
-from . import (AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, register_attack,
-               register_layerwise, theta_blocks)
+from ..maths import series
+from .context import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, rebuild_model, theta_blocks
+from .registry import register_attack, register_layerwise
 
 NAME = "coefficient_ratio"
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0

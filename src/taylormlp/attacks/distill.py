@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .. import runtime
-from . import AuditContext, RecoveredLayer, Timer, one_piece_per_channel, register_attack
+from .context import AuditContext, RecoveredLayer, Timer, one_piece_per_channel
 from .factorization import shared_copy
+from .registry import register_attack
 
 NAME = "distill"
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..decode import decode_speed
-from . import AuditContext, RecoveredLayer, Timer, register_attack, register_layerwise, theta_blocks
+from ..measure.decode import decode_speed
+from .context import AuditContext, RecoveredLayer, Timer, theta_blocks
+from .registry import register_attack, register_layerwise
 
 NAME = "factorization"
 

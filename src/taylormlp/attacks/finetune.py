@@ -13,7 +13,8 @@ import copy
 
 import torch
 
-from . import AuditContext, Timer, register_attack
+from .context import AuditContext, Timer
+from .registry import register_attack
 
 NAME = "finetune"
 

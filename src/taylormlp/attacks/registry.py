@@ -1,7 +1,7 @@
 """The table of attacks: each attack module registers its ``run`` here, as optimum-quanto's modules register
 with ``register_qmodule``; the audit reads the names, their order, descriptions and costs from this table only.
 
-A built-in attack's rank, description, cost and autograd need are defined in ``taylormlp.choices.ATTACKS`` (torch-free,
+A built-in attack's rank, description, cost and autograd need are defined in ``taylormlp.common.choices.ATTACKS`` (torch-free,
 so that ``taylormlp audit --help`` lists them at once); its module registers only its ``run``:
 
     @register_attack(NAME)
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..choices import ATTACKS as BUILT_IN
-from ..errors import TaylorMLPError
+from ..common.choices import ATTACKS as BUILT_IN
+from ..common.errors import TaylorMLPError
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ def register_attack(name: str, *, rank: int | None = None, description: str | No
         if name in BUILT_IN:
             if any(value is not None for value in given.values()):
                 raise ValueError(f"built-in attack {name!r} takes its rank, description, cost and no_grad from "
-                                 f"taylormlp.choices.ATTACKS; register it with @register_attack({name!r}) alone")
+                                 f"taylormlp.common.choices.ATTACKS; register it with @register_attack({name!r}) alone")
             info = BUILT_IN[name]
             _TABLE[name] = Attack(name, run, info.description, info.cost, info.rank, info.no_grad)
         else:
             if rank is None or not description or not cost:
-                raise ValueError(f"attack {name!r} is not built in (taylormlp.choices.ATTACKS): give its rank, "
+                raise ValueError(f"attack {name!r} is not built in (taylormlp.common.choices.ATTACKS): give its rank, "
                                  f"description and cost")
             _TABLE[name] = Attack(name, run, description, cost, rank, bool(no_grad))
         return run

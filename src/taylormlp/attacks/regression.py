@@ -42,11 +42,10 @@ import math
 import numpy as np
 import torch
 
-from .. import series
-
+from ..maths import series
 from ..runtime import series_values, torch_activation
-from . import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model, \
-    register_attack
+from .context import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model
+from .registry import register_attack
 
 NAME = "regression"
 

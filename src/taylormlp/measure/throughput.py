@@ -1,0 +1,143 @@
+"""Slowdown as throughput at a batch size, measured on this machine: for `protect --slowdown X --serving-batch B`
+(measure_ratios, on a Protector's candidate) and for `taylormlp bench --batch-sizes` (throughput_rows, on loaded
+models).  Both time through decode.batch_timings / decode.interleaved: B copies of one prompt decoded together
+(decode.batch_ids), the original and the release interleaved in one run.
+
+The slowdown at batch B is decode time(release) / decode time(original) for the same B · tokens, which is the
+ratio of the original's decode throughput (tokens/s over the batch) to the release's.  It grows with B on a CPU:
+at batch 1 a step mostly streams weights from memory (the bytes ratio), at larger batches the multiply-adds and
+the elementwise series work take over (towards the FLOPs ratio and beyond).  A server pays the large-batch figure.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+
+import numpy as np
+import torch
+
+from ..common.hooks import swapped
+from .decode import batch_ids, batch_timings, interleaved, measure_decode, paired_ratios, timing_summary
+from .generate import format_prompt
+
+MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
+CURVE_BATCHES = (1, 8, 32)  # the batch sizes every --slowdown release records its measured slowdown at
+
+
+def measure_prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
+    """The prompt protect times its candidates on, [1, L] (chat-templated when `chat`)."""
+    return tokenizer(format_prompt(tokenizer, MEASURE_PROMPT, chat), return_tensors="pt").input_ids
+
+
+def curve_batches(serving_batch: int) -> tuple[int, ...]:
+    """The batch sizes of the recorded slowdown curve: CURVE_BATCHES and the serving batch, ascending."""
+    return tuple(sorted({*CURVE_BATCHES, int(serving_batch)}))
+
+
+def machine_description() -> dict:
+    """What a slowdown was measured on: it is a property of the machine."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(0)}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
+# ---------------------------------------------------------------- protect: a candidate against the original
+
+
+def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
+    """The layers whose candidate MLPs are timed: all of them when their Θ fits into `budget` bytes, else the most
+    evenly spaced layers that do (at least one)."""
+    n = len(theta_bytes)
+    if budget is None or theta_bytes.sum() <= budget:
+        return list(range(n))
+    k = max(1, int(n * budget / theta_bytes.sum()))
+    while True:
+        layers = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+        if k == 1 or theta_bytes[layers].sum() <= budget:
+            return layers
+        k -= 1
+
+
+def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_tokens: int = 24, repeats: int = 3,
+                   budget: float | None = None, timer=None) -> tuple[dict[int, float], dict]:
+    """Per batch size B: the median over interleaved runs (decode.interleaved; every batch size and both models in
+    one run) of decode time(release) / decode time(original) in the same round, on this machine.  `timer(model, B)`
+    is one run's seconds (default: decode.measure_decode's decode steps on B copies of `input_ids`).
+
+    A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
+    their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
+    ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (decode time is a sum over
+    layers).  Returns ({B: ratio}, details: layers timed, and per B the ratio actually timed when it was scaled)."""
+    if timer is None:
+        def timer(model, batch):
+            return measure_decode(model, batch_ids(input_ids, batch), new_tokens)["decode_s"]
+
+    sizes = list(dict.fromkeys(int(b) for b in batches))
+    values, extra = protector.layer_work(coverage)
+    layers = timed_layers(values * protector.dtype.itemsize, budget)
+    taylor = protector.modules(coverage, materialize=True, only=set(layers))
+
+    def release(batch):
+        with swapped(protector.layers, taylor):
+            return timer(protector.model, batch)
+    runs = {}
+    for b in sizes:
+        runs[(b, "original")] = lambda b=b: timer(protector.model, b)
+        runs[(b, "release")] = lambda b=b: release(b)
+    with torch.no_grad():
+        times = interleaved(runs, repeats)
+    del taylor, release, runs
+    timed = {b: statistics.median(paired_ratios(times[(b, "release")], times[(b, "original")])) for b in sizes}
+    details = {"layers_timed": len(layers), "layers": len(values)}
+    if len(layers) == len(values) or extra[layers].sum() == 0:
+        return timed, details
+    scale = float(extra.sum() / extra[layers].sum())
+    return ({b: 1.0 + (r - 1.0) * scale for b, r in timed.items()},
+            {**details, "timed_ratio": timed, "scale": scale})
+
+
+# ---------------------------------------------------------------- bench: loaded models
+
+
+def throughput_rows(timings: dict[int, dict[str, list[dict]]], original: str, tokens: int) -> list[dict]:
+    """Rows of `taylormlp bench --batch-sizes`, one per batch size and model, from decode.batch_timings' runs:
+    decode tokens/s over the batch (B · tokens / the median decode time, so that the tokens/s ratio is the
+    slowdown), the slowdown (median decode time / the original's at that batch, i.e.
+    the original's throughput over this one's) with its range over paired (same-round) ratios, TTFT (the prefill
+    to the first token) and inter-token latency (one decode step: every sequence of the batch gets a token)."""
+    rows = []
+    for batch, runs in sorted(timings.items()):
+        ref = timing_summary(runs[original])
+        for name, model_runs in runs.items():
+            own = timing_summary(model_runs)
+            paired = paired_ratios(model_runs, runs[original], "decode_s")
+            rows.append({
+                "batch": batch,
+                "name": name,
+                "kind": "original" if name == original else "release",
+                "decode_tokens_per_s": batch * tokens / own["decode_s_median"],
+                "slowdown": own["decode_s_median"] / ref["decode_s_median"],
+                "slowdown_min": min(paired),
+                "slowdown_max": max(paired),
+                "ttft_ms": own["prefill_s_median"] * 1e3,
+                "inter_token_ms": own["inter_token_s_median"] * 1e3,
+                "decode_s_median": own["decode_s_median"],
+                "new_tokens": tokens,
+                "runs": model_runs,
+            })
+    return rows
+
+
+def bench_timings(models: dict, input_ids, tokens: int, repeats: int, batch_sizes) -> dict:
+    """decode.batch_timings for bench: batch 1 is always among them (the latency table is its run)."""
+    return batch_timings(models, input_ids, tokens, repeats, sorted({1, *(int(b) for b in batch_sizes)}))

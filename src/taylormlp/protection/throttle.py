@@ -1,0 +1,371 @@
+"""`--slowdown X`: choose coverage, series order N and pieces jointly so that decoding is X times slower.
+
+The throttle is the series itself: a protected channel j with q_j pieces replaces one row of the down projection
+(and its gate/up work stays) by (N+1)·q_j columns of Θ, so per decoded token it adds
+
+    extra MACs_j = d · ((N+1)·q_j − 1)                  (gated and plain MLPs alike)
+
+on top of the original's work.  That is the cheap, machine-independent predictor: the FLOPs ratio of any
+setting (family of pieces, N, coverage c — channels taken easiest first) is 1 + 2·Σ extra / FLOPs(original).
+What a machine makes of FLOPs is measured: decode latency of the original and the release, interleaved, maps
+predicted FLOPs ratios to measured slowdowns by a straight line fitted to the measurements so far.  Every
+measurement runs at the serving batch B (`--serving-batch`, default 1): B copies of one prompt decoded together, so
+the slowdown met is the throughput ratio a server batching B requests pays (it grows with B on a CPU).  The
+chosen setting's curve (batch 1, 8, 32 and B) is measured once more, in one interleaved run, and recorded with
+the FLOPs and bytes ratios (WorkModel) and the machine.
+
+Choice, for a target X in [1.25, 16]:
+
+* the preset (piecewise series at its base order) at its largest token-exact coverage is the probe — measured;
+* below the probe's slowdown, coverage drops: for each candidate family (the preset's pieces at the base order,
+  one series per channel — interval widened by 5% — at the base order and at half of it), the largest coverage whose predicted slowdown
+  stays within X, checked token-exact on validation (bisected down if it is not); the largest exact coverage
+  wins (ties: the smaller release);
+* above it, coverage stays at the probe's and N grows (the pieces are kept as decided at the base order) to the
+  smallest N predicted to reach X;
+* the choice is measured; if it misses X by more than 10%, the line is refitted with that measurement and the
+  choice made again (at most `rounds` measurements in all).  A higher-order candidate is timed before it is
+  validated, and validated only if it is kept: timing does not depend on exactness, and a validation at high N is
+  the dearest step of the search (8x on SmolLM2: 85-113 s; 16x: minutes, layer by layer).  Should the kept one
+  not be token-exact, its largest exact coverage below is taken and measured instead.
+
+The high end is memory: decode slowdown follows bytes of Θ read per token (16x on SmolLM2 is ~18 GB of float32 Θ).
+A candidate whose Θ exceeds MEMORY_SHARE of the available memory is never held whole: it is validated layer by
+layer (protector.CandidateMLP builds each layer's TaylorMLP when it runs and drops it), timed on evenly spaced layers
+with the rest original and scaled by their share of the extra work (throughput.measure_ratios), and written layer by
+layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..common.errors import TaylorMLPError
+from ..common.machine import available_memory
+from ..common.progress import log, status
+from ..maths import series
+from ..measure.cost import WorkModel, flops_per_token, parameter_bytes_read
+from ..measure.throughput import curve_batches, machine_description, measure_prompt_ids, measure_ratios
+from .options import ProtectOptions
+from .protector import Protector
+from .search import Setting, choose_coverage, largest_accepted, screened_check
+
+SLOWDOWN_RANGE = (1.25, 16.0)
+TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
+MEMORY_SHARE = 0.5  # a candidate whose Θ exceeds this share of the available memory is never held whole
+
+
+def memory_budget() -> float | None:
+    """Bytes a candidate's Θ may take while the slowdown search holds it whole (None: no limit known)."""
+    available = available_memory()
+    return None if available is None else MEMORY_SHARE * available
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+@dataclass
+class Line:
+    """measured − 1 = a + k·(predicted − 1), fitted to the measurements so far (through 0 with one point)."""
+
+    points: list = field(default_factory=list)
+
+    def add(self, predicted: float, measured: float) -> None:
+        self.points.append((predicted, measured))
+
+    def coefficients(self) -> tuple[float, float]:
+        x = np.array([p - 1.0 for p, _ in self.points])
+        y = np.array([m - 1.0 for _, m in self.points])
+        if len(self.points) >= 2 and np.ptp(x) > 1e-6:
+            k, a = np.polyfit(x, y, 1)
+            if k > 0:
+                return float(a), float(k)
+        k = float((x @ y) / max(x @ x, 1e-12))
+        return 0.0, max(k, 1e-3)
+
+    def predicted_for(self, target: float) -> float:
+        """The predicted FLOPs ratio expected to measure `target`."""
+        a, k = self.coefficients()
+        return 1.0 + max(target - 1.0 - a, 0.0) / k
+
+    def measured_for(self, predicted: float) -> float:
+        a, k = self.coefficients()
+        return 1.0 + a + k * (predicted - 1.0)
+
+
+@dataclass
+class Choice:
+    family: str
+    order: int
+    coverage: float
+    predicted: float
+    theta_values: int
+    validated: bool = True  # token-exact on the whole validation set (False: not checked yet)
+
+
+# ---------------------------------------------------------------- the joint choice
+
+
+def _exact_key(family: str, order: int, coverage: float) -> tuple:
+    """How SlowdownChooser remembers a validation's answer."""
+    return family, int(order), round(coverage, 6)
+
+
+class SlowdownChooser:
+    """Builds Protectors for (family, N), predicts, validates and remembers every answer (nothing twice)."""
+
+    def __init__(self, model, ranges, data, base: ProtectOptions, base_flops: float, base_bytes: float | None = None):
+        self.model, self.ranges, self.data, self.base, self.base_flops = model, ranges, data, base, base_flops
+        self.base_bytes = parameter_bytes_read(model) if base_bytes is None else base_bytes
+        self.protectors: dict = {}
+        self.splits: dict = {}  # pieces bisected once at the base order, refitted at every N (pieces.split_pieces)
+        self.works: dict = {}
+        self.exact: dict = {}
+        self.checks: dict = {}
+        self.trace: list = []
+
+    def options(self, family: str, order: int) -> ProtectOptions:
+        fields = {**self.base.__dict__, "order": int(order), "coverage": None}
+        if family == "pieces":
+            fields["piece_order"] = self.base.order  # pieces decided once, at the base order
+        else:  # one series per channel over its calibrated interval widened by 5% (benchmarks/frontier.py's
+            # chebyshev-1piece: exact up to 50-75% coverage on SmolLM2 at N = 8, at a third of the pieces' cost)
+            fields["max_pieces"], fields["piece_order"], fields["margin"] = 1, None, 0.05
+        return ProtectOptions(**fields).resolved()
+
+    def protector(self, family: str, order: int) -> Protector:
+        key = (family, int(order))
+        if key not in self.protectors:
+            self.protectors[key] = Protector(self.model, self.ranges, self.options(family, order), splits=self.splits)
+            self.works[key] = WorkModel(self.protectors[key], self.base_flops, self.base_bytes)
+        return self.protectors[key]
+
+    def work(self, family: str, order: int) -> WorkModel:
+        self.protector(family, order)
+        return self.works[(family, int(order))]
+
+    def choice(self, family: str, order: int, coverage: float, validated: bool = True) -> Choice:
+        """The setting (family, N, coverage) with its predicted FLOPs ratio and Θ size."""
+        work = self.work(family, order)
+        return Choice(family, int(order), coverage, work.ratio(coverage), work.theta_size(coverage), validated)
+
+    def _check(self, family: str, order: int):
+        key = (family, int(order))
+        if key not in self.checks:
+            protector = self.protector(family, order)
+
+            def install(coverage: float):
+                return protector.installed(coverage, materialize=self.in_memory(family, order, coverage))
+
+            self.checks[key] = screened_check(self.model, self.data.validation, self.base.batch_tokens,
+                                              self.base.error_budget, install, self.trace,
+                                              extra={"family": family, "order": int(order)})
+        return self.checks[key]
+
+    def is_exact(self, family: str, order: int, coverage: float, screen: bool = False) -> bool:
+        """Token-exact within the error budget on the whole validation set (screen=True: on its screen only; a full
+        answer already known is used instead)."""
+        key = _exact_key(family, order, coverage)
+        if coverage <= 0:
+            return True
+        if key not in self.exact:
+            how = "held whole" if self.in_memory(family, order, coverage) else "layer by layer"
+            with status(f"validating {family} N={order} coverage {coverage:.3f} on the "
+                        f"{'screen' if screen else 'whole validation set'}, {how}"):
+                ok = self._check(family, order)(coverage, screen=screen)  # this protector's candidate, installed
+            if screen:
+                return ok
+            self.exact[key] = ok
+        return self.exact[key]
+
+    def largest_exact(self, family: str, order: int, cap: float, steps: int = 5) -> float:
+        """Largest coverage <= cap that validates token-exactly (search.largest_accepted: cap itself first, then a
+        screened bisection below it)."""
+        if cap <= 0:
+            return 0.0
+        return largest_accepted(lambda c, screen: self.is_exact(family, order, c, screen), cap, steps)
+
+    def theta_bytes(self, family: str, order: int, coverage: float) -> int:
+        return self.work(family, order).theta_size(coverage) * getattr(self.model, "dtype", torch.float32).itemsize
+
+    def in_memory(self, family: str, order: int, coverage: float) -> bool:
+        """Whether a candidate may be held whole (its Θ within MEMORY_SHARE of the available memory).  One that may
+        not is validated layer by layer (each layer's TaylorMLP built when it runs, then dropped), timed on a subset
+        of its layers (throughput.measure_ratios) and written layer by layer: the search never holds it whole."""
+        budget = memory_budget()
+        return budget is None or self.theta_bytes(family, order, coverage) <= budget
+
+    def choose(self, target: float, line: Line, probe: Choice) -> Choice:
+        want = line.predicted_for(target)
+        if want <= probe.predicted:
+            best = self._fewer_channels(target, want, probe)
+            if line.measured_for(best.predicted) >= target * (1 - TOLERANCE) or best.coverage <= 0:
+                return best
+            # exactness, not cost, capped the coverage: keep it and raise the order of that family instead
+            return self._more_orders(target, want, line, best)
+        return self._more_orders(target, want, line, probe)
+
+    def _fewer_channels(self, target: float, want: float, probe: Choice) -> Choice:
+        """Coverage drops: each family's largest exact coverage within the predicted cost; the largest wins."""
+        base = self.base.order
+        candidates = [("pieces", base), ("one-piece", base), ("one-piece", max(2, base // 2))]
+        capped = []
+        for family, order in candidates:
+            work = self.work(family, order)
+            cap = work.max_coverage(want)
+            if family == "pieces" and order == base:
+                cap = min(cap, probe.coverage)  # the probe's exact coverage bounds the preset family
+            capped.append((cap, -work.theta_size(cap), family, order))
+        best = None
+        for cap, _, family, order in sorted(capped, reverse=True):
+            if best is not None and cap <= best.coverage:
+                break  # cannot beat what is already exact
+            choice = self.choice(family, order, self.largest_exact(family, order, cap))
+            if best is None or (choice.coverage, -choice.theta_values) > (best.coverage, -best.theta_values):
+                best = choice
+        return best
+
+    def _more_orders(self, target: float, want: float, line: Line, probe: Choice) -> Choice:
+        """Coverage stays at `probe`'s, N grows (same family) to the smallest order predicted to reach the target."""
+        family = probe.family
+        lo, hi = probe.order, series.MAX_ORDER
+        top = self.work(family, hi).ratio(probe.coverage)
+        if line.measured_for(top) < target * (1 - TOLERANCE):
+            reach = line.measured_for(top)
+            raise TaylorMLPError(f"a {target}x slowdown is out of reach for this model on this machine: the most "
+                                 f"orders ({hi}) at coverage {probe.coverage:.3f} measure about {reach:.1f}x; ask "
+                                 f"for at most {reach * (1 + TOLERANCE):.1f}x")
+        while hi - lo > 1:  # predicted ratio grows with N: bisection, no measurement
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.work(family, mid).ratio(probe.coverage) < want else (lo, mid)
+        # validated only if it is kept (exact_choice): timing does not need it
+        choice = self.choice(family, hi, probe.coverage, validated=False)
+        if self.exact.get(_exact_key(family, hi, probe.coverage)) is False:  # known not exact: exact coverage below
+            choice = self.exact_choice(choice)
+        return choice
+
+    def exact_choice(self, choice: Choice) -> Choice:
+        """`choice` if it is token-exact on the whole validation set, else the same family and order at the largest
+        exact coverage below (screened bisection)."""
+        coverage = choice.coverage
+        if not choice.validated and not self.is_exact(choice.family, choice.order, coverage):
+            coverage = self.largest_exact(choice.family, choice.order, coverage)
+        return self.choice(choice.family, choice.order, coverage)
+
+
+def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: ProtectOptions, target: float, measure=None,
+                    rounds: int = 3, serving_batch: int = 1) -> Setting:
+    """Step 3 of the protect flow for --slowdown (flow.run): the setting whose measured decode slowdown at batch
+    `serving_batch` (the throughput ratio of B concurrent sequences) is within ±10% of `target`, coverage as large as
+    that allows, calibrated by `prepared` = (CalibrationData, Ranges).  Its Setting says whether its Θ fits in memory
+    (`held`; if not, the release is validated and written layer by layer from protector.build) and carries the
+    slowdown record.  The choice's slowdown curve (throughput.curve_batches) is measured once more, in one interleaved
+    run, and recorded.  `measure(protector, coverage, batches)` -> {batch: measured ratio} (default:
+    throughput.measure_ratios, interleaved decode timing on this machine; tests inject a deterministic one)."""
+    lo, hi = SLOWDOWN_RANGE
+    if not lo <= target <= hi:
+        raise TaylorMLPError(f"--slowdown must be between {lo} and {hi}, got {target}")
+    if not isinstance(serving_batch, int) or isinstance(serving_batch, bool) or serving_batch < 1:
+        raise TaylorMLPError(f"serving_batch (--serving-batch) must be a whole number of at least 1, "
+                             f"got {serving_batch!r}")
+    batch = serving_batch
+    base = opts.resolved()
+    data, ranges = prepared
+    if not data.validation:
+        raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
+    details: dict = {}
+    if measure is None:
+        ids = measure_prompt_ids(tokenizer, chat)
+
+        def measure(protector, coverage, batches):
+            ratios, info = measure_ratios(protector, coverage, ids, batches, budget=memory_budget())
+            details.update(info)
+            return ratios
+
+    base_flops = flops_per_token(model)
+    chooser = SlowdownChooser(model, ranges, data, base, base_flops)
+    line = Line()
+    measurements = []
+    at = f" at batch {batch}" if batch > 1 else ""
+
+    def measured(choice: Choice) -> float:
+        details.clear()
+        ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage, (batch,))[batch]
+        if "timed_ratio" in details:
+            details["timed_ratio"] = details["timed_ratio"][batch]
+        line.add(choice.predicted, ratio)
+        measurements.append({"family": choice.family, "order": choice.order, "coverage": choice.coverage,
+                             "batch": batch, "flops_ratio": choice.predicted, "measured": ratio, **details})
+        scaled = (f" (timed on {details['layers_timed']} of {details['layers']} layers: {details['timed_ratio']:.2f}x, "
+                  f"scaled by their share of the extra work)" if "timed_ratio" in details else "")
+        log(f"{choice.family} N={choice.order} coverage {choice.coverage:.3f}: FLOPs {choice.predicted:.2f}x, "
+            f"measured {ratio:.2f}x{at}{scaled}")
+        return ratio
+
+    # the probe: the preset at its largest exact coverage (the same search a plain protect runs)
+    probe_protector = chooser.protector("pieces", base.order)
+    probed = choose_coverage(probe_protector, data)  # the same search a plain protect runs
+    search = probed.trace
+    probe = chooser.choice("pieces", base.order, probed.coverage)
+    if probe.coverage <= 0.0:
+        raise TaylorMLPError("no channel can be protected token-exactly, so no slowdown is possible; "
+                             "try the default preset or more calibration text")
+    def none_left():
+        return TaylorMLPError(f"a {target}x slowdown leaves no channel protected token-exactly; the smallest "
+                              f"reachable slowdown here is about {line.measured_for(1.0 + 1e-9):.2f}x")
+
+    def kept(choice: Choice, ratio: float) -> tuple[Choice, float]:
+        """A measured choice about to be kept, validated now; not exact: its exact coverage below, measured."""
+        if choice.validated:
+            return choice, ratio
+        exact = chooser.exact_choice(choice)
+        if exact.coverage <= 0.0:
+            raise none_left()
+        return exact, (ratio if exact.coverage == choice.coverage else measured(exact))
+
+    ratio = measured(probe)
+    choice, best = probe, (abs(ratio / target - 1.0), probe, ratio)
+    for _ in range(rounds - 1):
+        if abs(ratio / target - 1.0) <= TOLERANCE:
+            break
+        nxt = chooser.choose(target, line, probe)
+        if nxt.coverage <= 0.0:
+            raise none_left()
+        if (nxt.family, nxt.order, nxt.coverage) == (choice.family, choice.order, choice.coverage):
+            break
+        choice = nxt
+        ratio = measured(choice)
+        if abs(ratio / target - 1.0) <= TOLERANCE:
+            choice, ratio = kept(choice, ratio)
+        if abs(ratio / target - 1.0) < best[0]:
+            best = (abs(ratio / target - 1.0), choice, ratio)
+    _, choice, ratio = best
+    if not choice.validated:  # the rounds ran out on an unvalidated candidate: validate the one written
+        choice, ratio = kept(choice, ratio)
+    if abs(ratio / target - 1.0) > TOLERANCE:
+        log(f"closest measured slowdown {ratio:.2f}x{at} is outside ±{TOLERANCE:.0%} of the {target}x asked for "
+            f"(machine noise or an unreachable target); writing it and saying so in the model card")
+    protector = chooser.protector(choice.family, choice.order)
+    same = [r for r in chooser.trace if (r["family"], r["order"]) == (choice.family, choice.order)]
+    if (choice.family, choice.order) == ("pieces", base.order):
+        same = search + same
+    whole = chooser.in_memory(choice.family, choice.order, choice.coverage)
+    if not whole:
+        need, available = chooser.theta_bytes(choice.family, choice.order, choice.coverage), available_memory() or 0
+        log(f"the chosen series coefficients take {need / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
+            f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
+            f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
+    with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_batches(batch)))}"):
+        curve = measure(protector, choice.coverage, curve_batches(batch))
+    log("slowdown curve: " + ", ".join(f"{r:.2f}x at batch {b}" for b, r in sorted(curve.items())))
+    work = chooser.work(choice.family, choice.order)
+    record = {"target": target, "serving_batch": batch, "measured": ratio, "flops_ratio": choice.predicted,
+              "bytes_ratio": work.bytes_ratio(choice.coverage),
+              "curve": [{"batch": b, "measured": r} for b, r in sorted(curve.items())],
+              "within_tolerance": abs(ratio / target - 1.0) <= TOLERANCE, "family": choice.family,
+              "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
+              "validations": chooser.trace}
+    return Setting(protector, choice.coverage, same, held=whole, slowdown=record)

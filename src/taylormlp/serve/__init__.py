@@ -1,0 +1,2 @@
+"""Engines that run a release for users: transformers' serving engine (transformers_server.py) and vLLM
+(vllm_engine.py)."""
