@@ -231,3 +231,32 @@ def test_search_coverage_runs_the_screened_bisection_on_the_protector(monkeypatc
     for empty in (None, SimpleNamespace(validation=[])):
         with pytest.raises(TaylorMLPError, match="no validation prompts"):
             search.search_coverage(protector, empty, [])
+
+
+def test_choose_coverage_gives_the_asked_coverage_or_the_search_answer(monkeypatch):
+    """Step 3 of the protect flow: a coverage given in the options is taken as it is, with no search and an empty
+    trace; otherwise the search runs and its answer and trace come back.  Held whole unless the protector streams."""
+    from types import SimpleNamespace
+
+    import taylormlp.protection.search as search
+
+    calls = []
+
+    def fake_search(protector, data, trace):
+        calls.append((protector, data))
+        trace.append({"coverage": 0.25, "screen": False})
+        return 0.25
+
+    monkeypatch.setattr(search, "search_coverage", fake_search)
+    data = SimpleNamespace(validation=[{}])
+    given_ = SimpleNamespace(opts=SimpleNamespace(coverage=0.5), streamed=False)
+    setting = search.choose_coverage(given_, data)
+    assert (setting.protector, setting.coverage, setting.trace, setting.held, setting.slowdown) == (
+        given_, 0.5, [], True, None)
+    assert calls == []
+    searched = SimpleNamespace(opts=SimpleNamespace(coverage=None), streamed=True)
+    setting = search.choose_coverage(searched, data)
+    assert calls == [(searched, data)]
+    assert (setting.protector, setting.coverage, setting.held) == (searched, 0.25, False)
+    assert setting.trace == [{"coverage": 0.25, "screen": False}]
+    assert search.Setting(searched, 0.1).trace == [] and search.Setting(searched, 0.1).held is True
