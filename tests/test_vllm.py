@@ -180,3 +180,32 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     release = next(m for m in results["models"] if m["name"] == "pieces")
     assert release["flops_ratio"] > 1.05 and release["bytes_ratio"] > 1.05  # tiny: the head's FLOPs dominate
     assert json.loads((tmp_path / "b.json").read_text())["engine"] == "vllm"
+
+
+def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
+    """The engine dial end to end on a tiny model (nothing here asserts a speed): protect_for_slowdown measuring with
+    vllm_dial.EngineDial (eager, float32, short runs, the probe only): every read comes from vLLM, the record and
+    the card name the engine, and closing the dial stops every engine and deletes every candidate."""
+    from taylormlp.card import model_card
+    from taylormlp.options import ProtectOptions
+    from taylormlp.sources import load_base
+    from taylormlp.throttle import protect_for_slowdown
+    from taylormlp.throughput import measure_prompt_ids
+    from taylormlp.vllm_dial import EngineDial
+
+    source = releases["pieces"].parent / "src-pieces"
+    model, tok, _ = load_base(source)
+    dial = EngineDial(source, tok, measure_prompt_ids(tok, True)[0].tolist(), dtype="float32", eager=True, tokens=4,
+                      repeats=1, workdir=tmp_path / "dial")
+    try:
+        spec, slow, _ = protect_for_slowdown(model, tok, None, ProtectOptions(preset="default", order=8, **FAST), True,
+                                             2.0, measure=dial, rounds=1, serving_batch=2)
+        assert dial.candidate is not None and dial.original.child.poll() is None  # kept loaded across reads
+    finally:
+        dial.close()
+    assert dial.original is None and dial.candidate is None and not list((tmp_path / "dial").glob("candidate-*"))
+    engine = slow["engine"]
+    assert engine["name"] == "vllm" and engine["version"] and engine["mode"] == "eager" and engine["dtype"] == "float32"
+    assert [p["batch"] for p in slow["curve"]] == [1, 2, 8, 32] and all(p["measured"] > 0 for p in slow["curve"])
+    assert len(slow["reads"]) >= 2 and isinstance(slow["curve_agrees"], bool)
+    assert f"vLLM {engine['version']} (eager, float32)" in model_card(spec, slowdown=slow)

@@ -47,7 +47,7 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       serving_batch=None, dry_run=False, **tuning) -> dict:
+                       serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -56,13 +56,23 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
-    which the slowdown is met (throttle.protect_for_slowdown).
+    which the slowdown is met (throttle.protect_for_slowdown); engine="vllm" (with `slowdown` only) measures it on
+    vLLM in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial).
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
     if serving_batch is not None and slowdown is None:
         raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
                              f"slowdown is met; add --slowdown or drop --serving-batch")
+    if engine != "taylormlp" and slowdown is None:
+        raise TaylorMLPError(f"--engine {engine} needs --slowdown X: it sets the engine the slowdown is measured on; "
+                             f"add --slowdown or drop --engine")
+    if engine_dtype != "auto" and engine != "vllm":
+        raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for --engine vllm; the release's dtype is --dtype")
+    if engine == "vllm":
+        from .vllm_engine import require_vllm
+
+        require_vllm()  # before minutes of calibration: `make vllm-setup`
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -81,8 +91,19 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     if slowdown is not None:
         model, tokenizer, _ = load_base(model_dir, dtype=DTYPES[dtype])
         chat = is_chat_model(tokenizer) if chat is None else chat
-        spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown,
-                                                     serving_batch=1 if serving_batch is None else serving_batch)
+        measure = None
+        if engine == "vllm":
+            from .throughput import measure_prompt_ids
+            from .vllm_dial import EngineDial
+
+            prompt = measure_prompt_ids(tokenizer, chat)[0].tolist()
+            measure = EngineDial(model_dir, tokenizer, prompt, dtype=engine_dtype)
+        try:
+            spec, slow, protector = protect_for_slowdown(model, tokenizer, texts, opts, chat, slowdown, measure=measure,
+                                                         serving_batch=1 if serving_batch is None else serving_batch)
+        finally:
+            if measure is not None:
+                measure.close()
         card = model_card(spec, slowdown=slow, base=base_model(source))
         if slow["held_in_memory"]:
             save_release(model, out, tokenizer, force=force, card=card)
