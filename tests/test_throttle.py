@@ -163,6 +163,18 @@ def test_slowdown_cli_range(capsys):
     assert "between 1.25 and 16" in capsys.readouterr().err
 
 
+def test_engine_vllm_refusals(capsys, monkeypatch, tmp_path):
+    """--engine vllm needs --slowdown, and vLLM: one-line errors naming the fix, before any work."""
+    import taylormlp.vllm_engine as vllm_engine
+    from taylormlp.cli import main
+
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda name: None)  # no vLLM here, whatever the venv
+    for extra, says in (([], "--engine vllm needs --slowdown X"), (["--slowdown", "4"], "make vllm-setup")):
+        assert main(["protect", "smollm2-135m-instruct", "--out", str(tmp_path / "y"), "--engine", "vllm", *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+
+
 def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_dir, monkeypatch, tmp_path):
     """A high target raises N until Θ outgrows the machine (16x on SmolLM2: ~18 GB on a 23 GB machine): such a
     candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
