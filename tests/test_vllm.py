@@ -185,7 +185,7 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
 def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
     """The engine dial end to end on a tiny model (nothing here asserts a speed): protect_for_slowdown measuring with
     vllm_dial.EngineDial (eager, float32, short runs, the probe only): every read comes from vLLM, the record and
-    the card name the engine, and closing the dial stops every engine and deletes every candidate."""
+    the card name the engine, and closing the dial stops every engine and deletes every candidate (its log stays)."""
     from taylormlp.card import model_card
     from taylormlp.options import ProtectOptions
     from taylormlp.sources import load_base
@@ -203,7 +203,8 @@ def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
         assert dial.candidate is not None and dial.original.child.poll() is None  # kept loaded across reads
     finally:
         dial.close()
-    assert dial.original is None and dial.candidate is None and not list((tmp_path / "dial").glob("candidate-*"))
+    left = [d for d in (tmp_path / "dial").glob("candidate-*") if d.is_dir()]
+    assert dial.original is None and dial.candidate is None and not left
     engine = slow["engine"]
     assert engine["name"] == "vllm" and engine["version"] and engine["mode"] == "eager" and engine["dtype"] == "float32"
     assert [p["batch"] for p in slow["curve"]] == [1, 2, 8, 32] and all(p["measured"] > 0 for p in slow["curve"])
