@@ -173,12 +173,23 @@ def test_slowdown_cli_range(capsys):
     assert "between 1.25 and 16" in capsys.readouterr().err
 
 
+def test_engine_vllm_refusals(capsys, monkeypatch, tmp_path):
+    """--engine vllm needs --slowdown, and vLLM: one-line errors naming the fix, before any work."""
+    import taylormlp.serve.vllm_engine as vllm_engine
+    from taylormlp.cli import main
+
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda name: None)  # no vLLM here, whatever the venv
+    for extra, says in (([], "--engine vllm needs --slowdown X"), (["--slowdown", "4"], "make vllm-setup")):
+        assert main(["protect", "smollm2-135m-instruct", "--out", str(tmp_path / "y"), "--engine", "vllm", *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+
+
 def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_dir, monkeypatch, tmp_path):
     """A high target raises N until Θ outgrows the machine (16x on SmolLM2: ~18 GB on a 23 GB machine): such a
     candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
     written release are the same as when everything fits."""
     import taylormlp.protection.throttle as throttle
-    from taylormlp.protection.flow import write_release
     from taylormlp.release.directory import ModelTensors, load_release, save_release
     from taylormlp.runtime import ReleaseSpec
 
@@ -193,8 +204,8 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
     assert getattr(model.config, "taylormlp", None) is None
     with pytest.raises(TaylorMLPError, match="not been protected"):
         save_release(model, tmp_path / "wrong")
-    lean = load_release(write_release(tmp_path / "lean", calls["setting"], ReleaseSpec.from_dict(spec),
-                                      ModelTensors(model), torch.float32, None))
+    lean = load_release(calls["protector"].write_release(tmp_path / "lean", ReleaseSpec.from_dict(spec),
+                                                         ModelTensors(model), torch.float32, None))
     whole = load_release(save_release(whole_model, tmp_path / "whole"))
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
@@ -365,3 +376,81 @@ def test_curve_flops_and_bytes_ratios_land_in_config_and_card(batch_choices, tin
     assert curve in card and f"{slow['bytes_ratio']:.2f}x" in card and f"{slow['flops_ratio']:.2f}x" in card
     machine = slow["machine"]
     assert (machine.get("gpu") or machine["cpu"]) in card
+
+
+# ---------------------------------------------------------------- repeated reads: a choice is accepted on two
+
+def test_every_accepted_choice_rests_on_repeated_reads(choices):
+    """The written setting was read at least CONFIRM_READS times at B before the curve; the figure recorded is the
+    median of every read at B (the curve's included), and the curve agrees with it."""
+    from taylormlp.protection.throttle import CONFIRM_READS
+
+    for target, (_, spec, slow, _) in choices.items():
+        written = [m["measured"] for m in slow["measurements"]
+                   if (m["order"], m["coverage"]) == (spec["order"], spec["coverage"])]
+        assert len(written) >= CONFIRM_READS, (target, slow["measurements"])
+        assert slow["reads"] == written + [slow["curve"][0]["measured"]]
+        assert slow["measured"] == pytest.approx(float(np.median(slow["reads"])))
+        assert slow["curve_agrees"] and slow["within_tolerance"]
+        assert slow["engine"]["name"] == "taylormlp"  # an injected measure without an engine: our runtime
+
+
+def _scripted(calls, read, curve=None, after=None):
+    """A fake machine (truth: the one above): the n-th search read of a setting is read(truth, n), the curve returns
+    curve(truth) where given, the reads after the curve after(truth) where given."""
+    seen: dict = {}
+
+    def measure(protector, coverage, batches):
+        truth = 1.0 + FACTOR * (WorkModel(protector, calls["base_flops"]).ratio(coverage) - 1.0)
+        if len(batches) > 1:
+            calls["curves"] += 1
+            return dict.fromkeys(batches, curve(truth) if curve else truth)
+        calls["n"] += 1
+        if calls["curves"] and after:
+            return dict.fromkeys(batches, after(truth))
+        key = (id(protector), round(coverage, 6))
+        seen[key] = seen.get(key, -1) + 1
+        return dict.fromkeys(batches, read(truth, seen[key]))
+    return measure
+
+
+def _run_scripted(tiny_llama_dir, target, measure_of):
+    from taylormlp.measure.cost import flops_per_token
+
+    model, tok, _ = load_base(tiny_llama_dir)
+    calls = {"n": 0, "curves": 0, "base_flops": flops_per_token(model)}
+    opts = ProtectOptions(preset="default", order=4, **FAST)
+    _, slow, setting = protect_for_slowdown(model, tok, None, opts, True, target, measure=measure_of(calls))
+    return slow, WorkModel(setting.protector, calls["base_flops"]), calls
+
+
+def test_a_lucky_read_is_not_accepted_alone(tiny_llama_dir):
+    """The preset truly measures ~2x on this machine; the first read of every setting says exactly 1.6x (the
+    target).  The probe's confirming read (its truth) takes the median out of tolerance, so the dial moves on; the
+    figure it writes is the machine's, not luck's."""
+    slow, work, calls = _run_scripted(tiny_llama_dir, 1.6, lambda calls: _scripted(
+        calls, lambda truth, n: 1.6 if n == 0 else truth))
+    probe = slow["measurements"][0]
+    probe_reads = [m["measured"] for m in slow["measurements"]
+                   if (m["order"], m["coverage"]) == (probe["order"], probe["coverage"])]
+    assert probe_reads[0] == 1.6 and probe_reads[1] > 1.6 * (1 + 2 * TOLERANCE)  # lucky, then the truth
+    written = slow["measurements"][-1]
+    assert (written["order"], written["coverage"]) != (probe["order"], probe["coverage"])  # the probe was not kept
+    assert len(slow["reads"]) >= 3 and slow["accepted"] != 1.6 and slow["curve_agrees"]
+    truth = 1.0 + FACTOR * (work.ratio(written["coverage"]) - 1.0)  # honest: the record says what the machine does
+    assert slow["measured"] == pytest.approx(truth) and slow["within_tolerance"] is (abs(truth / 1.6 - 1) <= TOLERANCE)
+
+
+@pytest.mark.parametrize("curve, after, measured, agrees, within", [
+    (1.5, 1.0, 1.0, False, True), (1.15, 1.15, 1.075, True, True), (1.5, 1.5, 1.25, False, False)],
+    ids=["re-read-as-accepted", "re-read-as-curve-near", "re-read-as-curve-far"])
+def test_a_curve_that_disagrees_is_read_again_and_reported(tiny_llama_dir, curve, after, measured, agrees, within):
+    """Every search read says exactly the target; the curve says otherwise at B.  B is read once more: the figure
+    recorded is the median of every read at B, and within_tolerance and curve_agrees say what they show."""
+    target = 2.0
+    slow, _, calls = _run_scripted(tiny_llama_dir, target, lambda calls: _scripted(
+        calls, lambda truth, n: target, curve=lambda truth: curve * target, after=lambda truth: after * target))
+    assert calls["curves"] == 1 and slow["accepted"] == target and calls["n"] == 3  # two reads, one re-read
+    assert slow["reads"] == [target, target, after * target, curve * target]
+    assert slow["measured"] == pytest.approx(measured * target)
+    assert slow["curve_agrees"] is agrees and slow["within_tolerance"] is within

@@ -180,3 +180,37 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     release = next(m for m in results["models"] if m["name"] == "pieces")
     assert release["flops_ratio"] > 1.05 and release["bytes_ratio"] > 1.05  # tiny: the head's FLOPs dominate
     assert json.loads((tmp_path / "b.json").read_text())["engine"] == "vllm"
+
+
+def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
+    """The engine dial end to end on a tiny model (nothing here asserts a speed): throttle.choose_slowdown measuring with
+    vllm_dial.EngineDial (eager, float32, short runs, the probe only): every read comes from vLLM, the record and
+    the card name the engine, and closing the dial stops every engine and deletes every candidate (its log stays)."""
+    from taylormlp.measure.throughput import measure_prompt_ids
+    from taylormlp.protection import flow
+    from taylormlp.protection.calibration import calibrate
+    from taylormlp.protection.options import ProtectOptions
+    from taylormlp.protection.throttle import choose_slowdown
+    from taylormlp.protection.vllm_dial import EngineDial
+    from taylormlp.release.card import model_card
+    from taylormlp.release.sources import load_base
+
+    source = releases["pieces"].parent / "src-pieces"
+    model, tok, _ = load_base(source)
+    dial = EngineDial(source, tok, measure_prompt_ids(tok, True)[0].tolist(), dtype="float32", eager=True, tokens=4,
+                      repeats=1, workdir=tmp_path / "dial")
+    try:
+        opts = ProtectOptions(preset="default", order=8, **FAST).resolved()
+        data, ranges = calibrate(model, tok, None, opts, True)
+        setting = choose_slowdown(model, tok, True, (data, ranges), opts, 2.0, measure=dial, rounds=1, serving_batch=2)
+        spec, slow = flow.finish(setting, data, ranges).to_dict(), setting.slowdown
+        assert dial.candidate is not None and dial.original.child.poll() is None  # kept loaded across reads
+    finally:
+        dial.close()
+    left = [d for d in (tmp_path / "dial").glob("candidate-*") if d.is_dir()]
+    assert dial.original is None and dial.candidate is None and not left
+    engine = slow["engine"]
+    assert engine["name"] == "vllm" and engine["version"] and engine["mode"] == "eager" and engine["dtype"] == "float32"
+    assert [p["batch"] for p in slow["curve"]] == [1, 2, 8, 32] and all(p["measured"] > 0 for p in slow["curve"])
+    assert len(slow["reads"]) >= 2 and isinstance(slow["curve_agrees"], bool)
+    assert f"vLLM {engine['version']} (eager, float32)" in model_card(spec, slowdown=slow)

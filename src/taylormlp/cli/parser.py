@@ -143,6 +143,15 @@ def _add_protect(sub) -> None:
                         f"decoded together, as a server batches requests), B {BATCH.limits}; the slowdown grows with "
                         "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
                         "(one sequence)")
+    p.add_argument("--engine", choices=["taylormlp", "vllm"], default="taylormlp",
+                   help="with --slowdown: where the slowdown is measured and dialed. 'taylormlp' (default): our own "
+                        "eager runtime in this process; 'vllm': vLLM at its defaults (compiled), the engine "
+                        "large-scale users serve with; the original on vLLM's own model code, each candidate written "
+                        "as a temporary release and run as the README gives, interleaved rounds (needs vLLM in this "
+                        "Python environment: make vllm-setup, .venv-vllm/bin/taylormlp). The card names the engine")
+    p.add_argument("--engine-dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="with --engine vllm: the dtype vLLM runs the original and the candidates in (default auto: "
+                        "vLLM's choice, bfloat16 on a CPU); the release itself is written in --dtype")
     p.add_argument("--basis", choices=list(BASES),
                    help=f"override the preset's series basis (default: {_preset_values('basis')})")
     p.add_argument("--coverage", type=SHARE,

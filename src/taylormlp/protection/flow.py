@@ -14,27 +14,27 @@ streamed layer by layer or, for --slowdown, whole) and the slowdown dial all run
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from .. import runtime
 from ..common.errors import TaylorMLPError
 from ..common.machine import resolve_device
 from ..common.progress import log
 from ..measure.decode import validate
+from ..measure.throughput import measure_prompt_ids
 from ..release.card import base_model, model_card
-from ..release.directory import DTYPES, ModelTensors, check_output_dir, release_size, save_streamed_release
+from ..release.directory import DTYPES, ModelTensors, check_output_dir, release_size
 from ..release.sources import is_chat_model, load_base, load_tokenizer, resolve_source
 from ..release.stream import SourceMLPs, open_streamed
+from ..serve.vllm_engine import require_vllm
 from . import preflight
 from .calibration import CalibrationData, Ranges, calibrate, read_calibration_file
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage
 from .throttle import choose_slowdown
+from .vllm_dial import EngineDial
 
 
 def run(model, tokenizer, texts, opts: ProtectOptions, chat: bool, *, prepared=None, mlps=None,
@@ -68,18 +68,7 @@ def finish(setting: Setting, data: CalibrationData | None, ranges: Ranges) -> ru
     record["coverage_search"] = setting.trace
     if setting.slowdown is not None:
         record["slowdown"] = setting.slowdown
-    masks = protector.masks(coverage)
-    layers = []
-    for plan, mask in zip(protector.plans, masks):
-        P = int(mask.sum())
-        Q = int(np.isin(plan.pieces.owner, np.flatnonzero(mask)).sum())
-        layers.append(runtime.LayerShape(protected=P, rest=int(mask.size - P), pieces=Q,
-                                         rest_out_bias=bool(plan.has_c and P == 0)))
-    return runtime.ReleaseSpec(
-        family=protector.arch["family"], hidden_size=int(protector.plans[0].hidden), activation=protector.act,
-        order=int(opts.order), basis=opts.basis, coverage=sum(int(m.sum()) for m in masks) / sum(m.size for m in masks),
-        layers=layers, rest_bias=bool(protector.plans[0].has_b), preset=opts.preset, selection=opts.selection,
-        margin=float(opts.margin), max_pieces=int(opts.max_pieces), record=record)
+    return protector.release_spec(coverage, record)
 
 
 def install(model, setting: Setting, spec: runtime.ReleaseSpec) -> dict:
@@ -111,7 +100,7 @@ def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       serving_batch=None, dry_run=False, **tuning) -> dict:
+                       serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -120,13 +109,21 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
-    which the slowdown is met (throttle.choose_slowdown).
+    which the slowdown is met (throttle.choose_slowdown); engine="vllm" (with `slowdown` only) measures it on vLLM
+    in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial).
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
     if serving_batch is not None and slowdown is None:
         raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
                              f"slowdown is met; add --slowdown or drop --serving-batch")
+    if engine != "taylormlp" and slowdown is None:
+        raise TaylorMLPError(f"--engine {engine} needs --slowdown X: it sets the engine the slowdown is measured on; "
+                             f"add --slowdown or drop --engine")
+    if engine_dtype != "auto" and engine != "vllm":
+        raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for --engine vllm; the release's dtype is --dtype")
+    if engine == "vllm":
+        require_vllm()  # before minutes of calibration: `make vllm-setup`
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -151,23 +148,19 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
             model, tokenizer, _ = load_base(model_dir, dtype=DTYPES[dtype])
             tensors, mlps = ModelTensors(model), None
         chat = is_chat_model(tokenizer) if chat is None else chat
-        spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
-                            slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch)
+        measure = None
+        if engine == "vllm":
+            measure = EngineDial(model_dir, tokenizer, measure_prompt_ids(tokenizer, chat)[0].tolist(), engine_dtype)
+        try:
+            spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
+                                slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch,
+                                measure=measure)
+        finally:
+            if measure is not None:
+                measure.close()
         card = model_card(spec.to_dict(), slowdown=setting.slowdown, base=base_model(source))
         # each layer's TaylorMLP is built as it is written; the model itself stays the original
         origin = {"model_dir": model_dir} if mlps is not None else {"generation_config": model.generation_config}
-        write_release(out, setting, spec, tensors, DTYPES[dtype], tokenizer, force=force, card=card, **origin)
+        setting.protector.write_release(out, spec, tensors, DTYPES[dtype], tokenizer, force=force, card=card, **origin)
     return {"out": str(out), "coverage": spec.coverage, "order": spec.order, "basis": spec.basis,
             "size_bytes": release_size(out), "slowdown": setting.slowdown}
-
-
-def write_release(out, setting: Setting, spec: runtime.ReleaseSpec, tensors, dtype, tokenizer, **kwargs):
-    """Write the release of `spec` layer by layer: the model's other tensors from `tensors` (a streamed source or
-    release.ModelTensors), each layer's TaylorMLP built by the setting's protector as it is written (the model itself
-    is left as it is)."""
-    protector = setting.protector
-    masks = protector.masks(setting.coverage)
-    config = copy.deepcopy(protector.model.config)
-    config.taylormlp = spec.to_dict()
-    return save_streamed_release(out, config, tensors, lambda i: protector.build(i, masks[i]), dtype, tokenizer,
-                                 **kwargs)

@@ -17,6 +17,7 @@ The cost model (channel_work) lives here too: the throttle predicts slowdowns fr
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from ..common.progress import bar
 from ..maths import series
 from ..maths.pieces import Pieces, split_pieces
 from ..measure.cost import channel_work
+from ..release.directory import save_streamed_release
 from ..release.stream import ModuleMLPs, module_mlp_tensors
 from .calibration import Ranges
 from .options import ProtectOptions
@@ -245,6 +247,29 @@ class Protector:
         plan = self.plans[i]
         return build_taylor_mlp(self.weights(i), self.arch["family"], self.act, plan.pieces, mask, plan.signs,
                                 self.opts.order, self.opts.basis, self.dtype)
+
+    def release_spec(self, coverage: float, record: dict) -> runtime.ReleaseSpec:
+        """The typed release spec of `coverage`: settings, per-layer shapes, and `record` (what the run measured)."""
+        masks, opts, layers = self.masks(coverage), self.opts, []
+        for plan, mask in zip(self.plans, masks):
+            P = int(mask.sum())
+            Q = int(np.isin(plan.pieces.owner, np.flatnonzero(mask)).sum())
+            layers.append(runtime.LayerShape(protected=P, rest=int(mask.size - P), pieces=Q,
+                                             rest_out_bias=bool(plan.has_c and P == 0)))
+        return runtime.ReleaseSpec(
+            family=self.arch["family"], hidden_size=int(self.plans[0].hidden), activation=self.act,
+            order=int(opts.order), basis=opts.basis, coverage=sum(int(m.sum()) for m in masks) / self.total,
+            layers=layers, rest_bias=bool(self.plans[0].has_b), preset=opts.preset, selection=opts.selection,
+            margin=float(opts.margin), max_pieces=int(opts.max_pieces), record=record)
+
+    def write_release(self, out, spec: runtime.ReleaseSpec, tensors, dtype, tokenizer, **kwargs):
+        """Write the release of `spec` layer by layer: the model's other tensors from `tensors` (a streamed source or
+        release.ModelTensors), each layer's TaylorMLP built as it is written (the model itself is left as it is)."""
+        masks = self.masks(spec.coverage)
+        config = copy.deepcopy(self.model.config)
+        config.taylormlp = spec.to_dict()
+        return save_streamed_release(out, config, tensors, lambda i: self.build(i, masks[i]), dtype, tokenizer,
+                                     **kwargs)
 
     def modules(self, coverage: float, materialize: bool | None = None, only=None) -> dict:
         """{layer index: MLP} for `coverage`: real TaylorMLP modules (materialize=True, the default for a model in

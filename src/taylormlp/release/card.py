@@ -10,7 +10,7 @@ weights, so the base model's terms (Gemma's differ from SmolLM2's Apache-2.0) ap
 
 The throttle rows say what `--slowdown` asked for, what was measured at the serving batch, the slowdown curve
 over batch sizes, the FLOPs and bytes ratios and the machine; every value comes from the release spec's
-``slowdown`` record (throttle.protect_for_slowdown).
+``slowdown`` record (throttle.choose_slowdown).
 """
 
 from __future__ import annotations
@@ -103,11 +103,22 @@ def machine_words(machine: dict | None) -> str:
     return machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('threads')} threads"
 
 
+def engine_words(engine: dict | None) -> str:
+    """What timed a slowdown, in words; records written before the engine was recorded were timed on our runtime."""
+    engine = engine or {"name": "taylormlp", "mode": "eager"}
+    if engine["name"] == "vllm":
+        return (f"vLLM {engine.get('version', '?')} ({engine.get('mode')}, {engine.get('dtype')}): the original on "
+                f"vLLM's own model code, the release on its Transformers backend")
+    return f"taylormlp's own {engine.get('mode', 'eager')} runtime" + (f" ({engine['dtype']})" if "dtype" in engine
+                                                                       else "")
+
+
 def slowdown_rows(slowdown: dict) -> list[str]:
     """Markdown table rows ("| field | value |") for a ``slowdown`` record; records written before the serving batch
-    existed (no "serving_batch", no "curve") were measured at batch 1."""
+    existed (no "serving_batch", no "curve") were measured at batch 1, before the engine (no "engine") on our
+    runtime, before repeated reads (no "reads") on one read."""
     batch = slowdown.get("serving_batch", 1)
-    where = machine_words(slowdown.get("machine"))
+    where = f"{machine_words(slowdown.get('machine'))}, {engine_words(slowdown.get('engine'))}"
     rows = [f"| requested decode slowdown | {slowdown['target']}x at batch {batch} (throughput of {batch} "
             f"concurrent sequences, release / original) |",
             f"| measured decode slowdown | {slowdown['measured']:.2f}x at batch {batch} (interleaved with the "
@@ -117,6 +128,11 @@ def slowdown_rows(slowdown: dict) -> list[str]:
         rows.append("| measured slowdown curve (batch: slowdown) | "
                     + ", ".join(f"{point['batch']}: {point['measured']:.2f}x" for point in curve)
                     + " (one interleaved run after the choice) |")
+    if slowdown.get("reads"):
+        agrees = {True: "yes", False: "no"}.get(slowdown.get("curve_agrees"), "not recorded")
+        rows.append(f"| reads at batch {batch} (the measured figure is their median) | "
+                    + ", ".join(f"{r:.2f}x" for r in slowdown["reads"])
+                    + f"; the curve at batch {batch} within ±10% of it: {agrees} |")
     if slowdown.get("flops_ratio"):
         rows.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
     if slowdown.get("bytes_ratio"):

@@ -123,8 +123,12 @@ def timed_batch(llm, prompt: list[int], batch: int, tokens: int) -> dict:
 
 
 def serve_worker(llm) -> None:
-    """Answer timing requests, one JSON line each on stdin ({prompt, batch, tokens}), until stdin closes."""
-    print(REPLY + json.dumps({"ready": True}), flush=True)
+    """Answer timing requests, one JSON line each on stdin ({prompt, batch, tokens}), until stdin closes; the first
+    line says what runs: vLLM's version and the dtype the engine resolved ("auto": bfloat16 on a CPU)."""
+    import vllm
+
+    dtype = str(getattr(getattr(llm, "model_config", None), "dtype", "unknown")).replace("torch.", "")
+    print(REPLY + json.dumps({"ready": True, "vllm": vllm.__version__, "dtype": dtype}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         print(REPLY + json.dumps(timed_batch(llm, job["prompt"], job["batch"], job["tokens"])), flush=True)
@@ -201,7 +205,7 @@ class EngineWorker:
         self.log = open(self.log_path, "w")
         self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                       env=env)
-        self._reply()  # ready: loaded (and compiled)
+        self.ready = self._reply()  # loaded (and compiled): {"vllm": version, "dtype": the engine's}
 
     def _reply(self) -> dict:
         for line in self.child.stdout:

@@ -1,0 +1,99 @@
+"""`taylormlp protect --slowdown X --engine vllm`: the dial's measurements taken on vLLM, the engine large-scale users
+serve with, instead of our own eager runtime.
+
+EngineDial is the `measure(protector, coverage, batches) -> {batch: ratio}` that throttle.choose_slowdown calls.
+The original runs in one vllm_engine.EngineWorker, started at the first measurement and kept to the end.  A candidate
+(a Protector's setting at a coverage, the model itself still the original) is written as a temporary release
+(Protector.write_release, float32) and started in a worker of its own, with the settings a release needs
+(vllm_engine.RELEASE_FLAGS); the two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B
+copies of protect's timing prompt decoded together, and each batch's ratio is the median of the paired (same-round)
+decode-time ratios, as `taylormlp bench --engine vllm` reports them.  The candidate's worker stays loaded while the
+same setting is read again (the dial's confirming read, the curve); a different setting stops it and deletes its
+directory first, so at most two engines run at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..common.progress import log
+from ..measure.decode import interleaved, paired_ratios
+from ..release.directory import ModelTensors
+from ..serve.vllm_engine import EngineWorker, require_vllm
+
+
+class EngineDial:
+    """measure(protector, coverage, batches) on vLLM for the original at SOURCE_DIR (see the module's docstring);
+    `engine` describes it for the release's slowdown record.  close() stops every engine and deletes the candidates."""
+
+    def __init__(self, source_dir, tokenizer, prompt: list[int], dtype: str = "auto", eager: bool = False,
+                 tokens: int = 32, repeats: int = 3, workdir=None):
+        require_vllm()
+        self.source_dir, self.tokenizer, self.prompt = Path(source_dir), tokenizer, list(prompt)
+        self.dtype, self.eager, self.tokens, self.repeats = dtype, eager, tokens, repeats
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="taylormlp-vllm-dial-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.original: EngineWorker | None = None
+        self.candidate: tuple | None = None  # (key, worker, directory)
+        self.count = 0
+
+    @property
+    def mode(self) -> str:
+        return "eager" if self.eager else "compiled"
+
+    @property
+    def engine(self) -> dict:
+        ready = self.original.ready if self.original is not None else {}
+        return {"name": "vllm", "version": ready.get("vllm"), "mode": self.mode,
+                "dtype": ready.get("dtype", self.dtype), "tokens": self.tokens, "repeats": self.repeats}
+
+    def _worker(self, model_dir, name: str) -> EngineWorker:
+        log(f"starting vLLM for {name} ({self.dtype}; {self.mode}) ...")
+        return EngineWorker(model_dir, self.workdir / f"{name}.log", dtype=self.dtype, eager=self.eager)
+
+    def _candidate_worker(self, protector, coverage: float) -> EngineWorker:
+        key = (id(protector), round(float(coverage), 6))
+        if self.candidate is not None and self.candidate[0] == key:
+            return self.candidate[1]
+        self._drop_candidate()
+        self.count += 1
+        directory = self.workdir / f"candidate-{self.count}"
+        spec = protector.release_spec(coverage, {"candidate": True})
+        protector.write_release(directory / "release", spec, ModelTensors(protector.model), torch.float32,
+                                self.tokenizer)
+        try:
+            worker = self._worker(directory / "release", f"candidate-{self.count}")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self.candidate = (key, worker, directory)
+        return worker
+
+    def _drop_candidate(self) -> None:
+        if self.candidate is not None:
+            _, worker, directory = self.candidate
+            self.candidate = None
+            worker.close()
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def __call__(self, protector, coverage: float, batches) -> dict[int, float]:
+        if self.original is None:
+            self.original = self._worker(self.source_dir, "original")
+        release = self._candidate_worker(protector, coverage)
+        sizes = list(dict.fromkeys(int(b) for b in batches))
+        workers = {"original": self.original, "release": release}
+        runs = interleaved({(b, name): (lambda w=w, b=b: w.run(self.prompt, b, self.tokens)) for b in sizes
+                            for name, w in workers.items()}, self.repeats, "timing on vLLM (interleaved)")
+        return {b: statistics.median(paired_ratios(runs[(b, "release")], runs[(b, "original")], "decode_s"))
+                for b in sizes}
+
+    def close(self) -> None:
+        self._drop_candidate()
+        if self.original is not None:
+            self.original.close()
+            self.original = None
