@@ -185,10 +185,10 @@ def series_basis(tc: torch.Tensor, excess: torch.Tensor, order: int, basis: str)
 # minutes of compiling at order 12); once a process, though a release's copy of this file may be imported beside ours
 SERIES_BASIS_OP = "series_basis_v1"  # a new name whenever series_basis changes
 if not hasattr(torch.ops.taylormlp, SERIES_BASIS_OP):
-    torch.library.custom_op(f"taylormlp::{SERIES_BASIS_OP}", series_basis, mutates_args=()).register_fake(
+    torch.library.custom_op(f"taylormlp::{SERIES_BASIS_OP}", series_basis, mutates_args=(),  # schema not inferred
+                            schema="(Tensor tc, Tensor excess, int order, str basis) -> Tensor").register_fake(
         lambda tc, excess, order, basis: tc.new_empty(*tc.shape[:-1], order + 1, tc.shape[-1]))
 SERIES_BASIS = getattr(torch.ops.taylormlp, SERIES_BASIS_OP)
-
 
 
 
