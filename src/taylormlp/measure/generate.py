@@ -110,7 +110,7 @@ def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int)
         raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template; drop --chat to use the "
                              "prompt as plain text")
     text = format_prompt(tokenizer, prompt, chat)
-    add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    add_special = not _has_bos(tokenizer, text)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special).input_ids
     if ids.shape[1] == 0:  # an empty prompt (the tokenizer adds no BOS by itself): start from BOS
         bos = tokenizer.bos_token_id
@@ -131,7 +131,7 @@ def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int)
         raise TaylorMLPError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that runs "
                              f"past the model's context of {limit} tokens (max_position_embeddings); shorten the prompt "
                              f"or use --max-new-tokens {limit - ids.shape[1]} or less")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad)
     return out[0, ids.shape[1]:], ids.shape[1]
