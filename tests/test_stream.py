@@ -4,10 +4,13 @@ import json
 import re
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from taylormlp import load_release
 from taylormlp.protection.calibration import RangeRecorder, collect_ranges
@@ -18,6 +21,7 @@ from taylormlp.protection.options import ProtectOptions
 from taylormlp.common.errors import TaylorMLPError
 from taylormlp.protection.flow import protect_to_release
 from taylormlp.release.sources import load_base
+from taylormlp.release import stream
 from taylormlp.release.stream import SafetensorsSource, open_streamed
 from taylormlp.common.machine import resolve_device
 
@@ -220,3 +224,38 @@ def test_rows_left_out_of_the_ranges_are_not_recorded(tiny_llama_dir):
     assert first_only.tokens == alone.tokens < both.tokens
     assert first_only.tokens == len(seqs[0]["ids"]) - 1  # the last generated token is never fed back
     np.testing.assert_allclose(first_only.ranges().lo[0], alone.ranges().lo[0], atol=1e-5)
+
+
+ALLOCATOR_PROBE = """
+import sys, numpy as np
+from taylormlp.common.machine import keep_mmap_threshold, proc_kb
+if sys.argv[1] == "keep":
+    keep_mmap_threshold()
+big = np.ones(20 << 20, np.uint8)
+del big  # glibc left to itself: its mmap threshold rises to 20 MiB here
+base = proc_kb("/proc/self/status", "RssAnon")
+blocks = [np.ones(1 << 20, np.uint8) for _ in range(64)]  # a layer's temporaries
+last = blocks[-1]
+del blocks  # freed, but below a block still in use: on the heap they cannot be handed back
+print((proc_kb("/proc/self/status", "RssAnon") - base) >> 20)
+"""
+
+
+def test_streaming_keeps_freed_layer_temporaries_off_the_heap():
+    """keep_mmap_threshold (called by every SafetensorsSource) hands freed 1 MiB blocks back to the OS; without it
+    glibc keeps them after a larger block was freed, which is how peak memory grew with depth."""
+    def extra_mib(mode):
+        out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, mode], capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    assert extra_mib("keep") <= 8
+    assert extra_mib("default") >= 32  # the probe does show glibc's growth, so the first line means something
+
+
+def test_every_safetensors_source_keeps_the_mmap_threshold(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stream, "keep_mmap_threshold", lambda: calls.append(True))
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    stream.SafetensorsSource(tmp_path)
+    assert calls == [True]

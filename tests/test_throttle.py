@@ -3,12 +3,15 @@
 The injected measurement is the predicted FLOPs ratio itself times a fixed machine factor, so the choice can be
 checked exactly: monotone in X, within tolerance, and with the largest coverage among exact candidates."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from taylormlp.protection.options import ProtectOptions
 from taylormlp.common.errors import TaylorMLPError
+from taylormlp.cli import main
 from taylormlp.release.sources import load_base
 from taylormlp.protection import flow
 from taylormlp.protection.throttle import TOLERANCE, SlowdownChooser
@@ -153,7 +156,9 @@ def test_kept_candidate_that_is_not_exact_falls_back_to_its_exact_coverage(tiny_
     assert spec["validation"]["exact"]
     last = slow["measurements"][-1]
     assert (last["order"], last["coverage"]) == (spec["order"], spec["coverage"])
-    assert slow["measured"] == last["measured"] and calls["n"] <= 4 and calls["curves"] == 1
+    # reads: the probe, the kept candidate twice, its exact fallback, and the fallback once more (the next round
+    # chose it again)
+    assert slow["measured"] == last["measured"] and calls["n"] <= 5 and calls["curves"] == 1
     assert ("pieces", spec["order"], round(spec["coverage"], 6), False) in seen
 
 
@@ -454,3 +459,112 @@ def test_a_curve_that_disagrees_is_read_again_and_reported(tiny_llama_dir, curve
     assert slow["reads"] == [target, target, after * target, curve * target]
     assert slow["measured"] == pytest.approx(measured * target)
     assert slow["curve_agrees"] is agrees and slow["within_tolerance"] is within
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_rounds_caps_the_settings_measured(tiny_llama_dir, rounds):
+    """--rounds R: at most R settings are measured (the probe counts); the closest is written and said to miss."""
+    from taylormlp.measure.cost import flops_per_token
+
+    model, tok, _ = load_base(tiny_llama_dir)
+    calls = {"n": 0, "curves": 0, "base_flops": flops_per_token(model)}
+    opts = ProtectOptions(preset="default", order=4, **FAST)
+    reads = iter([3.0, 1.5, 1.5, 1.5, 1.5, 1.5])  # far from 2x every time: every round misses
+
+    def measure(protector, coverage, batches):
+        calls["n"] += 1
+        ratio = next(reads) if len(batches) == 1 else 1.5
+        return dict.fromkeys(batches, ratio)
+
+    _, setting = flow.run(model, tok, None, opts, True, slowdown=2.0, measure=measure, rounds=rounds)
+    measured = {(m["family"], m["order"], m["coverage"]) for m in setting.slowdown["measurements"]}
+    assert len(measured) == rounds and setting.slowdown["within_tolerance"] is False
+
+
+def test_rounds_reaches_the_dial_from_the_command_line(tiny_llama_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def choose_slowdown(*args, rounds, **kwargs):
+        seen["rounds"] = rounds
+        raise TaylorMLPError("stop here")
+
+    monkeypatch.setattr(flow, "choose_slowdown", choose_slowdown)
+    assert main(["protect", str(tiny_llama_dir), "--out", str(tmp_path / "r"), "--slowdown", "2", "--rounds", "5",
+                 "--calibration-samples", "2"]) == 2
+    assert seen == {"rounds": 5} and not (tmp_path / "r").exists()
+
+
+def test_engine_dial_leaves_no_temporary_directory(monkeypatch, tmp_path):
+    """The dial's own work directory (engine logs, candidates) goes with close(); one the caller gave stays."""
+    from taylormlp.protection import vllm_dial
+
+    monkeypatch.setattr(vllm_dial, "require_vllm", lambda: None)
+    own = vllm_dial.EngineDial(tmp_path, None, [1, 2])
+    given = vllm_dial.EngineDial(tmp_path, None, [1, 2], workdir=tmp_path / "given")
+    assert own.workdir.is_dir() and given.workdir.is_dir()
+    own.close()
+    given.close()
+    assert not own.workdir.exists() and given.workdir.is_dir()
+
+
+def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_path):
+    """A setting read again (confirming read, curve) gets both engines started afresh on the same candidate files;
+    a new setting writes new files and keeps the original's engine.  Fake engines: nothing is timed here."""
+    from taylormlp.protection import vllm_dial
+
+    events = []
+
+    class Engine:
+        def __init__(self, model_dir, log_path, dtype="auto", eager=False):
+            self.name, self.ready = Path(log_path).stem, {}
+            events.append(("start", self.name))
+
+        def run(self, prompt, batch, tokens):
+            return {"decode_s": 2.0 if self.name.startswith("candidate") else 1.0}
+
+        def close(self):
+            events.append(("stop", self.name))
+
+    class Candidate:  # the Protector's two methods the dial writes a candidate with
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+
+        def release_spec(self, coverage, record):
+            return {"coverage": coverage}
+
+        def write_release(self, out, spec, tensors, dtype, tokenizer):
+            events.append(("write", spec["coverage"]))
+            out.mkdir(parents=True)
+
+    monkeypatch.setattr(vllm_dial, "require_vllm", lambda: None)
+    monkeypatch.setattr(vllm_dial, "EngineWorker", Engine)
+    monkeypatch.setattr(vllm_dial, "interleaved", lambda runs, repeats, desc: {k: [f()] for k, f in runs.items()})
+    dial, a, b = vllm_dial.EngineDial(tmp_path, None, [1], workdir=tmp_path / "w"), Candidate(), Candidate()
+    assert dial(a, 0.5, (4,)) == {4: 2.0}
+    assert events == [("start", "original"), ("write", 0.5), ("start", "candidate-1")]
+    events.clear()
+    assert dial(a, 0.5, (1, 4)) == {1: 2.0, 4: 2.0}
+    assert events == [("stop", "candidate-1"), ("stop", "original"), ("start", "original"), ("start", "candidate-1")]
+    events.clear()
+    dial(b, 0.5, (4,))
+    assert events == [("stop", "candidate-1"), ("write", 0.5), ("start", "candidate-2")]
+    assert not (tmp_path / "w" / "candidate-1").exists() and (tmp_path / "w" / "candidate-2").is_dir()
+    dial.close()
+    assert not (tmp_path / "w" / "candidate-2").exists()
+
+
+def test_a_round_that_chooses_the_same_setting_reads_it_again(tiny_llama_dir, monkeypatch):
+    """When the refitted line points at the setting just read, the round reads it once more (instead of ending the
+    dial): here the probe reads 3.0x, 1.5x, then 1.6x, and is accepted at 1.6x on the median of its three reads."""
+    model, tok, _ = load_base(tiny_llama_dir)
+    monkeypatch.setattr(SlowdownChooser, "choose", lambda self, target, line, probe: probe)
+    reads = iter([3.0, 1.5, 1.6])
+
+    def measure(protector, coverage, batches):
+        return dict.fromkeys(batches, next(reads) if len(batches) == 1 else 1.6)
+
+    opts = ProtectOptions(preset="default", order=4, **FAST)
+    _, setting = flow.run(model, tok, None, opts, True, slowdown=1.6, measure=measure, rounds=5)
+    slow = setting.slowdown
+    assert [m["measured"] for m in slow["measurements"]] == [3.0, 1.5, 1.6]
+    assert slow["accepted"] == 1.6 and slow["within_tolerance"] and slow["reads"] == [3.0, 1.5, 1.6, 1.6]

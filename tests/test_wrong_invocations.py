@@ -100,6 +100,9 @@ WRONG = [
          r"--serving-batch must be between 1 and 1024, got 0"),
     Case("protect/serving-batch-without-slowdown", protect("--serving-batch", "8"),
          r"--serving-batch 8 needs --slowdown X: .*add --slowdown or drop --serving-batch"),
+    Case("protect/rounds-without-slowdown", protect("--rounds", "5"),
+         r"--rounds 5 needs --slowdown X: .*add --slowdown or drop --rounds"),
+    Case("protect/rounds-zero", protect("--slowdown", "4", "--rounds", "0"), r"--rounds must be between 1 and 12, got 0"),
     Case("protect/order-zero", protect("--order", "0"), r"--order must be between 1 and 96, got 0"),
     Case("protect/order-too-high", protect("--order", "500"), r"--order must be between 1 and 96, got 500"),
     Case("protect/order-fraction", protect("--order", "2.5"), r"--order must be a whole number \(between 1 and 96\), "

@@ -46,19 +46,18 @@ ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")  # 
 # linears are GPT-2 Conv1D ([in, out] weights), which config key names the activation, and the transformers classes
 # of the causal LM and of its base model (what AutoModel builds).
 
-
-def _gated(model_class: str, base_class: str, act_key: str = "hidden_act") -> dict:
-    return dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-                act_key=act_key, conv1d=False, model_class=model_class, base_class=base_class)
-
-
+_GATED = dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
+              act_key="hidden_act", conv1d=False)  # the Llama-style MLP: down(act(gate(x)) * up(x))
+# one row per supported model type: where its decoder layers and MLP projections sit, and its classes
 ARCHITECTURES = {
-    "llama": _gated("LlamaForCausalLM", "LlamaModel"),
-    "mistral": _gated("MistralForCausalLM", "MistralModel"),
-    "qwen2": _gated("Qwen2ForCausalLM", "Qwen2Model"),
-    "gemma": _gated("GemmaForCausalLM", "GemmaModel", "hidden_activation"),
-    "gemma2": _gated("Gemma2ForCausalLM", "Gemma2Model", "hidden_activation"),
-    "gemma3_text": _gated("Gemma3ForCausalLM", "Gemma3TextModel", "hidden_activation"),
+    "llama": {**_GATED, "model_class": "LlamaForCausalLM", "base_class": "LlamaModel"},
+    "mistral": {**_GATED, "model_class": "MistralForCausalLM", "base_class": "MistralModel"},
+    "qwen2": {**_GATED, "model_class": "Qwen2ForCausalLM", "base_class": "Qwen2Model"},
+    "gemma": {**_GATED, "act_key": "hidden_activation", "model_class": "GemmaForCausalLM", "base_class": "GemmaModel"},
+    "gemma2": {**_GATED, "act_key": "hidden_activation", "model_class": "Gemma2ForCausalLM",
+               "base_class": "Gemma2Model"},
+    "gemma3_text": {**_GATED, "act_key": "hidden_activation", "model_class": "Gemma3ForCausalLM",
+                    "base_class": "Gemma3TextModel"},
     "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2",
                 act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM", base_class="PhiModel"),
     "gpt2": dict(family="plain", layers="transformer.h", gate="c_fc", up=None, down="c_proj",

@@ -117,10 +117,11 @@ def cmd_protect(args) -> int:
     _check_inputs(sources=[("SOURCE", args.source)])
     summary = protect_to_release(
         args.source, args.out, preset=args.preset, order=args.order, basis=args.basis, coverage=args.coverage,
-        slowdown=args.slowdown, serving_batch=args.serving_batch, calibration_file=args.calibration, dtype=args.dtype, seed=args.seed,
-        chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
+        slowdown=args.slowdown, serving_batch=args.serving_batch, calibration_file=args.calibration, dtype=args.dtype,
+        seed=args.seed, chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
         max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
-        device=args.device, dry_run=args.dry_run, engine=args.engine, engine_dtype=args.engine_dtype)
+        device=args.device, dry_run=args.dry_run, engine=args.engine, engine_dtype=args.engine_dtype,
+        rounds=args.rounds)
     if args.dry_run:
         print("\n".join(summary["estimate"].table()))
         preflight.check(summary["estimate"])  # the real run's refusal, exit status 2 (nothing was written)

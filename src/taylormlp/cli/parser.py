@@ -72,6 +72,7 @@ SLOWDOWN = Number(float, 1.25, 16.0)
 BUDGET = Number(float, 0.0, low_open=True)
 SEED = Number(int, 0)
 BATCH = Number(int, 1, 1024)
+ROUNDS = Number(int, 1, 12)
 PORT = Number(int, 1, 65535)
 KV_TOKENS = Number(int, 256)
 BATCH_TOKENS = Number(int, 16)
@@ -143,6 +144,11 @@ def _add_protect(sub) -> None:
                         f"decoded together, as a server batches requests), B {BATCH.limits}; the slowdown grows with "
                         "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
                         "(one sequence)")
+    p.add_argument("--rounds", type=ROUNDS,
+                   help=f"with --slowdown: at most R settings measured, R {ROUNDS.limits}; after each miss the line "
+                        "from FLOPs ratio to measured slowdown is refitted and the next setting chosen from it. "
+                        "Default 3 (on a noisy machine or on vLLM, whose slowdown the FLOPs model predicts less "
+                        "well, 5 reaches the target more often)")
     p.add_argument("--engine", choices=["taylormlp", "vllm"], default="taylormlp",
                    help="with --slowdown: where the slowdown is measured and dialed. 'taylormlp' (default): our own "
                         "eager runtime in this process; 'vllm': vLLM at its defaults (compiled), the engine "

@@ -38,16 +38,17 @@ from .vllm_dial import EngineDial
 
 
 def run(model, tokenizer, texts, opts: ProtectOptions, chat: bool, *, prepared=None, mlps=None,
-        streamed: bool = False, slowdown: float | None = None, serving_batch: int = 1, measure=None):
+        streamed: bool = False, slowdown: float | None = None, serving_batch: int = 1, measure=None, rounds: int = 3):
     """Steps 1-4 on `model` (left as it is): (ReleaseSpec, Setting).  `prepared` = (CalibrationData, Ranges) skips
     step 1; `mlps`/`streamed` read the MLP weights from a streamed source (stream.SourceMLPs); `slowdown` chooses
-    the setting by measured decode slowdown at `serving_batch` (`measure` injects the timing, as tests do)."""
+    the setting by measured decode slowdown at `serving_batch`, at most `rounds` settings measured (`measure` injects
+    the timing, as tests do)."""
     data, ranges = prepared if prepared is not None else calibrate(model, tokenizer, texts, opts, chat)
     if slowdown is None:
         setting = choose_coverage(Protector(model, ranges, opts, mlps=mlps, streamed=streamed), data)
     else:
         setting = choose_slowdown(model, tokenizer, chat, (data, ranges), opts, slowdown, measure=measure,
-                                  serving_batch=serving_batch)
+                                  rounds=rounds, serving_batch=serving_batch)
     return finish(setting, data, ranges), setting
 
 
@@ -100,7 +101,8 @@ def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", **tuning) -> dict:
+                       serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", rounds=None,
+                       **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -110,7 +112,8 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
     which the slowdown is met (throttle.choose_slowdown); engine="vllm" (with `slowdown` only) measures it on vLLM
-    in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial).
+    in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial); `rounds` (with `slowdown` only) caps the
+    settings measured (default 3).
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
@@ -120,6 +123,9 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     if engine != "taylormlp" and slowdown is None:
         raise TaylorMLPError(f"--engine {engine} needs --slowdown X: it sets the engine the slowdown is measured on; "
                              f"add --slowdown or drop --engine")
+    if rounds is not None and slowdown is None:
+        raise TaylorMLPError(f"--rounds {rounds} needs --slowdown X: it caps the settings the slowdown dial measures; "
+                             f"add --slowdown or drop --rounds")
     if engine_dtype != "auto" and engine != "vllm":
         raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for --engine vllm; the release's dtype is --dtype")
     if engine == "vllm":
@@ -154,7 +160,7 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         try:
             spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
                                 slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch,
-                                measure=measure)
+                                measure=measure, rounds=3 if rounds is None else rounds)
         finally:
             if measure is not None:
                 measure.close()

@@ -25,7 +25,8 @@ Choice, for a target X in [1.25, 16]:
 * above it, coverage stays at the probe's and N grows (the pieces are kept as decided at the base order) to the
   smallest N predicted to reach X;
 * the choice is measured; if it misses X by more than 10%, the line is refitted with that measurement and the
-  choice made again (at most `rounds` choices measured).  A read within ±10% is confirmed by a second independent
+  choice made again (at most `rounds` rounds, each one setting measured; a round whose choice is the setting just
+  read reads it once more).  A read within ±10% is confirmed by a second independent
   interleaved read before it is accepted, on the median of the choice's reads.  A higher-order candidate is timed before it is
   validated, and validated only if it is kept: timing does not depend on exactness, and a validation at high N is
   the dearest step of the search (8x on SmolLM2: 85-113 s; 16x: minutes, layer by layer).  Should the kept one
@@ -354,14 +355,17 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
         if nxt.coverage <= 0.0:
             raise none_left()
         if (nxt.family, nxt.order, nxt.coverage) == (choice.family, choice.order, choice.coverage):
-            break
-        choice = nxt
-        ratio = confirmed(choice)
+            measured(choice)  # the line points at the setting just read: this round reads it once more
+            ratio = float(np.median(reads[_exact_key(choice.family, choice.order, choice.coverage)]))
+        else:
+            choice = nxt
+            ratio = confirmed(choice)
         if within(ratio):
             choice, ratio = kept(choice, ratio)
         if abs(ratio / target - 1.0) < best[0]:
             best = (abs(ratio / target - 1.0), choice, ratio)
     _, choice, ratio = best
+    ratio = float(np.median(reads[_exact_key(choice.family, choice.order, choice.coverage)]))  # all its reads so far
     if not choice.validated:  # the rounds ran out on an unvalidated candidate: validate the one written
         choice, ratio = kept(choice, ratio)
     if not within(ratio):

@@ -25,14 +25,18 @@ from .. import runtime
 from ..common.errors import TaylorMLPError, first_line
 from ..common.files import read_json
 from ..common.hooks import HookSet
+from ..common.machine import keep_mmap_threshold
 from .kinds import refuse_release
 from .shards import check_safetensors_file
 
 
 class SafetensorsSource:
-    """Lazy, read-only access to the tensors of a model directory's safetensors files."""
+    """Lazy, read-only access to the tensors of a model directory's safetensors files: the way every walk over a
+    model's layers (streamed protect, streamed audit) reads them, so it also keeps glibc's mmap threshold fixed
+    (machine.keep_mmap_threshold: peak memory flat in depth)."""
 
     def __init__(self, model_dir):
+        keep_mmap_threshold()
         self.dir = Path(model_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
