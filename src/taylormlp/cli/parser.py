@@ -145,8 +145,9 @@ def _add_protect(sub) -> None:
                         "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
                         "(one sequence)")
     p.add_argument("--rounds", type=ROUNDS,
-                   help=f"with --slowdown: at most R settings measured, R {ROUNDS.limits}; after each miss the line "
-                        "from FLOPs ratio to measured slowdown is refitted and the next setting chosen from it. "
+                   help=f"with --slowdown: at most R rounds, R {ROUNDS.limits}; a round measures one setting (and "
+                        "confirms a read near the target); after each miss the line from FLOPs ratio to measured "
+                        "slowdown is refitted and the next setting chosen from it (the same one: read again). "
                         "Default 3 (on a noisy machine or on vLLM, whose slowdown the FLOPs model predicts less "
                         "well, 5 reaches the target more often)")
     p.add_argument("--engine", choices=["taylormlp", "vllm"], default="taylormlp",

@@ -66,22 +66,16 @@ class EngineDial:
             self.candidate, original, self.original = None, self.original, None
             worker.close()
             original.close()
-            try:
-                self.original = self._worker(self.source_dir, "original")
-                worker = self._worker(directory / "release", directory.name)
-            except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
-            self.candidate = (key, worker, directory)
-            return worker
-        self._drop_candidate()
-        self.count += 1
-        directory = self.workdir / f"candidate-{self.count}"
-        spec = protector.release_spec(coverage, {"candidate": True})
-        protector.write_release(directory / "release", spec, ModelTensors(protector.model), torch.float32,
-                                self.tokenizer)
+            self.original = self._worker(self.source_dir, "original")
+        else:
+            self._drop_candidate()
+            self.count += 1
+            directory = self.workdir / f"candidate-{self.count}"
+            spec = protector.release_spec(coverage, {"candidate": True})
+            protector.write_release(directory / "release", spec, ModelTensors(protector.model), torch.float32,
+                                    self.tokenizer)
         try:
-            worker = self._worker(directory / "release", f"candidate-{self.count}")
+            worker = self._worker(directory / "release", directory.name)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
