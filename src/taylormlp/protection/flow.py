@@ -33,12 +33,13 @@ from .calibration import CalibrationData, Ranges, calibrate, read_calibration_fi
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage
-from .throttle import choose_slowdown
+from .throttle import ROUNDS, choose_slowdown
 from .vllm_dial import EngineDial
 
 
 def run(model, tokenizer, texts, opts: ProtectOptions, chat: bool, *, prepared=None, mlps=None,
-        streamed: bool = False, slowdown: float | None = None, serving_batch: int = 1, measure=None, rounds: int = 3):
+        streamed: bool = False, slowdown: float | None = None, serving_batch: int = 1, measure=None,
+        rounds: int = ROUNDS):
     """Steps 1-4 on `model` (left as it is): (ReleaseSpec, Setting).  `prepared` = (CalibrationData, Ranges) skips
     step 1; `mlps`/`streamed` read the MLP weights from a streamed source (stream.SourceMLPs); `slowdown` chooses
     the setting by measured decode slowdown at `serving_batch`, at most `rounds` settings measured (`measure` injects
@@ -160,7 +161,7 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         try:
             spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
                                 slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch,
-                                measure=measure, rounds=3 if rounds is None else rounds)
+                                measure=measure, rounds=ROUNDS if rounds is None else rounds)
         finally:
             if measure is not None:
                 measure.close()

@@ -58,6 +58,7 @@ from .search import Setting, choose_coverage, largest_accepted, screened_check
 
 SLOWDOWN_RANGE = (1.25, 16.0)
 TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
+ROUNDS = 3  # the rounds --slowdown takes at most, unless --rounds says otherwise
 CONFIRM_READS = 2  # ... on the median of at least this many independent interleaved reads
 MEMORY_SHARE = 0.5  # a candidate whose Θ exceeds this share of the available memory is never held whole
 
@@ -261,7 +262,7 @@ class SlowdownChooser:
 
 
 def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: ProtectOptions, target: float, measure=None,
-                    rounds: int = 3, serving_batch: int = 1) -> Setting:
+                    rounds: int = ROUNDS, serving_batch: int = 1) -> Setting:
     """Step 3 of the protect flow for --slowdown (flow.run): the setting whose measured decode slowdown at batch
     `serving_batch` (the throughput ratio of B concurrent sequences) is within ±10% of `target`, coverage as large as
     that allows, calibrated by `prepared` = (CalibrationData, Ranges).  Its Setting says whether its Θ fits in memory
