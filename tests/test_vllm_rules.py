@@ -126,14 +126,59 @@ def test_serve_engine_vllm_without_vllm_is_one_line_naming_the_install(tiny_rele
     assert "\n" not in err and "vLLM is not installed" in err and "make vllm-setup" in err and "pip install" in err
 
 
-def test_vllm_settings_are_given_for_a_release_and_not_for_an_original(tiny_release, tiny_llama_dir):
+def test_vllm_settings_per_path_release_and_original(tiny_release, tiny_llama_dir, tmp_path):
+    """A Llama release is native (no flag; the Transformers backend's two on request), an original gets none, a
+    release whose config.json names the stock class (written before the plugin) gets the two, and asking the native
+    path of such a release or an unknown path is a one-line error."""
+    import json
+    import shutil
+
+    from taylormlp.common.errors import TaylorMLPError
     from taylormlp.serve import vllm_engine
 
-    assert vllm_engine.engine_kwargs(tiny_release) == {"model_impl": "transformers", "trust_remote_code": True}
-    assert vllm_engine.cli_flags(tiny_release) == ["--model-impl", "transformers", "--trust-remote-code"]
-    assert vllm_engine.engine_kwargs(tiny_llama_dir) == {} and vllm_engine.cli_flags(tiny_llama_dir) == []
+    flags = ["--model-impl", "transformers", "--trust-remote-code"]
+    assert vllm_engine.is_native(tiny_release) and not vllm_engine.is_native(tiny_llama_dir)
+    assert vllm_engine.engine_kwargs(tiny_release) == {} and vllm_engine.cli_flags(tiny_release) == []
+    assert vllm_engine.engine_kwargs(tiny_release, "native") == {}
+    assert vllm_engine.engine_kwargs(tiny_release, "transformers") == vllm_engine.TRANSFORMERS_FLAGS
+    assert vllm_engine.cli_flags(tiny_release, "transformers") == flags
+    assert vllm_engine.engine_kwargs(tiny_release, "none") == {}
+    assert vllm_engine.engine_kwargs(tiny_llama_dir) == {} and vllm_engine.cli_flags(tiny_llama_dir, "transformers") == []
+    old = shutil.copytree(tiny_release, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "architectures": config["architectures"][1:]}))
+    assert not vllm_engine.is_native(old) and vllm_engine.cli_flags(old) == flags
+    with pytest.raises(TaylorMLPError, match="not a release vLLM builds natively"):
+        vllm_engine.engine_kwargs(old, "native")
+    with pytest.raises(TaylorMLPError, match="unknown vLLM path"):
+        vllm_engine.engine_kwargs(tiny_release, "sglang")
     command = vllm_engine.server_command(tiny_release, "127.0.0.1", 8123, "rel")
-    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--trust-remote-code" in command
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--trust-remote-code" not in command
+    assert "--trust-remote-code" in vllm_engine.server_command(old, "127.0.0.1", 8123, "rel")
+
+
+def test_release_architectures_name_the_plugins_classes_only_where_it_builds_them():
+    """config.json's architectures: TaylorMLP<class> first for the architectures with a vLLM class in the table (what
+    the plugin registers, under the same names), then the stock class; the stock class alone for the rest."""
+    from taylormlp import runtime
+    from taylormlp.serve.vllm_plugin import native_architectures
+
+    names = {t: runtime.release_architectures(type("C", (), {"model_type": t})) for t in runtime.ARCHITECTURES}
+    stock = {t: [row["model_class"]] for t, row in runtime.ARCHITECTURES.items()}
+    assert names == {**stock, "llama": ["TaylorMLPLlamaForCausalLM", "LlamaForCausalLM"],
+                     "mistral": ["TaylorMLPMistralForCausalLM", "MistralForCausalLM"],
+                     "qwen2": ["TaylorMLPQwen2ForCausalLM", "Qwen2ForCausalLM"]}
+    assert stock["gemma3_text"] == ["Gemma3ForCausalLM"] and stock["phi"] == ["PhiForCausalLM"]
+    assert native_architectures() == {n[0]: f"taylormlp.serve.vllm_native:{n[0]}" for n in names.values()
+                                      if len(n) == 2}
+
+
+def test_the_plugin_is_declared_for_vllm():
+    """vLLM finds general plugins by entry point: the installed package declares ours."""
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "taylormlp"]
+    assert plugin.value == "taylormlp.serve.vllm_plugin:register"
 
 
 def test_vllm_bench_rows_pair_each_round_with_the_originals(monkeypatch):

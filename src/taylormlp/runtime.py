@@ -36,41 +36,45 @@ BASES = ("taylor", "chebyshev")
 # (AutoModelForCausalLM without trust_remote_code, LlamaForCausalLM, `transformers serve`) fails in its ACT2FN lookup
 # with this text instead of loading random MLPs; the release classes put the real names (ReleaseSpec.masked) back.
 LOAD_NOTICE = ("this is a TaylorMLP release, not a stock model: load it with taylormlp.load_release(DIR) or "
-               "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); on vLLM, add --model-impl "
-               "transformers --trust-remote-code")
+               "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); on vLLM, install taylormlp beside "
+               "vLLM (pip install taylormlp: its plugin runs Llama, Mistral and Qwen2 releases natively) or add "
+               "--model-impl transformers --trust-remote-code")
 ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")  # every name a stock MLP may read
 
 # ---------------------------------------------------------------- architecture table (the one place)
 # family "gated": y = W_down(act(W_gate x) * W_up x)    family "plain": y = W act(V x + b) + c
-# Each entry: where the decoder layers live, the MLP attribute, the names of its linear maps, whether the
-# linears are GPT-2 Conv1D ([in, out] weights), which config key names the activation, and the transformers classes
-# of the causal LM and of its base model (what AutoModel builds).
-
+# Each entry: where the decoder layers live, the MLP attribute, the names of its linear maps, whether the linears are
+# GPT-2 Conv1D ([in, out] weights), which config key names the activation, the transformers classes of the causal LM
+# and of its base model (what AutoModel builds), and the vLLM class ("module:Class") that taylormlp's vLLM plugin builds
+# a release on (None: the release runs on vLLM's Transformers backend only).
 _GATED = dict(family="gated", layers="model.layers", gate="gate_proj", up="up_proj", down="down_proj",
-              act_key="hidden_act", conv1d=False)  # the Llama-style MLP: down(act(gate(x)) * up(x))
-# one row per supported model type: where its decoder layers and MLP projections sit, and its classes
-ARCHITECTURES = {
-    "llama": {**_GATED, "model_class": "LlamaForCausalLM", "base_class": "LlamaModel"},
-    "mistral": {**_GATED, "model_class": "MistralForCausalLM", "base_class": "MistralModel"},
-    "qwen2": {**_GATED, "model_class": "Qwen2ForCausalLM", "base_class": "Qwen2Model"},
+              act_key="hidden_act", conv1d=False, vllm=None)  # the Llama-style MLP: down(act(gate(x)) * up(x))
+_VLLM = "vllm.model_executor.models."
+ARCHITECTURES = {  # one row per supported model type
+    "llama": {**_GATED, "model_class": "LlamaForCausalLM", "base_class": "LlamaModel",
+              "vllm": _VLLM + "llama:LlamaForCausalLM"},
+    "mistral": {**_GATED, "model_class": "MistralForCausalLM", "base_class": "MistralModel",
+                "vllm": _VLLM + "mistral:MistralForCausalLM"},
+    "qwen2": {**_GATED, "model_class": "Qwen2ForCausalLM", "base_class": "Qwen2Model",
+              "vllm": _VLLM + "qwen2:Qwen2ForCausalLM"},
     "gemma": {**_GATED, "act_key": "hidden_activation", "model_class": "GemmaForCausalLM", "base_class": "GemmaModel"},
     "gemma2": {**_GATED, "act_key": "hidden_activation", "model_class": "Gemma2ForCausalLM",
                "base_class": "Gemma2Model"},
     "gemma3_text": {**_GATED, "act_key": "hidden_activation", "model_class": "Gemma3ForCausalLM",
                     "base_class": "Gemma3TextModel"},
-    "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2",
-                act_key="hidden_act", conv1d=False, model_class="PhiForCausalLM", base_class="PhiModel"),
+    "phi": dict(family="plain", layers="model.layers", gate="fc1", up=None, down="fc2", act_key="hidden_act",
+                conv1d=False, model_class="PhiForCausalLM", base_class="PhiModel", vllm=None),
     "gpt2": dict(family="plain", layers="transformer.h", gate="c_fc", up=None, down="c_proj",
-                 act_key="activation_function", conv1d=True, model_class="GPT2LMHeadModel", base_class="GPT2Model"),
+                 act_key="activation_function", conv1d=True, model_class="GPT2LMHeadModel", base_class="GPT2Model",
+                 vllm=None),
 }
 
 
 def architecture(config) -> dict:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"unsupported architecture {model_type!r}; supported model types: {supported}")
     return ARCHITECTURES[model_type]
 
 
@@ -105,7 +109,7 @@ def torch_activation(name: str):
         raise ValueError(f"activation {name!r} is not supported") from exc
 
 
-# ---------------------------------------------------------------- the basis: one implementation of the series' maths
+# ---------------------------------------------------------------- the basis and the module
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,41 +120,6 @@ def edge_slopes(basis: str, order: int) -> tuple[tuple[float, ...], tuple[float,
         raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
     plus = tuple(float(n if basis == "taylor" else n * n) for n in range(order + 1))
     return plus, tuple(s if n % 2 else -s for n, s in enumerate(plus))  # odd n: same slope at -1, even n: negated
-
-
-def series_slopes(basis: str, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """p'(+1) and p'(−1) of p = Σ_n c_n φ_n for coefficients ``coeffs`` [..., N+1] (order last), in their dtype."""
-    plus, minus = (torch.tensor(s, dtype=coeffs.dtype, device=coeffs.device)
-                   for s in edge_slopes(basis, coeffs.shape[-1] - 1))
-    return coeffs @ plus, coeffs @ minus
-
-
-def series_values(basis: str, coeffs: torch.Tensor, t: torch.Tensor, slopes=None) -> torch.Tensor:
-    """Σ_n c_n φ_n(t) as the runtime evaluates it: NaN counts as 0, t is clamped to t_c ∈ [-1, 1], and past ±1 the
-    value continues linearly with the edge slope, p(t_c) + p'(t_c)·(t − t_c).  ``coeffs`` [..., N+1] has the order
-    last, ``coeffs[..., n]`` broadcasting against t; one pass of Horner (power basis) or Clenshaw (Chebyshev), no
-    basis tensor.  ``slopes``: ``series_slopes(basis, coeffs)``, for a caller that keeps them."""
-    if basis not in BASES:
-        raise ValueError(f"unknown basis {basis!r}; choose one of {BASES}")
-    t = torch.nan_to_num(t, nan=0.0)
-    tc = t.clamp(-1.0, 1.0)
-    N = coeffs.shape[-1] - 1
-    if basis == "taylor":  # Horner
-        p = coeffs[..., N]
-        for n in range(N - 1, -1, -1):
-            p = p * tc + coeffs[..., n]
-    else:  # Clenshaw: b_n = 2t b_{n+1} − b_{n+2} + c_n,  p = t b_1 − b_2 + c_0
-        two_t = 2.0 * tc
-        b1 = torch.zeros_like(tc)
-        b2 = torch.zeros_like(tc)
-        for n in range(N, 0, -1):
-            b1, b2 = two_t * b1 - b2 + coeffs[..., n], b1
-        p = tc * b1 - b2 + coeffs[..., 0]
-    plus, minus = series_slopes(basis, coeffs) if slopes is None else slopes
-    return p + (t - tc) * torch.where(t > 0, plus, minus)
-
-
-# ---------------------------------------------------------------- the module
 
 
 def series_basis(tc: torch.Tensor, excess: torch.Tensor, order: int, basis: str) -> torch.Tensor:
@@ -190,18 +159,46 @@ if not hasattr(torch.ops.taylormlp, SERIES_BASIS_OP):
 SERIES_BASIS = getattr(torch.ops.taylormlp, SERIES_BASIS_OP)
 
 
-
 def piece_inputs(module, x: torch.Tensor):
     """Per series piece of `module` (a TaylorMLP, or anything with its gate/up/pieces/owner/edges): the channel's
     z = gate·x and u = up·x in float32 or wider, and which pieces are live (None: one piece per channel)."""
-    work = torch.promote_types(x.dtype, torch.float32)
-    z = module.gate(x).to(work)
-    u = module.up(x).to(work) if module.up is not None else None
-    if module.pieces == module.protected:
+    index = (module.owner, module.edge_lo, module.edge_hi) if module.pieces > module.protected else None
+    return select_pieces(module.gate(x), module.up(x) if module.up is not None else None, index)
+
+
+def select_pieces(z: torch.Tensor, u, index=None):
+    """z and u per channel -> per series piece, in float32 or wider, and which pieces are live: ``index`` is
+    (owner, edge_lo, edge_hi), piece q reading channel owner[q] and live for z in [edge_lo[q], edge_hi[q]); None:
+    one piece per channel (returned as they are, live everywhere: None)."""
+    work = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(work)
+    u = u.to(work) if u is not None else None
+    if index is None:
         return z, u, None
-    z = z[..., module.owner]  # piecewise: each piece reads its channel's z and is live on its own part
-    u = u[..., module.owner] if u is not None else None
-    return z, u, (z >= module.edge_lo.to(work)) & (z < module.edge_hi.to(work))
+    owner, edge_lo, edge_hi = index
+    z = z[..., owner]  # piecewise: each piece reads its channel's z and is live on its own part
+    u = u[..., owner] if u is not None else None
+    return z, u, (z >= edge_lo.to(work)) & (z < edge_hi.to(work))
+
+
+def piece_coordinates(z: torch.Tensor, z0: torch.Tensor, h: torch.Tensor):
+    """t_c = t clamped to [-1, 1] with t = (z − z0)/h per piece, and the excess t − t_c (zero inside the calibrated
+    interval); a NaN input counts as t = 0, so it cannot poison the series."""
+    t = torch.nan_to_num((z - z0.to(z.dtype)) / h.to(z.dtype), nan=0.0)
+    tc = t.clamp(-1.0, 1.0)
+    return tc, t - tc
+
+
+def stacked_features(tc: torch.Tensor, excess: torch.Tensor, u, active, order: int, basis: str) -> torch.Tensor:
+    """[..., (N+1)·Q]: the basis φ_n(t) of every piece (series_basis; under torch.compile the custom op
+    SERIES_BASIS), times the live mask and u (gated), written in place: what the one stacked matmul with Θ reads."""
+    build = SERIES_BASIS if torch.compiler.is_compiling() else series_basis
+    out = build(tc, excess, order, basis)
+    if active is not None:
+        out.mul_(active.to(tc.dtype).unsqueeze(-2))
+    if u is not None:
+        out.mul_(u.unsqueeze(-2))
+    return out.flatten(-2)
 
 
 class RestMLP(nn.Module):
@@ -260,10 +257,7 @@ class TaylorMLP(nn.Module):
         """Per piece: t_c = t clamped to [-1, 1] with t = (z − z0)/h, the excess t − t_c (zero inside the calibrated
         interval), u (gated) and which pieces are live (None: one piece per channel); float32 or wider."""
         z, u, active = piece_inputs(self, x)
-        t = (z - self.z0.to(z.dtype)) / self.h.to(z.dtype)
-        t = torch.nan_to_num(t, nan=0.0)  # a NaN input must not poison the series
-        tc = t.clamp(-1.0, 1.0)
-        return tc, t - tc, u, active
+        return (*piece_coordinates(z, self.z0, self.h), u, active)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider: series_basis, in
@@ -272,14 +266,7 @@ class TaylorMLP(nn.Module):
         inputs = [x, self.gate.weight, self.z0, self.h] + ([self.up.weight] if self.up is not None else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return self.features_differentiable(x)
-        tc, excess, u, active = self.coordinates(x)
-        build = SERIES_BASIS if torch.compiler.is_compiling() else series_basis
-        basis = build(tc, excess, self.order, self.basis)
-        if active is not None:
-            basis.mul_(active.to(tc.dtype).unsqueeze(-2))
-        if u is not None:
-            basis.mul_(u.unsqueeze(-2))
-        return basis.flatten(-2)
+        return stacked_features(*self.coordinates(x), self.order, self.basis)
 
     def features_differentiable(self, x: torch.Tensor) -> torch.Tensor:
         """features() out of place, as the formulas read (autograd runs through it; the in-place form is tested against
@@ -405,7 +392,21 @@ def masked_config(config):
     for key in masked:
         setattr(out, key, LOAD_NOTICE)
     out.taylormlp = {**config.taylormlp, "format_version": FORMAT_VERSION, "masked": masked}
+    out.architectures = release_architectures(config)
     return out
+
+
+def release_architectures(config) -> list[str]:
+    """What a release names in config.json's architectures: where taylormlp's vLLM plugin builds it natively, first
+    TaylorMLP<causal LM class> (vLLM takes the first name it knows; no stock class has this one), then the stock class
+    (vLLM without the plugin takes its own class, which stops on LOAD_NOTICE); elsewhere the stock class alone."""
+    entry = architecture(config)
+    return [architecture_name(entry)] * bool(entry["vllm"]) + [entry["model_class"]]
+
+
+def architecture_name(entry: dict) -> str:
+    """The class name of a release of this ARCHITECTURES row on vLLM's native path (the plugin's registry key)."""
+    return "TaylorMLP" + entry["model_class"]
 
 
 def unmasked_spec(config) -> ReleaseSpec:

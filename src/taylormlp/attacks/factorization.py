@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..maths.series import series_slopes, series_values
 from ..measure.decode import decode_speed
 from .context import AuditContext, RecoveredLayer, Timer, theta_blocks
 from .registry import register_attack, register_layerwise
@@ -54,7 +55,7 @@ class CollapsedMLP(nn.Module):
             if bias is not None:
                 self.down.bias.copy_(bias.to(dtype))
         # slopes of p at t = ±1 for the runtime's linear continuation outside the interval
-        plus, minus = runtime.series_slopes(self.basis, q.double().T)
+        plus, minus = series_slopes(self.basis, q.double().T)
         self.register_buffer("slope_plus", plus.to(self.q.dtype))
         self.register_buffer("slope_minus", minus.to(self.q.dtype))
 
@@ -64,7 +65,7 @@ class CollapsedMLP(nn.Module):
         active = active.to(work) if active is not None else None
         t = (z - self.z0.to(work)) / self.h.to(work)
         # p(t) = Σ q_n φ_n(t) with the runtime's clamp and continuation (q.T: coefficients [P, N+1], order last)
-        p = runtime.series_values(self.basis, self.q.to(work).T, t,
+        p = series_values(self.basis, self.q.to(work).T, t,
                                   slopes=(self.slope_plus.to(work), self.slope_minus.to(work)))
         if active is not None:
             p = p * active

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from ..maths import series
-from ..runtime import series_values, torch_activation
+from ..maths.series import series_values
+from ..runtime import torch_activation
 from .context import AuditContext, RecoveredLayer, Timer, act_and_derivative, one_piece_per_channel, rebuild_model
 from .registry import register_attack
 

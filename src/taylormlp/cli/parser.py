@@ -154,7 +154,8 @@ def _add_protect(sub) -> None:
                    help="with --slowdown: where the slowdown is measured and dialed. 'taylormlp' (default): our own "
                         "eager runtime in this process; 'vllm': vLLM at its defaults (compiled), the engine "
                         "large-scale users serve with; the original on vLLM's own model code, each candidate written "
-                        "as a temporary release and run as the README gives, interleaved rounds (needs vLLM in this "
+                        "as a temporary release and run on its vLLM path (Llama, Mistral, Qwen2: natively, through "
+                        "taylormlp's plugin; others: the Transformers backend), interleaved rounds (needs vLLM in this "
                         "Python environment: make vllm-setup, .venv-vllm/bin/taylormlp). The card names the engine")
     p.add_argument("--engine-dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="with --engine vllm: the dtype vLLM runs the original and the candidates in (default auto: "
@@ -270,8 +271,10 @@ def _add_run_commands(sub) -> None:
                    help=f"with --serve-concurrency: max_tokens of every request, greedy, EOS ignored so that each "
                         f"decodes exactly T tokens, {POSITIVE.limits} (default 16)")
     _engine_flags(b, "taylormlp", "'taylormlp' (default): our own eager runtime in this process; 'vllm': vLLM at its "
-                  "defaults (compiled), the original on vLLM's own model code, each release as the README gives, one "
-                  "process per model, interleaved rounds; with the work model's FLOPs and bytes ratios beside",
+                  "defaults (compiled), the original on vLLM's own model code, each release on its vLLM path (Llama, "
+                  "Mistral, Qwen2: natively, through taylormlp's plugin, and again on vLLM's Transformers backend as "
+                  "a row of its own, to tell the series' cost from the backend's; others: the Transformers backend), "
+                  "one process per model, interleaved rounds; with the work model's FLOPs and bytes ratios beside",
                   "with --engine vllm: the dtype vLLM runs every model in (default auto: vLLM's choice, bfloat16 on a "
                   "CPU)")
     b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
@@ -328,8 +331,9 @@ def _add_serve(sub) -> None:
                  "'taylormlp[serve]'. See docs/serving.md.")
     s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
     _engine_flags(s, "transformers", "'transformers' (default): transformers' own server, below; 'vllm': vLLM's "
-                  "OpenAI-compatible server (compiled graphs, continuous batching, paged attention) started with the "
-                  "settings a release needs (--model-impl transformers --trust-remote-code)",
+                  "OpenAI-compatible server (compiled graphs, continuous batching, paged attention): a Llama, Mistral "
+                  "or Qwen2 release as a native vLLM model (taylormlp's plugin, no flag), others on vLLM's "
+                  "Transformers backend (--model-impl transformers --trust-remote-code)",
                   "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's default: bfloat16 on a CPU, the "
                   "checkpoint's on a GPU); float32 is token-exact with load_release. Default: auto")
     s.add_argument("--host", default="127.0.0.1",

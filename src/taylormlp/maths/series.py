@@ -280,7 +280,39 @@ def rescale_coefficients(basis: str, coeffs: np.ndarray, radius: np.ndarray) -> 
 
 def runtime_values(basis: str, coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
     """What the runtime evaluates at t (float64): the series on [-1, 1], and outside it the first-order continuation
-    p(t_c) + p'(t_c)(t - t_c) from the clamped point t_c — ``runtime.series_values`` itself.  coeffs [..., N+1],
+    p(t_c) + p'(t_c)(t - t_c) from the clamped point t_c — ``series_values`` itself.  coeffs [..., N+1],
     t [points]; returns [..., points]."""
     c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64))[..., None, :]
-    return runtime.series_values(basis, c, torch.as_tensor(np.asarray(t, dtype=np.float64))).numpy()
+    return series_values(basis, c, torch.as_tensor(np.asarray(t, dtype=np.float64))).numpy()
+
+
+def series_slopes(basis: str, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p'(+1) and p'(−1) of p = Σ_n c_n φ_n for coefficients ``coeffs`` [..., N+1] (order last), in their dtype."""
+    plus, minus = (torch.tensor(s, dtype=coeffs.dtype, device=coeffs.device)
+                   for s in runtime.edge_slopes(basis, coeffs.shape[-1] - 1))
+    return coeffs @ plus, coeffs @ minus
+
+
+def series_values(basis: str, coeffs: torch.Tensor, t: torch.Tensor, slopes=None) -> torch.Tensor:
+    """Σ_n c_n φ_n(t) as the runtime (TaylorMLP.forward) evaluates it, in closed form: NaN counts as 0, t is clamped to t_c ∈ [-1, 1], and past ±1 the
+    value continues linearly with the edge slope, p(t_c) + p'(t_c)·(t − t_c).  ``coeffs`` [..., N+1] has the order
+    last, ``coeffs[..., n]`` broadcasting against t; one pass of Horner (power basis) or Clenshaw (Chebyshev), no
+    basis tensor.  ``slopes``: ``series_slopes(basis, coeffs)``, for a caller that keeps them."""
+    if basis not in runtime.BASES:
+        raise ValueError(f"unknown basis {basis!r}; choose one of {runtime.BASES}")
+    t = torch.nan_to_num(t, nan=0.0)
+    tc = t.clamp(-1.0, 1.0)
+    N = coeffs.shape[-1] - 1
+    if basis == "taylor":  # Horner
+        p = coeffs[..., N]
+        for n in range(N - 1, -1, -1):
+            p = p * tc + coeffs[..., n]
+    else:  # Clenshaw: b_n = 2t b_{n+1} − b_{n+2} + c_n,  p = t b_1 − b_2 + c_0
+        two_t = 2.0 * tc
+        b1 = torch.zeros_like(tc)
+        b2 = torch.zeros_like(tc)
+        for n in range(N, 0, -1):
+            b1, b2 = two_t * b1 - b2 + coeffs[..., n], b1
+        p = tc * b1 - b2 + coeffs[..., 0]
+    plus, minus = series_slopes(basis, coeffs) if slopes is None else slopes
+    return p + (t - tc) * torch.where(t > 0, plus, minus)

@@ -1,8 +1,10 @@
 """`taylormlp bench --engine vllm`: the throttle measured where large-scale use runs, on vLLM.
 
-The original runs on vLLM's own model code, each release on vLLM's Transformers backend with the settings a release
-needs (vllm_engine.RELEASE_FLAGS), each model in a process of its own (vllm_engine.EngineWorker: the engine in that
-process, VLLM_ENABLE_V1_MULTIPROCESSING=0), all loaded once and kept.  Then every batch size and model is timed in
+The original runs on vLLM's own model code, each release on the path vLLM takes by default (vllm_engine: natively
+through taylormlp's plugin for Llama, Mistral and Qwen2, else the Transformers backend with its two settings); a native
+release is also run on the Transformers backend, as one more row (``<name> (Transformers backend)``), so that an owner
+sees how much of a slowdown is the series and how much the backend.  Each model runs in a process of its own
+(vllm_engine.EngineWorker: the engine in that process, VLLM_ENABLE_V1_MULTIPROCESSING=0), all loaded once and kept.  Then every batch size and model is timed in
 interleaved rounds (decode.interleaved), one engine busy at a time: B copies of bench's prompt decoded together,
 greedy, EOS ignored.  Per batch size and model: tokens/s over the batch, the slowdown (decode time over the original's
 in the same round: median and range of the paired ratios), TTFT (the batch's prefill and first token) and the
@@ -22,13 +24,25 @@ from ..common.paths import write_text_atomically
 from ..common.progress import log
 from ..release.directory import load_release
 from ..release.sources import load_base, load_tokenizer, resolve_source
-from ..serve.vllm_engine import RELEASE_FLAGS, EngineWorker, require_vllm
+from ..serve.vllm_engine import TRANSFORMERS_FLAGS, EngineWorker, is_native, require_vllm
 from .bench import prompt_ids
 from .cost import flops_per_token, parameter_bytes_read
 from .decode import interleaved, paired_ratios
 from .report import format_throughput, plot_throughput
 
 ORIGINAL = "original"
+BACKEND = " (Transformers backend)"  # the row of a native release run on vLLM's Transformers backend
+
+
+def engine_runs(releases: dict) -> dict[str, tuple]:
+    """{row name: (release path, vLLM path)}: each release on its default path ("auto"), and a native one also on
+    the Transformers backend."""
+    runs = {}
+    for name, path in releases.items():
+        runs[name] = (path, "auto")
+        if is_native(path):
+            runs[name + BACKEND] = (path, "transformers")
+    return runs
 
 
 def work_ratios(source, releases: dict) -> dict[str, dict]:
@@ -69,6 +83,7 @@ def run_vllm_bench(source, releases, batch_sizes=(1,), tokens: int = 32, repeats
         raise TaylorMLPError(f"--tokens {tokens}: with --engine vllm at least 2 (one prefill token, then decode steps)")
     source_dir = resolve_source(source)
     names = {Path(r).name: Path(r) for r in releases}
+    rows = engine_runs(names)
     ids = prompt_ids(load_tokenizer(source_dir))[0][0].tolist()
     sizes = sorted(set(int(b) for b in batch_sizes) | {1})
     log("work model: FLOPs and bytes per decode step (float32, this process) ...")
@@ -76,19 +91,21 @@ def run_vllm_bench(source, releases, batch_sizes=(1,), tokens: int = 32, repeats
     workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm-bench-"))
     workers = {}
     try:
-        for name, path in {ORIGINAL: source_dir, **names}.items():
+        for name, (path, impl) in {ORIGINAL: (source_dir, "auto"), **rows}.items():
             log(f"starting vLLM for {name} ({dtype}; compiled) ...")
-            workers[name] = EngineWorker(path, workdir / f"{name}.log", dtype=dtype)
+            workers[name] = EngineWorker(path, workdir / f"{name}.log".replace(" ", "_"), dtype=dtype, impl=impl)
         runs = interleaved({(b, name): (lambda w=w, b=b: w.run(ids, b, tokens)) for b in sizes
                             for name, w in workers.items()}, repeats, "timing on vLLM (interleaved)")
+        workers_class = {name: w.ready.get("model_class") for name, w in workers.items()}
     finally:
         for w in workers.values():
             w.close()
     results = {"engine": "vllm", "source": str(source), "dtype": dtype, "new_tokens": tokens, "repeats": repeats,
-               "batch_sizes": sizes, "release_flags": RELEASE_FLAGS, "prompt_tokens": len(ids),
-               "models": [{"name": ORIGINAL, "kind": "original"}]
-               + [{"name": n, "kind": "release", "path": str(p), **work[n]} for n, p in names.items()],
-               "throughput": summarize(runs, sizes, [ORIGINAL, *names], tokens)}
+               "batch_sizes": sizes, "transformers_flags": TRANSFORMERS_FLAGS, "prompt_tokens": len(ids),
+               "models": [{"name": ORIGINAL, "kind": "original", "vllm_class": workers_class.get(ORIGINAL)}]
+               + [{"name": n, "kind": "release", "path": str(p), "vllm_class": workers_class.get(n),
+                   **work[n.removesuffix(BACKEND)]} for n, (p, _) in rows.items()],
+               "throughput": summarize(runs, sizes, [ORIGINAL, *rows], tokens)}
     print(format_throughput(results).replace("in the run above", "on vLLM, one process per model"))
     print("\nwork model (float32): " + "; ".join(f"{n} FLOPs {w['flops_ratio']:.2f}x, bytes {w['bytes_ratio']:.2f}x"
                                                  for n, w in work.items()))

@@ -4,8 +4,8 @@ serve with, instead of our own eager runtime.
 EngineDial is the `measure(protector, coverage, batches) -> {batch: ratio}` that throttle.choose_slowdown calls.
 The original runs in one vllm_engine.EngineWorker, started at the first measurement and kept to the end.  A candidate
 (a Protector's setting at a coverage, the model itself still the original) is written as a temporary release
-(Protector.write_release, float32) and started in a worker of its own, with the settings a release needs
-(vllm_engine.RELEASE_FLAGS); the two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B
+(Protector.write_release, float32) and started in a worker of its own, on the path vLLM takes for it (natively through
+taylormlp's plugin where it covers the architecture, else the Transformers backend: vllm_engine.engine_kwargs); the two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B
 copies of protect's timing prompt decoded together, and each batch's ratio is the median of the paired (same-round)
 decode-time ratios, as `taylormlp bench --engine vllm` reports them.  A read of the setting read last (the dial's
 confirming read, the curve, a re-read) keeps the candidate's files but starts both engines afresh: on this 2-core
@@ -44,6 +44,7 @@ class EngineDial:
         self.original: EngineWorker | None = None
         self.candidate: tuple | None = None  # (key, worker, directory)
         self.count = 0
+        self.release_class: str | None = None  # the class vLLM built for the last candidate
 
     @property
     def mode(self) -> str:
@@ -53,7 +54,8 @@ class EngineDial:
     def engine(self) -> dict:
         ready = self.original.ready if self.original is not None else {}
         return {"name": "vllm", "version": ready.get("vllm"), "mode": self.mode,
-                "dtype": ready.get("dtype", self.dtype), "tokens": self.tokens, "repeats": self.repeats}
+                "dtype": ready.get("dtype", self.dtype), "tokens": self.tokens, "repeats": self.repeats,
+                "release_class": self.release_class}
 
     def _worker(self, model_dir, name: str) -> EngineWorker:
         log(f"starting vLLM for {name} ({self.dtype}; {self.mode}) ...")
@@ -80,6 +82,7 @@ class EngineDial:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self.candidate = (key, worker, directory)
+        self.release_class = worker.ready.get("model_class")
         return worker
 
     def _drop_candidate(self) -> None:

