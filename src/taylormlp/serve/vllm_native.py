@@ -175,11 +175,13 @@ class VllmTaylorMLP(nn.Module):
         self.local = q1 - q0  # pieces on this rank
         _set(self.z0, tensors["z0"][q0:q1])
         _set(self.h, tensors["h"][q0:q1])
-        theta = tensors["theta"].reshape(self.hidden, self.order + 1, whole)[:, :, q0:q1]
-        _set(self.theta.weight, theta.reshape(self.hidden, -1))
+        theta = tensors["theta"].reshape(self.hidden, self.order + 1, whole)[:, :, q0:q1].reshape(self.hidden, -1)
+        # a rank with no piece of a narrow layer keeps one zero column (vLLM's CPU GEMM faults on a zero-width
+        # weight) and skips the series in forward
+        _set(self.theta.weight, theta if self.local else theta.new_zeros(self.hidden, 1))
         series = [self.theta.weight, self.z0, self.h] + ([self.owner, self.edge_lo, self.edge_hi]
                                                          if self.piecewise else [])
-        self.series_bytes = sum(t.numel() * t.element_size() for t in series)
+        self.series_bytes = sum(t.numel() * t.element_size() for t in series) if self.local else 0
         self.whole_series_bytes = sum(tensors[k].numel() * t.element_size() for k, t in
                                       zip(("theta", "z0", "h", "owner", "edge_lo", "edge_hi"), series))
 
