@@ -208,8 +208,11 @@ FIGURES = [
            "summed up in README: Serving on vLLM)", "78dca08",
            ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct "
             "{releases}/smollm2-default --engine vllm --batch-sizes 1 8 32 "
-            "--json {results}/bench-vllm-native-smollm2.json --plot {results}/bench-vllm-native-smollm2.png",), 30,
-           ("bench-vllm-native-smollm2.json",), ("smollm2-default",),
+            "--json {results}/bench-vllm-native-smollm2.json --plot {results}/bench-vllm-native-smollm2.png",
+            "TAYLORMLP_VLLM_SERIES_DTYPE=auto VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench "
+            "smollm2-135m-instruct {releases}/smollm2-default --engine vllm --batch-sizes 1 8 32 --repeats 2 "
+            "--json {results}/bench-vllm-native-bf16series-smollm2.json"), 50,
+           ("bench-vllm-native-smollm2.json", "bench-vllm-native-bf16series-smollm2.json"), ("smollm2-default",),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",
