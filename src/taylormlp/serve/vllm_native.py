@@ -64,6 +64,13 @@ def _pad_rows(weight: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(shape)], dim=dim)
 
 
+def _load_gate_up(linear: MergedColumnParallelLinear, gate: torch.Tensor, up: torch.Tensor, rows: int) -> None:
+    """Whole gate and up weights into a MergedColumnParallelLinear of ``rows`` outputs each, padded with zero rows,
+    through vLLM's own loader (each rank takes its share)."""
+    linear.weight.weight_loader(linear.weight, _pad_rows(gate, rows), 0)
+    linear.weight.weight_loader(linear.weight, _pad_rows(up, rows), 1)
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     """Give ``param`` (a parameter or buffer whose size the checkpoint decides) ``value``, in param's dtype/device."""
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
@@ -85,9 +92,7 @@ class VllmRestMLP(nn.Module):
 
     def load(self, tensors: dict) -> None:
         padded = self.per * get_tensor_model_parallel_world_size()
-        loader = self.gate_up.weight.weight_loader
-        loader(self.gate_up.weight, _pad_rows(tensors["gate.weight"], padded), 0)
-        loader(self.gate_up.weight, _pad_rows(tensors["up.weight"], padded), 1)
+        _load_gate_up(self.gate_up, tensors["gate.weight"], tensors["up.weight"], padded)
         self.down.weight.weight_loader(self.down.weight, _pad_rows(tensors["down.weight"], padded, dim=1))
         if self.down.bias is not None:
             self.down.bias.weight_loader(self.down.bias, tensors["down.bias"])
@@ -157,9 +162,7 @@ class VllmTaylorMLP(nn.Module):
 
     def _load_series(self, tensors: dict) -> None:
         first, end = self.channels
-        loader = self.gate_up.weight.weight_loader
-        loader(self.gate_up.weight, _pad_rows(tensors["gate.weight"], self.per * self.ranks), 0)
-        loader(self.gate_up.weight, _pad_rows(tensors["up.weight"], self.per * self.ranks), 1)
+        _load_gate_up(self.gate_up, tensors["gate.weight"], tensors["up.weight"], self.per * self.ranks)
         whole = tensors["z0"].numel()
         if self.piecewise:
             owner = tensors["owner"].long()
