@@ -519,7 +519,7 @@ def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_pat
             self.name, self.ready = Path(log_path).stem, {}
             events.append(("start", self.name))
 
-        def run(self, prompt, batch, tokens):
+        def run(self, prompts, tokens):
             return {"decode_s": 2.0 if self.name.startswith("candidate") else 1.0}
 
         def close(self):

@@ -113,6 +113,23 @@ def test_vllm_bfloat16_runs_and_follows_load_release(releases, kind, eager, tmp_
     assert sum(g == r for g, r in zip(got, reference)) >= 2
 
 
+def test_series_dtypes_on_a_bfloat16_engine(monkeypatch):
+    """z0/h and Θ dtypes per TAYLORMLP_VLLM_SERIES_DTYPE on a bf16 engine: mixed (the default) keeps t's inputs in
+    float32 and Θ in bf16; a value it does not know is refused with the choices."""
+    from taylormlp.serve import vllm_native
+
+    monkeypatch.setattr(torch, "get_default_dtype", lambda: torch.bfloat16)
+    monkeypatch.delenv(vllm_native.SERIES_DTYPE_ENV, raising=False)
+    assert vllm_native.series_dtypes() == (torch.float32, torch.bfloat16)
+    for value, want in [("mixed", (torch.float32, torch.bfloat16)), ("float32", (torch.float32, torch.float32)),
+                        ("auto", (torch.bfloat16, torch.bfloat16))]:
+        monkeypatch.setenv(vllm_native.SERIES_DTYPE_ENV, value)
+        assert vllm_native.series_dtypes() == want
+    monkeypatch.setenv(vllm_native.SERIES_DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="mixed, float32, auto"):
+        vllm_native.series_dtypes()
+
+
 @pytest.mark.parametrize("arch,model_class", [("mistral", "TaylorMLPMistralForCausalLM"),
                                               ("qwen2", "TaylorMLPQwen2ForCausalLM"),
                                               ("gemma3_text", BACKEND), ("phi", BACKEND)])
@@ -261,6 +278,25 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     assert release["flops_ratio"] > 1.05 and release["bytes_ratio"] > 1.05  # tiny: the head's FLOPs dominate
     assert models[backend]["flops_ratio"] == release["flops_ratio"]
     assert json.loads((tmp_path / "b.json").read_text())["engine"] == "vllm"
+
+
+def test_bench_engine_vllm_workload_times_distinct_prompts(releases, tmp_path):
+    """`bench --engine vllm --prompt-tokens P --new-tokens G`: per batch size and model the three slowdowns (the
+    original at 1.00x each) and the prefill's FLOPs ratio; no speed asserted."""
+    from taylormlp.measure.vllm_bench import run_vllm_bench
+    from taylormlp.measure.workload import Workload
+
+    source = releases["paper"].parent / "src-paper"
+    results = run_vllm_bench(source, [releases["paper"]], batch_sizes=(3,), repeats=1, dtype="float32",
+                             json_path=tmp_path / "w.json", workdir=tmp_path, workload=Workload(40, 4))
+    rows = {(r["batch"], r["name"]): r for r in results["rows"]}
+    backend = "paper (Transformers backend)"
+    assert set(rows) == {(b, n) for b in (1, 3) for n in ("original", "paper", backend)}
+    assert all(rows[b, "original"][f"{p}_slowdown"] == 1.0 for b in (1, 3) for p in ("prefill", "decode", "request"))
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in rows.values())
+    assert results["prompt_tokens"] == 40 and results["new_tokens"] == 4
+    assert {m["name"]: m for m in results["models"]}["paper"]["prefill_flops_ratio"] > 1.0
+    assert json.loads((tmp_path / "w.json").read_text())["workload"] == {"prompt_tokens": 40, "new_tokens": 4}
 
 
 def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import runtime
+from ..common.corpus import module_docstrings
 from ..common.errors import TaylorMLPError
 from ..common.hooks import HookSet
 from ..measure import decode
-from ..protection.calibration import module_docstrings
 from ..protection.protector import mlp_weights
 from .scoring import WeightScore, match_channels
 from .verdicts import verdict
 
 # Text the attacker trains on, and text the audit evaluates on: docstrings of standard-library modules that
-# the release's built-in calibration corpus (calibration.PROSE_MODULES) does not read, in two disjoint sets.
+# the release's built-in calibration corpus (common/corpus.PROSE_MODULES) does not read, in two disjoint sets.
 TRAIN_MODULES = (
     "shlex", "glob", "fnmatch", "configparser", "sched", "mailbox", "wave", "colorsys", "netrc", "plistlib",
     "mimetypes", "filecmp", "fileinput", "linecache", "numbers", "graphlib", "ipaddress", "selectors",

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..attacks.audit import run_audit
+from ..common.choices import WORKLOAD_NEW_TOKENS
 from ..common.errors import TaylorMLPError
 from ..common.paths import check_output_file, dump_json
 from ..common.progress import quiet
@@ -16,6 +17,7 @@ from ..measure.bench import run_bench
 from ..measure.compare import compare, print_comparison, read_prompts
 from ..measure.generate import generate_text
 from ..measure.vllm_bench import run_vllm_bench
+from ..measure.workload import Workload, run_workload_bench
 from ..protection import preflight
 from ..protection.flow import protect_to_release
 from ..release.directory import verify_release
@@ -191,12 +193,14 @@ def cmd_bench(args) -> int:
     _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
+    workload = _workload(args)
     if args.engine == "vllm":
         if args.serve_concurrency or args.device != "cpu":
             raise TaylorMLPError("--engine vllm times vLLM's own engine on the device vLLM was built for; drop "
                                  "--serve-concurrency and --device")
         run_vllm_bench(args.source, args.releases, batch_sizes=args.batch_sizes or (1,), tokens=args.tokens,
-                       repeats=args.repeats, dtype=args.dtype, json_path=args.json, plot_path=args.plot)
+                       repeats=args.repeats, dtype=args.dtype, json_path=args.json, plot_path=args.plot,
+                       workload=workload)
         return 0
     if args.dtype != "auto":
         raise TaylorMLPError(f"--dtype {args.dtype} is for --engine vllm; taylormlp's own bench times each model in "
@@ -206,12 +210,29 @@ def cmd_bench(args) -> int:
         if value is not None and not args.serve_concurrency:
             raise TaylorMLPError(f"{flag} {value} needs --serve-concurrency C: it sets the requests of the server "
                                  f"mode; add --serve-concurrency (e.g. 1 8) or drop {flag}")
+    if workload is not None:
+        if args.serve_concurrency:
+            raise TaylorMLPError("--prompt-tokens times requests in this process; drop --serve-concurrency (or run "
+                                 "the server mode without --prompt-tokens)")
+        run_workload_bench(args.source, args.releases, workload, batch_sizes=args.batch_sizes or (1,),
+                           repeats=args.repeats, json_path=args.json, plot_path=args.plot, device=args.device)
+        return 0
     if args.serve_concurrency:
         given = {"requests": args.serve_requests, "tokens": args.serve_tokens}  # unset: ServeOptions' defaults
         serve = {"concurrency": tuple(args.serve_concurrency), **{k: v for k, v in given.items() if v is not None}}
     run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
               plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device, serve=serve)
     return 0
+
+
+def _workload(args) -> Workload | None:
+    """bench's --prompt-tokens P --new-tokens G as a Workload (None without --prompt-tokens)."""
+    if args.prompt_tokens is None:
+        if args.new_tokens is not None:
+            raise TaylorMLPError(f"--new-tokens {args.new_tokens} sets a workload's generated tokens and needs "
+                                 f"--prompt-tokens P; add it (e.g. --prompt-tokens 512) or use --tokens")
+        return None
+    return Workload(args.prompt_tokens, args.new_tokens or WORKLOAD_NEW_TOKENS)
 
 
 def cmd_audit(args) -> int:

@@ -27,6 +27,7 @@ from ..common.choices import (
     MAX_ORDER,
     MAX_PIECES,
     PRESETS,
+    WORKLOAD_NEW_TOKENS,
 )
 from ..common.errors import TaylorMLPError
 
@@ -77,6 +78,7 @@ PORT = Number(int, 1, 65535)
 KV_TOKENS = Number(int, 256)
 BATCH_TOKENS = Number(int, 16)
 CLIENTS = Number(int, 1, 256)
+GENERATED = Number(int, 2)  # a workload's generated tokens: the prefill's, then at least one decode step
 
 
 def _one_line(text: str) -> str:
@@ -258,6 +260,15 @@ def _add_run_commands(sub) -> None:
                         "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "
                         "among them): tokens/s over the batch, slowdown, TTFT and inter-token latency per batch size, "
                         "and --plot draws slowdown against batch size. Default: none (batch 1 only)")
+    b.add_argument("--prompt-tokens", type=POSITIVE, metavar="P",
+                   help=f"time a workload instead of bench's fixed prompt: B distinct prompts of real text, P tokens "
+                        f"each ({POSITIVE.limits}), at every --batch-sizes B, each generating --new-tokens tokens; "
+                        f"per batch size and model the prefill (time to first token), decode and whole-request "
+                        f"slowdowns and the FLOPs ratios, a table and with --plot a plot. Default: none (the latency, "
+                        f"memory and size table on the fixed prompt)")
+    b.add_argument("--new-tokens", type=GENERATED, metavar="G",
+                   help=f"with --prompt-tokens: tokens each request generates, the first from the prefill "
+                        f"({GENERATED.limits}; default {WORKLOAD_NEW_TOKENS})")
     b.add_argument("--serve-concurrency", type=CLIENTS, nargs="+", metavar="C",
                    help=f"also measure throughput through the server (`taylormlp serve`'s engine: transformers' serve "
                         f"app and continuous batching, the original served the same way, one process per model) with "

@@ -33,6 +33,10 @@ PRESETS = {
     "default": dict(basis="chebyshev", selection="error", order=8, margin=0.5, error_budget=0.1, max_pieces=8),
 }
 
+# ---------------------------------------------------------------- measure
+
+WORKLOAD_NEW_TOKENS = 128  # bench --prompt-tokens P without --new-tokens: G
+
 # ---------------------------------------------------------------- built-in models (SOURCE names)
 
 

@@ -299,23 +299,9 @@ def check_bench_memory(releases: list[Path], share: float = 0.9) -> None:
                          f"fewer releases per run (the largest, {releases[biggest]}, is {sizes[biggest] / 1e9:.1f} GB)")
 
 
-def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
-              memory: bool = True, batch_sizes=None, device: str = "cpu", serve: dict | None = None) -> dict:
-    """`taylormlp bench`.  `batch_sizes` (--batch-sizes): also the throughput at those batch sizes, timed in the
-    same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size.
-    `device` "cuda": every model is timed on the GPU; the term microbenchmark and the peak-RSS probes, which
-    measure the CPU, are left out.  `serve` (--serve-concurrency, --serve-requests, --serve-tokens: the fields of
-    serve_bench.ServeOptions): also the throughput through the server, after the in-process models are freed."""
-    device = machine.resolve_device(device)
-    if serve is not None:
-        from . import serve_bench  # imports transformers' serving engine, of the optional serve extra
-
-        serve = serve_bench.ServeOptions(**serve)
-        serve_bench.check_serve_options(serve, device)
-    if tokens < 1 or repeats < 1:
-        raise TaylorMLPError("--tokens and --repeats must be positive")
-    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
-        raise TaylorMLPError(f"--batch-sizes must be whole numbers of at least 1, got {batch_sizes}")
+def load_models(source, releases, device: str = "cpu") -> tuple[dict, dict, object, torch.dtype]:
+    """The original (in the releases' dtype) and every release, on `device`, checked to be made from it: ({name:
+    model}, {name: path}, the tokenizer, the dtype); the original first, named ORIGINAL."""
     releases = [Path(r) for r in releases]
     if not releases:
         raise TaylorMLPError("give at least one release directory to compare with the original")
@@ -339,6 +325,28 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
                                  f"vocabulary differ): its slowdown against this original would mean nothing")
         models[name] = model
         paths[name] = path
+    return models, paths, tokenizer, dtype
+
+
+def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=None, plot_path=None,
+              memory: bool = True, batch_sizes=None, device: str = "cpu", serve: dict | None = None) -> dict:
+    """`taylormlp bench`.  `batch_sizes` (--batch-sizes): also the throughput at those batch sizes, timed in the
+    same interleaved run as the latency table (batch 1), and --plot then draws slowdown against batch size.
+    `device` "cuda": every model is timed on the GPU; the term microbenchmark and the peak-RSS probes, which
+    measure the CPU, are left out.  `serve` (--serve-concurrency, --serve-requests, --serve-tokens: the fields of
+    serve_bench.ServeOptions): also the throughput through the server, after the in-process models are freed."""
+    device = machine.resolve_device(device)
+    if serve is not None:
+        from . import serve_bench  # imports transformers' serving engine, of the optional serve extra
+
+        serve = serve_bench.ServeOptions(**serve)
+        serve_bench.check_serve_options(serve, device)
+    if tokens < 1 or repeats < 1:
+        raise TaylorMLPError("--tokens and --repeats must be positive")
+    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
+        raise TaylorMLPError(f"--batch-sizes must be whole numbers of at least 1, got {batch_sizes}")
+    models, paths, tokenizer, dtype = load_models(source, releases, device)
+    base = models[ORIGINAL]
     ids, chat = prompt_ids(tokenizer)
     sizes = ", ".join(map(str, sorted({1, *batch_sizes}))) if batch_sizes else "1"
     log(f"prompt: {ids.shape[1]} tokens{' (chat template)' if chat else ''}; {tokens} decode tokens, "

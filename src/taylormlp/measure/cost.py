@@ -33,7 +33,12 @@ def channel_work(hidden: int, order: int, pieces: np.ndarray) -> tuple[np.ndarra
 @torch.no_grad()
 def flops_per_token(model, token_id: int = 0) -> int:
     """Matmul FLOPs of one single-token forward (no cache), counted by FlopCounterMode."""
-    ids = torch.tensor([[int(token_id)]], device=input_device(model))
+    return forward_flops(model, [int(token_id)])
+
+
+def forward_flops(model, token_ids) -> int:
+    """Matmul FLOPs of one forward (no cache) on the sequence `token_ids` (a prefill), counted by FlopCounterMode."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(input_device(model))
     counter = FlopCounterMode(display=False)
     try:
         with counter:

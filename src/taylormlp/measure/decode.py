@@ -296,12 +296,18 @@ def measure_decode(model, input_ids, new_tokens: int) -> dict:
 
 
 def batch_ids(input_ids, batch: int) -> torch.Tensor:
-    """`batch` copies of one prompt, [batch, L]: that many concurrent requests of equal length (no padding: every
-    model does the same work, and every row decodes the same greedy tokens)."""
-    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    """[batch, L]: that many concurrent requests of equal length (no padding).  `input_ids` one prompt ([L] or
+    [1, L]): `batch` copies of it (every row decodes the same greedy tokens); several prompts of one length ([K, L],
+    K >= batch, e.g. a workload's distinct prompts): the first `batch` of them."""
+    ids = torch.as_tensor(input_ids)
+    ids = ids.reshape(1, -1) if ids.dim() < 2 else ids
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
-    return ids.expand(batch, -1).contiguous()
+    if ids.shape[0] == 1:
+        return ids.expand(batch, -1).contiguous()
+    if ids.shape[0] < batch:
+        raise ValueError(f"{ids.shape[0]} prompts for a batch of {batch}: give one prompt, or at least {batch}")
+    return ids[:batch].contiguous()
 
 
 # ---------------------------------------------------------------- interleaved timing

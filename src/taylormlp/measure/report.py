@@ -217,3 +217,66 @@ def format_serve(results: dict) -> str:
                   "text) / (tokens - 1); medians. tok/req = tokens produced / requested per request. in flight = "
                   "the fewest requests seen in flight at once at a run's peak."]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- --prompt-tokens P --new-tokens G
+
+
+def format_workload(results: dict) -> str:
+    """The table of `bench --prompt-tokens P --new-tokens G`: per batch size and model, the three phases' times and
+    slowdowns (measure/workload.py), then each release's FLOPs ratios."""
+    w = results["workload"]
+    head = ["batch", "model", "TTFT ms", "prefill", "decode ms", "decode", "request ms", "request", "(range)",
+            "tok/s (batch)"]
+    table = [head] + [[str(r["batch"]), r["name"], _fmt(r["prefill_s"] * 1e3, ".1f"),
+                       _fmt(r["prefill_slowdown"], ".2f") + "x", _fmt(r["decode_s"] * 1e3, ".1f"),
+                       _fmt(r["decode_slowdown"], ".2f") + "x", _fmt(r["request_s"] * 1e3, ".1f"),
+                       _fmt(r["request_slowdown"], ".2f") + "x",
+                       f"{r['request_slowdown_min']:.2f}-{r['request_slowdown_max']:.2f}",
+                       _fmt(r["request_tokens_per_s"], ".1f")] for r in results["rows"]]
+    lines = [f"workload {w['prompt_tokens']}:{w['new_tokens']} on {results.get('engine', 'taylormlp')} (B distinct "
+             f"prompts of {w['prompt_tokens']} tokens, {w['new_tokens']} generated tokens each, decoded together; "
+             f"every batch size and model interleaved, {results['repeats']} rounds):", ""]
+    lines += _columns(table)
+    lines += ["", "prefill = time to first token (the prompt's forward); decode = the other generated tokens; request "
+                  "= both. Each slowdown = the median over rounds of this model's time / the original's in the same "
+                  "round (range: the request's). tok/s = generated tokens per second of request time, whole batch."]
+    for m in results["models"]:
+        if m.get("kind") == "release" and m.get("flops_ratio"):
+            lines.append(f"{m['name']}: FLOPs ratio {m['flops_ratio']:.2f}x per decode step, "
+                         f"{m['prefill_flops_ratio']:.2f}x on the prefill")
+    return "\n".join(lines)
+
+
+def plot_workload(results: dict, path) -> Path:
+    """PNG, one panel per release: prefill, decode and request slowdown against batch size (range: paired ratios),
+    with the FLOPs ratios as dotted levels; written atomically."""
+    import matplotlib  # as in plot_results: only when a plot is asked for
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    releases = [m for m in results["models"] if m.get("kind") == "release"]
+    fig, axes = plt.subplots(1, len(releases), figsize=(5.2 * len(releases), 4.0), squeeze=False)
+    for ax, model in zip(axes[0], releases):
+        rows = [r for r in results["rows"] if r["name"] == model["name"]]
+        x = [r["batch"] for r in rows]
+        for i, phase in enumerate(("prefill", "decode", "request")):
+            y = [r[f"{phase}_slowdown"] for r in rows]
+            err = [[max(r[f"{phase}_slowdown"] - r[f"{phase}_slowdown_min"], 0.0) for r in rows],
+                   [max(r[f"{phase}_slowdown_max"] - r[f"{phase}_slowdown"], 0.0) for r in rows]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=plt.get_cmap("tab10")(i), label=phase)
+        for key, style, what in (("prefill_flops_ratio", ":", "prefill FLOPs"), ("flops_ratio", "--", "decode FLOPs")):
+            if model.get(key):
+                ax.axhline(model[key], color="grey", linestyle=style, linewidth=1,
+                           label=f"{what} ratio {model[key]:.2f}x")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
+        ax.set_ylim(bottom=0.0)
+        ax.set_xlabel("batch size (distinct prompts together)")
+        ax.set_ylabel("time / original's (median of paired ratios)")
+        ax.set_title(model["name"], fontsize=9)
+        ax.legend(fontsize=7)
+    w = results["workload"]
+    return _save(fig, path, f"{results.get('source', '')}: workload {w['prompt_tokens']}:{w['new_tokens']} on "
+                            f"{results.get('engine', 'taylormlp')}")

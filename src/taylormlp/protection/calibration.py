@@ -15,8 +15,6 @@ of z (the activation's input, bias included) for every layer.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import runtime
+from ..common.corpus import stdlib_prose
 from ..common.errors import TaylorMLPError
 from ..common.files import read_text
 from ..common.hooks import HookSet
@@ -34,51 +33,6 @@ from ..common.progress import bar, log
 from ..measure.decode import continuation_logits, input_device, padded_batches
 from ..measure.generate import eos_ids, format_prompt, greedy_sequences
 from .options import ProtectOptions
-
-PROSE_MODULES = (
-    "json", "csv", "argparse", "logging", "pathlib", "collections", "functools", "itertools", "datetime",
-    "decimal", "fractions", "statistics", "random", "textwrap", "string", "re", "shutil", "tempfile",
-    "subprocess", "threading", "queue", "heapq", "bisect", "dataclasses", "enum", "typing", "contextlib",
-    "unittest", "doctest", "difflib", "calendar", "zipfile", "tarfile", "gzip", "sqlite3", "email",
-    "http.client", "urllib.parse", "socket", "asyncio", "inspect", "pickle", "copy", "pprint", "ast",
-    "tokenize", "codecs", "locale", "gettext", "optparse", "operator", "math", "cmath", "hashlib", "hmac",
-    "secrets", "uuid", "base64", "struct", "array", "weakref", "abc", "io", "os", "sys", "time",
-)
-
-
-def module_docstrings(modules, max_chars: int, min_len: int = 200, missing: list | None = None) -> list[str]:
-    """Docstrings (at least min_len characters) of `modules` and their public functions and classes; the names of
-    modules that cannot be imported here are appended to `missing`."""
-    texts: list[str] = []
-    total = 0
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # an optional stdlib module this Python lacks: said, since the corpus changes
-            if missing is not None:
-                missing.append(name)
-            continue
-        docs = [inspect.getdoc(module) or ""]
-        for attr in sorted(dir(module)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(module, attr, None)
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                docs.append(inspect.getdoc(obj) or "")
-        for doc in docs:
-            doc = doc.strip()
-            if len(doc) >= min_len:
-                texts.append(doc)
-                total += len(doc)
-                if total >= max_chars:
-                    return texts
-    return texts
-
-
-def stdlib_prose(max_chars: int = 200_000, missing: list | None = None) -> list[str]:
-    """The built-in calibration prose: docstrings of PROSE_MODULES (modules this Python lacks go to `missing`)."""
-    return module_docstrings(PROSE_MODULES, max_chars, missing=missing)
-
 
 def calibration_prompts() -> dict:
     return json.loads(files("taylormlp").joinpath("data/calibration_prompts.json").read_text())

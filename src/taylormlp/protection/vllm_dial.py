@@ -98,7 +98,7 @@ class EngineDial:
         release = self._candidate_worker(protector, coverage)
         sizes = list(dict.fromkeys(int(b) for b in batches))
         workers = {"original": self.original, "release": release}
-        runs = interleaved({(b, name): (lambda w=w, b=b: w.run(self.prompt, b, self.tokens)) for b in sizes
+        runs = interleaved({(b, name): (lambda w=w, b=b: w.run([self.prompt] * b, self.tokens)) for b in sizes
                             for name, w in workers.items()}, self.repeats, "timing on vLLM (interleaved)")
         return {b: statistics.median(paired_ratios(runs[(b, "release")], runs[(b, "original")], "decode_s"))
                 for b in sizes}

@@ -142,14 +142,15 @@ def series_shares(model) -> list[dict]:
 REPLY = "TAYLORMLP-REPLY "  # a worker's answer lines on stdout (vLLM logs to both streams)
 
 
-def timed_batch(llm, prompt: list[int], batch: int, tokens: int) -> dict:
-    """`batch` copies of `prompt` decoded together, greedily, `tokens` tokens each (EOS ignored): the wall time of
-    the prefill and first token (a run of 1 token) and of the whole run; decode = the difference, tokens - 1 steps."""
+def timed_batch(llm, prompts: list[list[int]], tokens: int) -> dict:
+    """The token-id `prompts` (one batch: B copies of one prompt, or a workload's B distinct ones) decoded together,
+    greedily, `tokens` tokens each (EOS ignored): the wall time of the prefill and first token (a run of 1 token) and
+    of the whole run; decode = the difference, tokens - 1 steps."""
     import time
 
     from vllm import SamplingParams
 
-    requests = [{"prompt_token_ids": list(prompt)} for _ in range(batch)]
+    requests = [{"prompt_token_ids": list(p)} for p in prompts]
     seconds = []
     for n in (1, tokens):
         start = time.perf_counter()
@@ -160,7 +161,7 @@ def timed_batch(llm, prompt: list[int], batch: int, tokens: int) -> dict:
 
 
 def serve_worker(llm) -> None:
-    """Answer timing requests, one JSON line each on stdin ({prompt, batch, tokens}), until stdin closes; the first
+    """Answer timing requests, one JSON line each on stdin ({prompts, tokens}), until stdin closes; the first
     line says what runs: vLLM's version and the dtype the engine resolved ("auto": bfloat16 on a CPU)."""
     import vllm
 
@@ -169,7 +170,7 @@ def serve_worker(llm) -> None:
                               "model_class": llm.apply_model(model_class)[0]}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
-        print(REPLY + json.dumps(timed_batch(llm, job["prompt"], job["batch"], job["tokens"])), flush=True)
+        print(REPLY + json.dumps(timed_batch(llm, job["prompts"], job["tokens"])), flush=True)
 
 
 def main(argv=None) -> int:
@@ -240,7 +241,7 @@ def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", ea
 
 class EngineWorker:
     """One model on vLLM in a child process of its own (`python -m taylormlp.serve.vllm_engine worker`), kept loaded so
-    that runs of several models can be interleaved: ``run(prompt, batch, tokens)`` is timed_batch there."""
+    that runs of several models can be interleaved: ``run(prompts, tokens)`` is timed_batch there."""
 
     def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512,
                  impl: str = "auto"):
@@ -259,9 +260,9 @@ class EngineWorker:
         raise TaylorMLPError(f"vLLM worker {self.log_path.stem} stopped (exit status {self.child.wait()}): "
                              f"{_tail(self.log_path)}")
 
-    def run(self, prompt: list[int], batch: int, tokens: int) -> dict:
+    def run(self, prompts: list[list[int]], tokens: int) -> dict:
         try:
-            self.child.stdin.write(json.dumps({"prompt": list(prompt), "batch": batch, "tokens": tokens}) + "\n")
+            self.child.stdin.write(json.dumps({"prompts": [list(p) for p in prompts], "tokens": tokens}) + "\n")
             self.child.stdin.flush()
         except BrokenPipeError:  # the worker is gone (killed for memory, crashed): say why, from its log
             pass

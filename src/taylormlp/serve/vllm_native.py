@@ -13,10 +13,11 @@ embedding, norms, embeddings, head, torch.compile and CUDA graphs) whose decoder
 
 Channels are split evenly (padded with zero rows where the count does not divide); a channel's pieces go with it
 (a release stores pieces sorted by channel, so each rank's pieces are one contiguous run, found when the release's
-``owner`` index is loaded).  z0, h and Θ are float32 whatever the engine's dtype: in bfloat16 only the shared layers
-(attention, gate/up, rest) round as the original's do, and the series adds no bfloat16 rounding of its own.
-SERIES_DTYPE_ENV=auto keeps them in the engine's dtype instead (half the bytes in bfloat16; what it costs in agreement
-is measured in docs/serving.md).
+``owner`` index is loaded).  The series' precision on a bfloat16 engine is SERIES_DTYPE_ENV's choice (SERIES_DTYPES):
+z0 and h (which set t = (z − z0)/h, where rounding costs most) and the basis are float32 in every mode; Θ and the
+one stacked matmul are the engine's dtype by default ("mixed": the series reads the bytes the backend's does), float32
+with "float32" (twice the bytes, a float32 GEMM), and "auto" keeps z0 and h in the engine's dtype too.  What each
+costs in agreement and speed is measured in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from .. import runtime
 
-SERIES_DTYPE_ENV = "TAYLORMLP_VLLM_SERIES_DTYPE"  # float32 (default): z0, h and Θ in float32; auto: the engine's
+SERIES_DTYPE_ENV = "TAYLORMLP_VLLM_SERIES_DTYPE"
+SERIES_DTYPES = ("mixed", "float32", "auto")  # the first is the default; see series_dtypes
 
 
-def series_dtype() -> torch.dtype:
-    """The dtype of z0, h and Θ: float32, or with SERIES_DTYPE_ENV=auto the engine's (vLLM builds a model under its
-    dtype as torch's default)."""
-    value = os.environ.get(SERIES_DTYPE_ENV, "float32")
-    if value not in ("float32", "auto"):
-        raise ValueError(f"{SERIES_DTYPE_ENV}={value!r}: use float32 (the default) or auto (the engine's dtype)")
-    return torch.float32 if value == "float32" else torch.get_default_dtype()
+def series_dtypes() -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of z0 and h, dtype of Θ and its matmul) under SERIES_DTYPE_ENV: mixed (default) float32 and the engine's,
+    float32 both float32, auto both the engine's (vLLM builds a model under its dtype as torch's default)."""
+    value = os.environ.get(SERIES_DTYPE_ENV, SERIES_DTYPES[0])
+    if value not in SERIES_DTYPES:
+        raise ValueError(f"{SERIES_DTYPE_ENV}={value!r}: use one of {', '.join(SERIES_DTYPES)} (default "
+                         f"{SERIES_DTYPES[0]}: z0 and h float32, Θ in the engine's dtype)")
+    engine = torch.get_default_dtype()
+    return {"mixed": (torch.float32, engine), "float32": (torch.float32, torch.float32),
+            "auto": (engine, engine)}[value]
 
 
 def even_share(total: int, ranks: int, rank: int) -> tuple[int, int, int]:
@@ -113,7 +118,7 @@ class VllmTaylorMLP(nn.Module):
         self.ranks, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         self.hidden, self.order, self.basis = spec.hidden_size, spec.order, spec.basis
         self.protected, self.pieces = shape.protected, shape.pieces or shape.protected
-        self.dtype = dtype = series_dtype()
+        coords, self.dtype = series_dtypes()  # z0/h's dtype; Θ's and its matmul's
         self.piecewise = self.pieces > self.protected
         self.per, first, end = even_share(self.protected, self.ranks, rank)
         self.channels = (first, end)  # this rank's protected channels
@@ -125,9 +130,9 @@ class VllmTaylorMLP(nn.Module):
                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up")
             guess = self.per if not self.piecewise else -(-self.pieces // self.ranks)  # the checkpoint decides
             self.theta = RowParallelLinear((self.order + 1) * guess * self.ranks, self.hidden, bias=False,
-                                           params_dtype=dtype, reduce_results=False, prefix=f"{prefix}.theta")
-            self.z0 = nn.Parameter(torch.zeros(guess, dtype=dtype), requires_grad=False)
-            self.h = nn.Parameter(torch.ones(guess, dtype=dtype), requires_grad=False)
+                                           params_dtype=self.dtype, reduce_results=False, prefix=f"{prefix}.theta")
+            self.z0 = nn.Parameter(torch.zeros(guess, dtype=coords), requires_grad=False)
+            self.h = nn.Parameter(torch.ones(guess, dtype=coords), requires_grad=False)
             if self.piecewise:  # this rank's pieces: which of its channels each reads, and where each is live
                 self.register_buffer("owner", torch.zeros(guess, dtype=torch.long))
                 self.register_buffer("edge_lo", torch.zeros(guess, dtype=torch.float32))
