@@ -321,9 +321,9 @@ def test_features_take_the_in_place_path_unless_autograd_needs_the_formulas(monk
     calls = []
     original = runtime.TaylorMLP.features_differentiable
 
-    def spy(self, inp):
+    def spy(self, inp, dtype=None):
         calls.append(1)
-        return original(self, inp)
+        return original(self, inp, dtype)
 
     monkeypatch.setattr(runtime.TaylorMLP, "features_differentiable", spy)
     with torch.no_grad():

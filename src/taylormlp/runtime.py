@@ -122,40 +122,49 @@ def edge_slopes(basis: str, order: int) -> tuple[tuple[float, ...], tuple[float,
     return plus, tuple(s if n % 2 else -s for n, s in enumerate(plus))  # odd n: same slope at -1, even n: negated
 
 
-def series_basis(tc: torch.Tensor, excess: torch.Tensor, order: int, basis: str) -> torch.Tensor:
-    """[..., N+1, P]: φ_n(t_c) for n = 0..N plus the linear continuation φ_n'(±1)·excess past the interval, written
-    order by order into one preallocated tensor (the runtime's hot loop; TaylorMLP.features)."""
+BLOCK = 1 << 17  # values per [rows, P] block of series_basis on a CPU: its working set stays in the core's cache
+
+
+def series_basis(tc: torch.Tensor, excess: torch.Tensor, scale: torch.Tensor, order: int, basis: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """[..., N+1, P] in `dtype`: scale·φ_n(t_c) for n = 0..N plus the linear continuation scale·φ_n'(±1)·excess past
+    the interval (scale = u ⊙ live mask, folded into φ_0: the recurrence is linear), each order computed in tc's dtype
+    and written once into the output (TaylorMLP.features); on a CPU in blocks of BLOCK values that stay in cache."""
     # the continuation is skipped when nothing is outside, known for free on the CPU; an accelerator would stall (and
     # no CUDA graph could be captured) to say so: there it is always added (+0 inside)
-    outside = tc.device.type != "cpu" or bool((excess != 0).any())
-    out = torch.empty(*tc.shape[:-1], order + 1, tc.shape[-1], dtype=tc.dtype, device=tc.device)
-    phi = out.unbind(-2)  # views: φ_n is written in place
-    phi[0].fill_(1.0)
-    if order >= 1:
-        phi[1].copy_(tc)
-    if basis == "taylor":  # φ_n = tⁿ built term by term
-        for n in range(2, order + 1):
-            torch.mul(phi[n - 1], tc, out=phi[n])
-    else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
-        two_t = 2.0 * tc
-        for n in range(2, order + 1):
-            torch.mul(two_t, phi[n - 1], out=phi[n])
-            phi[n].sub_(phi[n - 2])
-    if outside:  # linear continuation past ±1 with the slope at the edge: φ_n'(±1)·excess (φ_0' = 0: φ_0 stays 1)
-        plus, minus = edge_slopes(basis, order)
-        magnitude = excess.abs()  # φ_n'(−1) = ±φ_n'(+1): the term is φ_n'(+1)·excess (same) or φ_n'(+1)·|excess|
-        for n in range(1, order + 1):
-            phi[n].add_(plus[n] * (excess if minus[n] == plus[n] else magnitude))
+    outside, P = tc.device.type != "cpu" or bool((excess != 0).any()), tc.shape[-1]
+    out = torch.empty(*tc.shape[:-1], order + 1, P, dtype=dtype, device=tc.device)
+    rows = [t.reshape(-1, P) for t in (tc, excess, scale)] + [out.view(-1, order + 1, P)]
+    step = max(1, BLOCK // max(P, 1)) if tc.device.type == "cpu" else max(rows[0].shape[0], 1)
+    for first in range(0, rows[0].shape[0], step):
+        _basis_block(*(r[first:first + step] for r in rows), order, basis, outside)
     return out
+
+
+def _basis_block(tc, excess, scale, out, order: int, basis: str, outside: bool) -> None:
+    """series_basis on one block of rows: out [R, N+1, P] ← the features of tc, excess, scale [R, P]."""
+    phi = out.unbind(-2)  # views: φ_n is written once, in place
+    if outside:  # φ_n'(−1) = ±φ_n'(+1): the term is φ_n'(+1) times scale·excess (same slope) or scale·|excess|
+        plus, minus = edge_slopes(basis, order)
+        slope = (scale * excess, scale * excess.abs())
+    two_t = 2.0 * tc
+    prev, cur = scale, scale * tc
+    phi[0].copy_(prev)
+    for n in range(1, order + 1):
+        if n >= 2:  # Taylor: φ_n = φ_(n−1)·t;  Chebyshev: T_n = 2t T_(n−1) − T_(n−2)
+            prev, cur = cur, (cur * tc if basis == "taylor" else two_t * cur - prev)
+        phi[n].copy_(cur + plus[n] * slope[minus[n] != plus[n]] if outside else cur)
 
 
 # series_basis as one opaque op for torch.compile (inlined, the recurrence unrolls into one expression growing with N:
 # minutes of compiling at order 12); once a process, though a release's copy of this file may be imported beside ours
-SERIES_BASIS_OP = "series_basis_v1"  # a new name whenever series_basis changes
+SERIES_BASIS_OP = "series_basis_v2"  # a new name whenever series_basis changes
 if not hasattr(torch.ops.taylormlp, SERIES_BASIS_OP):
     torch.library.custom_op(f"taylormlp::{SERIES_BASIS_OP}", series_basis, mutates_args=(),  # schema not inferred
-                            schema="(Tensor tc, Tensor excess, int order, str basis) -> Tensor").register_fake(
-        lambda tc, excess, order, basis: tc.new_empty(*tc.shape[:-1], order + 1, tc.shape[-1]))
+                            schema="(Tensor tc, Tensor excess, Tensor scale, int order, str basis, ScalarType dtype) "
+                                   "-> Tensor").register_fake(
+        lambda tc, excess, scale, order, basis, dtype: tc.new_empty(*tc.shape[:-1], order + 1, tc.shape[-1],
+                                                                    dtype=dtype))
 SERIES_BASIS = getattr(torch.ops.taylormlp, SERIES_BASIS_OP)
 
 
@@ -189,16 +198,18 @@ def piece_coordinates(z: torch.Tensor, z0: torch.Tensor, h: torch.Tensor):
     return tc, t - tc
 
 
-def stacked_features(tc: torch.Tensor, excess: torch.Tensor, u, active, order: int, basis: str) -> torch.Tensor:
-    """[..., (N+1)·Q]: the basis φ_n(t) of every piece (series_basis; under torch.compile the custom op
-    SERIES_BASIS), times the live mask and u (gated), written in place: what the one stacked matmul with Θ reads."""
+def stacked_features(tc: torch.Tensor, excess: torch.Tensor, u, active, order: int, basis: str,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[..., (N+1)·Q] in `dtype` (default tc's): the basis φ_n(t) of every piece times the live mask and u (gated),
+    series_basis (under torch.compile the custom op SERIES_BASIS): what the one stacked matmul with Θ reads."""
     build = SERIES_BASIS if torch.compiler.is_compiling() else series_basis
-    out = build(tc, excess, order, basis)
-    if active is not None:
-        out.mul_(active.to(tc.dtype).unsqueeze(-2))
-    if u is not None:
-        out.mul_(u.unsqueeze(-2))
-    return out.flatten(-2)
+    return build(tc, excess, feature_scale(tc, u, active), order, basis, dtype or tc.dtype).flatten(-2)
+
+
+def feature_scale(tc: torch.Tensor, u, active) -> torch.Tensor:
+    """u ⊙ the live mask (each where there is one, else ones): what every order of a piece's features is scaled by."""
+    scale = u if u is not None else torch.ones_like(tc)
+    return scale * active.to(tc.dtype) if active is not None else scale
 
 
 class RestMLP(nn.Module):
@@ -259,44 +270,32 @@ class TaylorMLP(nn.Module):
         z, u, active = piece_inputs(self, x)
         return (*piece_coordinates(z, self.z0, self.h), u, active)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), in float32 or wider: series_basis, in
-        place at a third of the out-of-place form's memory traffic and bit-identical to it; under torch.compile (vLLM,
-        CUDA graphs) the same code as the custom op SERIES_BASIS; with autograd recording, the out-of-place form."""
+    def features(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[..., (N+1)·P] stacked basis features φ_n(t) (⊙ u for gated MLPs), computed in float32 or wider and written
+        in `dtype` (default: that): series_basis, in place and bit-identical to the formulas; under torch.compile
+        (vLLM, CUDA graphs) the custom op SERIES_BASIS; with autograd recording, the out-of-place form."""
         inputs = [x, self.gate.weight, self.z0, self.h] + ([self.up.weight] if self.up is not None else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            return self.features_differentiable(x)
-        return stacked_features(*self.coordinates(x), self.order, self.basis)
+            return self.features_differentiable(x, dtype)
+        return stacked_features(*self.coordinates(x), self.order, self.basis, dtype)
 
-    def features_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+    def features_differentiable(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """features() out of place, as the formulas read (autograd runs through it; the in-place form is tested against
         it bit for bit): no branch on a tensor's value, no write into a view; the continuation is always added."""
         tc, excess, u, active = self.coordinates(x)
-        work = tc.dtype
-        N = self.order
-        phi = [torch.ones_like(tc)]
-        if self.basis == "taylor":  # φ_n = tⁿ built term by term
-            for n in range(1, N + 1):
-                phi.append(phi[n - 1] * tc)
-        else:  # Chebyshev: T_{n+1} = 2t T_n - T_{n-1}
-            for n in range(1, N + 1):
-                phi.append(tc if n == 1 else 2.0 * tc * phi[n - 1] - phi[n - 2])
-        basis = torch.stack(phi, dim=-2)  # [..., N+1, P]
-        plus, minus = edge_slopes(self.basis, N)  # φ_n'(±1) on the side of t_c, times the excess (0 inside)
-        right = tc >= 0
-        dphi = [torch.zeros_like(tc)] + [torch.where(right, plus[n], minus[n]) for n in range(1, N + 1)]
-        basis = basis + torch.stack(dphi, dim=-2) * excess.unsqueeze(-2)
-        if active is not None:
-            basis = basis * active.to(work).unsqueeze(-2)
-        if u is not None:
-            basis = basis * u.unsqueeze(-2)
-        return basis.flatten(-2)
+        scale = feature_scale(tc, u, active)
+        phi = [scale, scale * tc]  # scale·φ_0, scale·φ_1
+        for _ in range(2, self.order + 1):  # Taylor: φ_n = φ_(n−1)·t;  Chebyshev: T_n = 2t T_(n−1) − T_(n−2)
+            phi.append(phi[-1] * tc if self.basis == "taylor" else 2.0 * tc * phi[-1] - phi[-2])
+        plus, minus = edge_slopes(self.basis, self.order)  # φ_n'(±1)·excess past the interval (0 inside)
+        slope = (scale * excess, scale * excess.abs())  # on the left, φ_n'(−1)·excess = φ_n'(+1)·(±excess)
+        terms = [phi[0]] + [phi[n] + plus[n] * slope[minus[n] != plus[n]] for n in range(1, self.order + 1)]
+        return torch.stack(terms, dim=-2).flatten(-2).to(dtype or tc.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.protected == 0:  # a layer with no protected channel is its rest MLP alone (no zero-width matmul)
             return self.rest(x)
-        feats = self.features(x)
-        y = nn.functional.linear(feats.to(self.theta.dtype), self.theta).to(x.dtype)  # one stacked matmul
+        y = nn.functional.linear(self.features(x, self.theta.dtype), self.theta).to(x.dtype)  # one stacked matmul
         if self.rest is not None:
             y = y + self.rest(x)
         return y

@@ -202,7 +202,7 @@ class VllmTaylorMLP(nn.Module):
                 z, u = z[..., :self.local], u[..., :self.local]
             z, u, active = runtime.select_pieces(z, u, index)
             tc, excess = runtime.piece_coordinates(z, self.z0, self.h)
-            y = self.theta(runtime.stacked_features(tc, excess, u, active, self.order, self.basis).to(self.dtype))[0]
+            y = self.theta(runtime.stacked_features(tc, excess, u, active, self.order, self.basis, self.dtype))[0]
         if self.rest is not None:
             rest = self.rest(x)
             y = rest if y is None else y + rest.to(y.dtype)  # summed in the series' dtype, rounded once
