@@ -515,12 +515,13 @@ def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_pat
     events = []
 
     class Engine:
-        def __init__(self, model_dir, log_path, dtype="auto", eager=False):
+        def __init__(self, model_dir, log_path, dtype="auto", eager=False, max_model_len=512):
             self.name, self.ready = Path(log_path).stem, {}
             events.append(("start", self.name))
 
         def run(self, prompts, tokens):
-            return {"decode_s": 2.0 if self.name.startswith("candidate") else 1.0}
+            seconds = 2.0 if self.name.startswith("candidate") else 1.0
+            return {"prefill_s": seconds, "decode_s": seconds}
 
         def close(self):
             events.append(("stop", self.name))
@@ -540,10 +541,11 @@ def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_pat
     monkeypatch.setattr(vllm_dial, "EngineWorker", Engine)
     monkeypatch.setattr(vllm_dial, "interleaved", lambda runs, repeats, desc: {k: [f()] for k, f in runs.items()})
     dial, a, b = vllm_dial.EngineDial(tmp_path, None, [1], workdir=tmp_path / "w"), Candidate(), Candidate()
-    assert dial(a, 0.5, (4,)) == {4: 2.0}
+    twice = {"prefill": 2.0, "decode": 2.0, "request": 2.0}
+    assert dial(a, 0.5, (4,)) == {4: twice}
     assert events == [("start", "original"), ("write", 0.5), ("start", "candidate-1")]
     events.clear()
-    assert dial(a, 0.5, (1, 4)) == {1: 2.0, 4: 2.0}
+    assert dial(a, 0.5, (1, 4)) == {1: twice, 4: twice}
     assert events == [("stop", "candidate-1"), ("stop", "original"), ("start", "original"), ("start", "candidate-1")]
     events.clear()
     dial(b, 0.5, (4,))

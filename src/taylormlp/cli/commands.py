@@ -123,7 +123,7 @@ def cmd_protect(args) -> int:
         seed=args.seed, chat=False if args.no_chat else None, force=args.force, error_budget=args.error_budget,
         max_pieces=args.max_pieces, calibration_samples=args.calibration_samples, batch_size=args.batch_size,
         device=args.device, dry_run=args.dry_run, engine=args.engine, engine_dtype=args.engine_dtype,
-        rounds=args.rounds)
+        rounds=args.rounds, workload=args.workload)
     if args.dry_run:
         print("\n".join(summary["estimate"].table()))
         preflight.check(summary["estimate"])  # the real run's refusal, exit status 2 (nothing was written)
@@ -135,7 +135,9 @@ def cmd_protect(args) -> int:
         slow = summary["slowdown"]
         at = f" at batch {slow['serving_batch']}" if slow.get("serving_batch", 1) > 1 else ""
         curve = ", ".join(f"{p['measured']:.2f}x at batch {p['batch']}" for p in slow.get("curve", []))
-        print(f"measured decode slowdown {slow['measured']:.2f}x{at} (target {slow['target']}x)"
+        what = f"whole-request slowdown on workload {slow['workload']['prompt_tokens']}:" \
+               f"{slow['workload']['new_tokens']}" if slow.get("workload") else "decode slowdown"
+        print(f"measured {what} {slow['measured']:.2f}x{at} (target {slow['target']}x)"
               + (f"; curve: {curve}" if curve else ""))
     print(SECURITY_POINTER)
     return 0

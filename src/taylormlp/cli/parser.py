@@ -28,6 +28,7 @@ from ..common.choices import (
     MAX_PIECES,
     PRESETS,
     WORKLOAD_NEW_TOKENS,
+    parse_workload,
 )
 from ..common.errors import TaylorMLPError
 
@@ -79,6 +80,15 @@ KV_TOKENS = Number(int, 256)
 BATCH_TOKENS = Number(int, 16)
 CLIENTS = Number(int, 1, 256)
 GENERATED = Number(int, 2)  # a workload's generated tokens: the prefill's, then at least one decode step
+
+
+def _workload(text: str) -> str:
+    """--workload's type: 'P:G' checked (common/choices.parse_workload), kept as given."""
+    try:
+        parse_workload(text)
+    except TaylorMLPError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _one_line(text: str) -> str:
@@ -146,6 +156,12 @@ def _add_protect(sub) -> None:
                         f"decoded together, as a server batches requests), B {BATCH.limits}; the slowdown grows with "
                         "the batch on a CPU, and the release records it at batch 1, 8, 32 and B either way. Default 1 "
                         "(one sequence)")
+    p.add_argument("--workload", type=_workload, metavar="P:G",
+                   help="with --slowdown: meet it as the whole-request throughput ratio on the requests users send: "
+                        "at --serving-batch B, B distinct prompts of real text of P tokens each, each generating G "
+                        "tokens (e.g. 512:128; P at least 1, G at least 2), prefill and decode timed together; the "
+                        "card records the workload and the prefill, decode and request slowdowns at batch 1 and B. "
+                        "Default: none (decode throughput on a short prompt)")
     p.add_argument("--rounds", type=ROUNDS,
                    help=f"with --slowdown: at most R rounds, R {ROUNDS.limits}; a round measures one setting (and "
                         "confirms a read near the target); after each miss the line from FLOPs ratio to measured "

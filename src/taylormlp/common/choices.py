@@ -37,6 +37,19 @@ PRESETS = {
 
 WORKLOAD_NEW_TOKENS = 128  # bench --prompt-tokens P without --new-tokens: G
 
+
+def parse_workload(text: str) -> tuple[int, int]:
+    """'P:G' (protect --workload, e.g. 512:128) as (prompt tokens, generated tokens): P at least 1, G at least 2 (the
+    first generated token comes from the prefill, the others are decode steps)."""
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise TaylorMLPError(f"workload {text!r}: write it as P:G, prompt tokens and generated tokens, e.g. 512:128")
+    prompt, new = int(parts[0]), int(parts[1])
+    if prompt < 1 or new < 2:
+        raise TaylorMLPError(f"workload {text!r}: give at least 1 prompt token and 2 generated tokens (the first comes "
+                             f"from the prefill, the others are the decode the slowdown is read on)")
+    return prompt, new
+
 # ---------------------------------------------------------------- built-in models (SOURCE names)
 
 

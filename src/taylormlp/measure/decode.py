@@ -339,6 +339,21 @@ def paired_ratios(runs: list, reference: list, key: str | None = None) -> list[f
     return [pick(a) / pick(b) for a, b in zip(runs, reference)]
 
 
+PHASES = ("prefill", "decode", "request")  # a request's prefill (to the first token), its decode steps, and both
+
+
+def phase_seconds(run: dict, phase: str) -> float:
+    """A timed run's seconds in one of PHASES (run: {"prefill_s", "decode_s", ...}, as measure_decode returns)."""
+    return run["prefill_s"] + run["decode_s"] if phase == "request" else run[f"{phase}_s"]
+
+
+def phase_ratios(runs: list[dict], reference: list[dict]) -> dict[str, list[float]]:
+    """Per phase (PHASES), the per-round paired ratios of runs to the reference's: the statistic of every slowdown
+    is their median (and their range)."""
+    return {phase: paired_ratios([phase_seconds(r, phase) for r in runs], [phase_seconds(r, phase) for r in reference])
+            for phase in PHASES}
+
+
 def batch_timings(models: dict, input_ids, new_tokens: int, repeats: int, batch_sizes=(1,),
                   desc: str | None = "timing (interleaved)") -> dict[int, dict[str, list[dict]]]:
     """`measure_decode` of every model at every batch size (`input_ids`: one prompt, repeated by batch_ids),

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..common.hooks import swapped
-from .decode import batch_ids, batch_timings, interleaved, measure_decode, paired_ratios, timing_summary
+from .decode import (batch_ids, batch_timings, interleaved, measure_decode, paired_ratios, phase_ratios,
+                     timing_summary)
 from .generate import format_prompt
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
@@ -69,18 +70,21 @@ def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
 
 
 def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_tokens: int = 24, repeats: int = 3,
-                   budget: float | None = None, timer=None) -> tuple[dict[int, float], dict]:
-    """Per batch size B: the median over interleaved runs (decode.interleaved; every batch size and both models in
-    one run) of decode time(release) / decode time(original) in the same round, on this machine.  `timer(model, B)`
-    is one run's seconds (default: decode.measure_decode's decode steps on B copies of `input_ids`).
+                   budget: float | None = None, timer=None) -> tuple[dict, dict]:
+    """Per batch size B: release time / original time in the same round, the median over interleaved runs
+    (decode.interleaved; every batch size and both models in one run), on this machine.  `timer(model, B)` is one run:
+    {"prefill_s", "decode_s"} (default: decode.measure_decode on decode.batch_ids(input_ids, B): B copies of one
+    prompt, or a workload's first B prompts, then `new_tokens` decode steps), and B's value is then {phase: ratio}
+    for decode.PHASES (prefill, decode, request); a timer that returns seconds gives one ratio per B.
 
     A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
     their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
-    ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (decode time is a sum over
-    layers).  Returns ({B: ratio}, details: layers timed, and per B the ratio actually timed when it was scaled)."""
+    ones: ratio = 1 + (timed ratio − 1) · Σ_all extra MACs / Σ_timed extra MACs (time is a sum over layers).
+    Returns ({B: ratio}, details: layers timed, and per B the ratio actually timed when it was scaled)."""
     if timer is None:
         def timer(model, batch):
-            return measure_decode(model, batch_ids(input_ids, batch), new_tokens)["decode_s"]
+            run = measure_decode(model, batch_ids(input_ids, batch), new_tokens)
+            return {"prefill_s": run["prefill_s"], "decode_s": run["decode_s"]}
 
     sizes = list(dict.fromkeys(int(b) for b in batches))
     values, extra = protector.layer_work(coverage)
@@ -97,13 +101,26 @@ def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_toke
     with torch.no_grad():
         times = interleaved(runs, repeats)
     del taylor, release, runs
-    timed = {b: statistics.median(paired_ratios(times[(b, "release")], times[(b, "original")])) for b in sizes}
+    timed = {b: _median_ratios(times[(b, "release")], times[(b, "original")]) for b in sizes}
     details = {"layers_timed": len(layers), "layers": len(values)}
     if len(layers) == len(values) or extra[layers].sum() == 0:
         return timed, details
     scale = float(extra.sum() / extra[layers].sum())
-    return ({b: 1.0 + (r - 1.0) * scale for b, r in timed.items()},
-            {**details, "timed_ratio": timed, "scale": scale})
+    return ({b: _scaled(r, scale) for b, r in timed.items()}, {**details, "timed_ratio": timed, "scale": scale})
+
+
+def _median_ratios(mine: list, base: list):
+    """The median of the paired ratios: per phase where the runs are dicts (decode.phase_ratios), else of the runs."""
+    if isinstance(mine[0], dict):
+        return {phase: statistics.median(r) for phase, r in phase_ratios(mine, base).items()}
+    return statistics.median(paired_ratios(mine, base))
+
+
+def _scaled(ratio, scale: float):
+    """1 + (ratio − 1)·scale, per phase where `ratio` is a dict of them."""
+    if isinstance(ratio, dict):
+        return {phase: _scaled(r, scale) for phase, r in ratio.items()}
+    return 1.0 + (ratio - 1.0) * scale
 
 
 # ---------------------------------------------------------------- bench: loaded models

@@ -25,18 +25,16 @@ from pathlib import Path
 import torch
 
 from ..common import machine
+from ..common.choices import parse_workload
 from ..common.corpus import stdlib_prose
 from ..common.errors import TaylorMLPError
 from ..common.paths import write_text_atomically
 from ..common.progress import log
 from .bench import ORIGINAL, load_models
 from .cost import flops_per_token, forward_flops
-from .decode import batch_timings, paired_ratios
+from .decode import batch_timings, phase_ratios, phase_seconds
 from .report import format_workload, plot_workload
 from .throughput import machine_description
-
-PHASES = ("prefill", "decode", "request")
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -46,9 +44,7 @@ class Workload:
     new_tokens: int
 
     def __post_init__(self):
-        if self.prompt_tokens < 1 or self.new_tokens < 2:
-            raise TaylorMLPError(f"workload {self.label}: give at least 1 prompt token and 2 generated tokens (the "
-                                 f"first comes from the prefill, the others are the decode the slowdown is read on)")
+        parse_workload(self.label)  # the limits, with the message --workload gives
 
     @property
     def label(self) -> str:
@@ -56,11 +52,8 @@ class Workload:
 
     @classmethod
     def parse(cls, text: str) -> "Workload":
-        """'P:G' (e.g. 512:128), as --workload takes it."""
-        parts = str(text).split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise TaylorMLPError(f"workload {text!r}: write it as P:G, prompt tokens and generated tokens, e.g. 512:128")
-        return cls(int(parts[0]), int(parts[1]))
+        """'P:G' (e.g. 512:128), as --workload takes it (common/choices.parse_workload)."""
+        return cls(*parse_workload(text))
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens}
@@ -91,18 +84,13 @@ def workload_rows(runs: dict, original: str, workload: Workload) -> list[dict]:
         for name, mine in runs[batch].items():
             row = {"batch": batch, "name": name, "kind": "original" if name == original else "release",
                    **workload.as_dict()}
-            for phase in PHASES:
-                own, ref = [_seconds(r, phase) for r in mine], [_seconds(r, phase) for r in base]
-                ratios = paired_ratios(own, ref)
-                row.update({f"{phase}_s": statistics.median(own), f"{phase}_slowdown": statistics.median(ratios),
+            for phase, ratios in phase_ratios(mine, base).items():
+                row.update({f"{phase}_s": statistics.median(phase_seconds(r, phase) for r in mine),
+                            f"{phase}_slowdown": statistics.median(ratios),
                             f"{phase}_slowdown_min": min(ratios), f"{phase}_slowdown_max": max(ratios)})
             row["request_tokens_per_s"] = batch * workload.new_tokens / row["request_s"]
             rows.append(row)
     return rows
-
-
-def _seconds(run: dict, phase: str) -> float:
-    return run["prefill_s"] + run["decode_s"] if phase == "request" else run[f"{phase}_s"]
 
 
 def work_model(models: dict, original: str, prompt: list[int]) -> dict[str, dict]:

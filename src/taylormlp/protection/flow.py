@@ -23,6 +23,7 @@ from ..common.machine import resolve_device
 from ..common.progress import log
 from ..measure.decode import validate
 from ..measure.throughput import measure_prompt_ids
+from ..measure.workload import Workload
 from ..release.card import base_model, model_card
 from ..release.directory import DTYPES, ModelTensors, check_output_dir, release_size
 from ..release.sources import is_chat_model, load_base, load_tokenizer, resolve_source
@@ -39,17 +40,17 @@ from .vllm_dial import EngineDial
 
 def run(model, tokenizer, texts, opts: ProtectOptions, chat: bool, *, prepared=None, mlps=None,
         streamed: bool = False, slowdown: float | None = None, serving_batch: int = 1, measure=None,
-        rounds: int = ROUNDS):
+        rounds: int = ROUNDS, workload: Workload | None = None):
     """Steps 1-4 on `model` (left as it is): (ReleaseSpec, Setting).  `prepared` = (CalibrationData, Ranges) skips
     step 1; `mlps`/`streamed` read the MLP weights from a streamed source (stream.SourceMLPs); `slowdown` chooses
-    the setting by measured decode slowdown at `serving_batch`, at most `rounds` settings measured (`measure` injects
-    the timing, as tests do)."""
+    the setting by measured decode slowdown at `serving_batch` (with a `workload`: whole-request slowdown on it), at
+    most `rounds` settings measured (`measure` injects the timing, as tests do)."""
     data, ranges = prepared if prepared is not None else calibrate(model, tokenizer, texts, opts, chat)
     if slowdown is None:
         setting = choose_coverage(Protector(model, ranges, opts, mlps=mlps, streamed=streamed), data)
     else:
         setting = choose_slowdown(model, tokenizer, chat, (data, ranges), opts, slowdown, measure=measure,
-                                  rounds=rounds, serving_batch=serving_batch)
+                                  rounds=rounds, serving_batch=serving_batch, workload=workload)
     return finish(setting, data, ranges), setting
 
 
@@ -103,7 +104,7 @@ def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
                        serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", rounds=None,
-                       **tuning) -> dict:
+                       workload: str | None = None, **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -114,19 +115,19 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
     which the slowdown is met (throttle.choose_slowdown); engine="vllm" (with `slowdown` only) measures it on vLLM
     in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial); `rounds` (with `slowdown` only) caps the
-    settings measured (default 3).
+    settings measured (default throttle.ROUNDS); `workload` "P:G" (with `slowdown` only) dials whole-request
+    throughput on B distinct prompts of P tokens, G generated tokens each, instead of decode throughput.
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
-    if serving_batch is not None and slowdown is None:
-        raise TaylorMLPError(f"--serving-batch {serving_batch} needs --slowdown X: it sets the batch size at which the "
-                             f"slowdown is met; add --slowdown or drop --serving-batch")
-    if engine != "taylormlp" and slowdown is None:
-        raise TaylorMLPError(f"--engine {engine} needs --slowdown X: it sets the engine the slowdown is measured on; "
-                             f"add --slowdown or drop --engine")
-    if rounds is not None and slowdown is None:
-        raise TaylorMLPError(f"--rounds {rounds} needs --slowdown X: it caps the settings the slowdown dial measures; "
-                             f"add --slowdown or drop --rounds")
+    for flag, value, what in (("--serving-batch", serving_batch, "sets the batch size at which the slowdown is met"),
+                              ("--engine", None if engine == "taylormlp" else engine,
+                               "sets the engine the slowdown is measured on"),
+                              ("--rounds", rounds, "caps the settings the slowdown dial measures"),
+                              ("--workload", workload, "sets the requests the slowdown is met on")):
+        if value is not None and slowdown is None:
+            raise TaylorMLPError(f"{flag} {value} needs --slowdown X: it {what}; add --slowdown or drop {flag}")
+    workload = Workload.parse(workload) if workload is not None else None
     if engine_dtype != "auto" and engine != "vllm":
         raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for --engine vllm; the release's dtype is --dtype")
     if engine == "vllm":
@@ -157,11 +158,12 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
         chat = is_chat_model(tokenizer) if chat is None else chat
         measure = None
         if engine == "vllm":
-            measure = EngineDial(model_dir, tokenizer, measure_prompt_ids(tokenizer, chat)[0].tolist(), engine_dtype)
+            measure = EngineDial(model_dir, tokenizer, measure_prompt_ids(tokenizer, chat)[0].tolist(), engine_dtype,
+                                 workload=workload)
         try:
             spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
                                 slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch,
-                                measure=measure, rounds=ROUNDS if rounds is None else rounds)
+                                measure=measure, rounds=ROUNDS if rounds is None else rounds, workload=workload)
         finally:
             if measure is not None:
                 measure.close()

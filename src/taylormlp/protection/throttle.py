@@ -52,6 +52,7 @@ from ..common.progress import log, status
 from ..maths import series
 from ..measure.cost import WorkModel, flops_per_token, parameter_bytes_read
 from ..measure.throughput import curve_batches, machine_description, measure_prompt_ids, measure_ratios
+from ..measure.workload import Workload, workload_prompts
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage, largest_accepted, screened_check
@@ -261,8 +262,13 @@ class SlowdownChooser:
         return self.choice(choice.family, choice.order, coverage)
 
 
+def aimed(value, phase: str) -> float:
+    """A measured value's ratio in the phase the dial aims at: the value itself, or its `phase` entry."""
+    return value[phase] if isinstance(value, dict) else value
+
+
 def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: ProtectOptions, target: float, measure=None,
-                    rounds: int = ROUNDS, serving_batch: int = 1) -> Setting:
+                    rounds: int = ROUNDS, serving_batch: int = 1, workload: Workload | None = None) -> Setting:
     """Step 3 of the protect flow for --slowdown (flow.run): the setting whose measured decode slowdown at batch
     `serving_batch` (the throughput ratio of B concurrent sequences) is within ±10% of `target`, coverage as large as
     that allows, calibrated by `prepared` = (CalibrationData, Ranges).  Its Setting says whether its Θ fits in memory
@@ -270,7 +276,10 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
     slowdown record.  The choice's slowdown curve (throughput.curve_batches) is measured once more, in one interleaved
     run, and recorded.  `measure(protector, coverage, batches)` -> {batch: measured ratio} (default:
     throughput.measure_ratios, interleaved decode timing on this machine; tests inject a deterministic one); its
-    `engine` attribute, where it has one, describes the engine for the record (vllm_dial.EngineDial)."""
+    `engine` attribute, where it has one, describes the engine for the record (vllm_dial.EngineDial).  A measured
+    value is a ratio, or {phase: ratio} for decode.PHASES; the dial aims at the decode phase, or with a `workload`
+    (--workload P:G: B distinct prompts of P tokens, G generated tokens each) at the whole request's, and the record
+    keeps every phase at batch 1 and B (its curve is then read at those two only)."""
     lo, hi = SLOWDOWN_RANGE
     if not lo <= target <= hi:
         raise TaylorMLPError(f"--slowdown must be between {lo} and {hi}, got {target}")
@@ -283,11 +292,17 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
     if not data.validation:
         raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
     details: dict = {}
+    phase = "request" if workload is not None else "decode"
+    curve_at = curve_batches(batch) if workload is None else tuple(sorted({1, batch}))
     if measure is None:
-        ids = measure_prompt_ids(tokenizer, chat)
+        if workload is None:
+            ids, steps = measure_prompt_ids(tokenizer, chat), 24
+        else:
+            ids = torch.tensor(workload_prompts(tokenizer, workload.prompt_tokens, max(curve_at)))
+            steps = workload.new_tokens - 1
 
         def measure(protector, coverage, batches):
-            ratios, info = measure_ratios(protector, coverage, ids, batches, budget=memory_budget())
+            ratios, info = measure_ratios(protector, coverage, ids, batches, new_tokens=steps, budget=memory_budget())
             details.update(info)
             return ratios
 
@@ -302,13 +317,15 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
 
     def measured(choice: Choice) -> float:
         details.clear()
-        ratio = measure(chooser.protector(choice.family, choice.order), choice.coverage, (batch,))[batch]
+        value = measure(chooser.protector(choice.family, choice.order), choice.coverage, (batch,))[batch]
+        ratio = aimed(value, phase)
         if "timed_ratio" in details:
-            details["timed_ratio"] = details["timed_ratio"][batch]
+            details["timed_ratio"] = aimed(details["timed_ratio"][batch], phase)
         line.add(choice.predicted, ratio)
         reads.setdefault(_exact_key(choice.family, choice.order, choice.coverage), []).append(ratio)
         measurements.append({"family": choice.family, "order": choice.order, "coverage": choice.coverage,
-                             "batch": batch, "flops_ratio": choice.predicted, "measured": ratio, **details})
+                             "batch": batch, "flops_ratio": choice.predicted, "measured": ratio, **details,
+                             **({"phases": value} if isinstance(value, dict) else {})})
         scaled = (f" (timed on {details['layers_timed']} of {details['layers']} layers: {details['timed_ratio']:.2f}x, "
                   f"scaled by their share of the extra work)" if "timed_ratio" in details else "")
         log(f"{choice.family} N={choice.order} coverage {choice.coverage:.3f}: FLOPs {choice.predicted:.2f}x, "
@@ -382,8 +399,9 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
         log(f"the chosen series coefficients take {need / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
             f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
             f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
-    with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_batches(batch)))}"):
-        curve = measure(protector, choice.coverage, curve_batches(batch))
+    with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_at))}"):
+        phases = measure(protector, choice.coverage, curve_at)
+    curve = {b: aimed(v, phase) for b, v in phases.items()}
     log("slowdown curve: " + ", ".join(f"{r:.2f}x at batch {b}" for b, r in sorted(curve.items())))
     mine, accepted = reads.setdefault(_exact_key(choice.family, choice.order, choice.coverage), []), ratio
     if abs(curve[batch] / accepted - 1.0) > TOLERANCE:  # the curve disagrees with the accepted figure: read B again
@@ -397,7 +415,9 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
     record = {"target": target, "serving_batch": batch, "measured": ratio, "flops_ratio": choice.predicted,
               "bytes_ratio": work.bytes_ratio(choice.coverage), "accepted": accepted,
               "reads": mine + [curve[batch]], "curve_agrees": agrees, "engine": engine,
-              "curve": [{"batch": b, "measured": r} for b, r in sorted(curve.items())],
+              "curve": [{"batch": b, "measured": r, **({"phases": phases[b]} if isinstance(phases[b], dict) else {})}
+                        for b, r in sorted(curve.items())], "phase": phase,
+              **({"workload": workload.as_dict()} if workload is not None else {}),
               "within_tolerance": within(ratio), "family": choice.family,
               "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
               "validations": chooser.trace}

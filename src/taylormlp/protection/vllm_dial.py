@@ -5,9 +5,11 @@ EngineDial is the `measure(protector, coverage, batches) -> {batch: ratio}` that
 The original runs in one vllm_engine.EngineWorker, started at the first measurement and kept to the end.  A candidate
 (a Protector's setting at a coverage, the model itself still the original) is written as a temporary release
 (Protector.write_release, float32) and started in a worker of its own, on the path vLLM takes for it (natively through
-taylormlp's plugin where it covers the architecture, else the Transformers backend: vllm_engine.engine_kwargs); the two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B
-copies of protect's timing prompt decoded together, and each batch's ratio is the median of the paired (same-round)
-decode-time ratios, as `taylormlp bench --engine vllm` reports them.  A read of the setting read last (the dial's
+taylormlp's plugin where it covers the architecture, else the Transformers backend: vllm_engine.engine_kwargs); the
+two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B copies of protect's timing
+prompt decoded together (with a workload: its first B distinct prompts of P tokens, G tokens each), and each batch's
+value is, per phase (prefill, decode, request), the median of the paired (same-round) ratios, as `taylormlp bench
+--engine vllm` reports them.  A read of the setting read last (the dial's
 confirming read, the curve, a re-read) keeps the candidate's files but starts both engines afresh: on this 2-core
 CPU one pair of engine processes read 3.9x, 4.0x and 3.9x for a setting that fresh pairs read 3.1x-3.6x, so reads
 taken on one pair are not independent.  A different setting stops the candidate's engine and deletes its directory
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..common.progress import log
-from ..measure.decode import interleaved, paired_ratios
+from ..measure.decode import interleaved, phase_ratios
+from ..measure.workload import Workload, workload_prompts
 from ..release.directory import ModelTensors
 from ..serve.vllm_engine import EngineWorker, require_vllm
 
@@ -34,10 +37,14 @@ class EngineDial:
     `engine` describes it for the release's slowdown record.  close() stops every engine and deletes the candidates."""
 
     def __init__(self, source_dir, tokenizer, prompt: list[int], dtype: str = "auto", eager: bool = False,
-                 tokens: int = 32, repeats: int = 5, workdir=None):
+                 tokens: int = 32, repeats: int = 5, workdir=None, workload: Workload | None = None):
         require_vllm()
         self.source_dir, self.tokenizer, self.prompt = Path(source_dir), tokenizer, list(prompt)
         self.dtype, self.eager, self.tokens, self.repeats = dtype, eager, tokens, repeats
+        self.workload = workload  # B distinct prompts of P tokens and G tokens each, instead of B copies of `prompt`
+        self.prompts: list[list[int]] = []
+        if workload is not None:
+            self.tokens = workload.new_tokens
         self.own_workdir = workdir is None  # a temporary one is deleted by close(), engine logs included
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="taylormlp-vllm-dial-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +66,9 @@ class EngineDial:
 
     def _worker(self, model_dir, name: str) -> EngineWorker:
         log(f"starting vLLM for {name} ({self.dtype}; {self.mode}) ...")
-        return EngineWorker(model_dir, self.workdir / f"{name}.log", dtype=self.dtype, eager=self.eager)
+        length = max(512, (self.workload.prompt_tokens if self.workload else len(self.prompt)) + self.tokens + 16)
+        return EngineWorker(model_dir, self.workdir / f"{name}.log", dtype=self.dtype, eager=self.eager,
+                            max_model_len=length)
 
     def _candidate_worker(self, protector, coverage: float) -> EngineWorker:
         key = (id(protector), round(float(coverage), 6))
@@ -98,10 +107,18 @@ class EngineDial:
         release = self._candidate_worker(protector, coverage)
         sizes = list(dict.fromkeys(int(b) for b in batches))
         workers = {"original": self.original, "release": release}
-        runs = interleaved({(b, name): (lambda w=w, b=b: w.run([self.prompt] * b, self.tokens)) for b in sizes
+        runs = interleaved({(b, name): (lambda w=w, b=b: w.run(self.batch(b), self.tokens)) for b in sizes
                             for name, w in workers.items()}, self.repeats, "timing on vLLM (interleaved)")
-        return {b: statistics.median(paired_ratios(runs[(b, "release")], runs[(b, "original")], "decode_s"))
-                for b in sizes}
+        return {b: {phase: statistics.median(r) for phase, r in
+                    phase_ratios(runs[(b, "release")], runs[(b, "original")]).items()} for b in sizes}
+
+    def batch(self, size: int) -> list[list[int]]:
+        """The prompts of one run at batch `size`: `size` copies of the prompt, or the workload's first `size`."""
+        if self.workload is None:
+            return [self.prompt] * size
+        if len(self.prompts) < size:
+            self.prompts = workload_prompts(self.tokenizer, self.workload.prompt_tokens, size)
+        return self.prompts[:size]
 
     def close(self) -> None:
         self._drop_candidate()

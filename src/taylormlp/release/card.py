@@ -107,8 +107,11 @@ def engine_words(engine: dict | None) -> str:
     """What timed a slowdown, in words; records written before the engine was recorded were timed on our runtime."""
     engine = engine or {"name": "taylormlp", "mode": "eager"}
     if engine["name"] == "vllm":
+        release = engine.get("release_class")
+        how = ("natively, as vLLM's own model (taylormlp's plugin)" if release and release != "TransformersForCausalLM"
+               else "on its Transformers backend")
         return (f"vLLM {engine.get('version', '?')} ({engine.get('mode')}, {engine.get('dtype')}): the original on "
-                f"vLLM's own model code, the release on its Transformers backend")
+                f"vLLM's own model code, the release {how}")
     return f"taylormlp's own {engine.get('mode', 'eager')} runtime" + (f" ({engine['dtype']})" if "dtype" in engine
                                                                        else "")
 
@@ -116,18 +119,29 @@ def engine_words(engine: dict | None) -> str:
 def slowdown_rows(slowdown: dict) -> list[str]:
     """Markdown table rows ("| field | value |") for a ``slowdown`` record; records written before the serving batch
     existed (no "serving_batch", no "curve") were measured at batch 1, before the engine (no "engine") on our
-    runtime, before repeated reads (no "reads") on one read."""
+    runtime, before repeated reads (no "reads") on one read, before workloads (no "workload") on decode."""
     batch = slowdown.get("serving_batch", 1)
     where = f"{machine_words(slowdown.get('machine'))}, {engine_words(slowdown.get('engine'))}"
-    rows = [f"| requested decode slowdown | {slowdown['target']}x at batch {batch} (throughput of {batch} "
-            f"concurrent sequences, release / original) |",
-            f"| measured decode slowdown | {slowdown['measured']:.2f}x at batch {batch} (interleaved with the "
+    work = slowdown.get("workload")
+    if work:
+        what = "whole-request slowdown"
+        on = (f" on workload {work['prompt_tokens']}:{work['new_tokens']} ({batch} distinct prompts of "
+              f"{work['prompt_tokens']} tokens, {work['new_tokens']} generated tokens each: prefill and decode)")
+    else:
+        what, on = "decode slowdown", f" (throughput of {batch} concurrent sequences, release / original)"
+    rows = [f"| requested {what} | {slowdown['target']}x at batch {batch}{on} |",
+            f"| measured {what} | {slowdown['measured']:.2f}x at batch {batch} (interleaved with the "
             f"original, on {where}; a slowdown is a property of the machine and of the batch size) |"]
     curve = slowdown.get("curve") or []
     if curve:
         rows.append("| measured slowdown curve (batch: slowdown) | "
                     + ", ".join(f"{point['batch']}: {point['measured']:.2f}x" for point in curve)
                     + " (one interleaved run after the choice) |")
+    for point in curve:
+        if point.get("phases"):
+            rows.append(f"| prefill / decode / request slowdown at batch {point['batch']} | "
+                        + " / ".join(f"{point['phases'][phase]:.2f}x" for phase in ("prefill", "decode", "request"))
+                        + " (time to first token; the other tokens; the whole request) |")
     if slowdown.get("reads"):
         agrees = {True: "yes", False: "no"}.get(slowdown.get("curve_agrees"), "not recorded")
         rows.append(f"| reads at batch {batch} (the measured figure is their median) | "
