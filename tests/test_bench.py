@@ -135,7 +135,7 @@ def test_bench_models_table_and_plot(models, base_and_ranges, tmp_path):
         paired = [run["decode_s"] / base["decode_s"] for run, base in zip(row["runs"], ref["runs"])]
         assert (row["decode_ratio_min"], row["decode_ratio_max"]) == pytest.approx((min(paired), max(paired)))
     results = {"source": "tiny", "prompt_tokens": PROMPT.shape[1], "new_tokens": 2, "repeats": 2,
-               "machine": {"torch_threads": 1}, "models": rows}
+               "machine": {"threads": 1}, "models": rows}
     text = bench.format_table(results)
     assert "n8" in text and "taylor4" in text and "per term" in text
     png = bench.plot_results(results, tmp_path / "sub" / "bench.png")

@@ -218,3 +218,13 @@ def test_generate_matches_base(capsys, tiny_release, tiny_llama_dir):
 def test_generate_on_a_non_release(capsys, tmp_path):
     code, _, err = run_cli(["generate", tmp_path, "--prompt", "x"], capsys)
     assert code == 2 and "manifest" in err
+
+
+def test_resolve_source_is_on_the_top_level_api(tiny_llama_dir):
+    """The README's `taylormlp.resolve_source` (a stable place since the stage folders moved release/sources.py)."""
+    import taylormlp
+    from taylormlp.release import sources
+
+    assert "resolve_source" in taylormlp.__all__ and taylormlp.resolve_source is sources.resolve_source
+    assert str(taylormlp.resolve_source(str(tiny_llama_dir))) == str(tiny_llama_dir)
+

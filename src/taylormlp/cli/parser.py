@@ -26,7 +26,10 @@ from ..common.choices import (
     DTYPE_NAMES,
     MAX_ORDER,
     MAX_PIECES,
+    MAX_ROUNDS,
     PRESETS,
+    ROUNDS,
+    SLOWDOWN_RANGE,
     WORKLOAD_NEW_TOKENS,
     parse_workload,
 )
@@ -70,11 +73,11 @@ POSITIVE = Number(int, 1)
 ORDER = Number(int, 1, MAX_ORDER)
 PIECES = Number(int, 1, MAX_PIECES)
 SHARE = Number(float, 0.0, 1.0)
-SLOWDOWN = Number(float, 1.25, 16.0)
+SLOWDOWN = Number(float, *SLOWDOWN_RANGE)
 BUDGET = Number(float, 0.0, low_open=True)
 SEED = Number(int, 0)
 BATCH = Number(int, 1, 1024)
-ROUNDS = Number(int, 1, 12)
+ROUND_COUNT = Number(int, 1, MAX_ROUNDS)
 PORT = Number(int, 1, 65535)
 KV_TOKENS = Number(int, 256)
 BATCH_TOKENS = Number(int, 16)
@@ -162,11 +165,11 @@ def _add_protect(sub) -> None:
                         "tokens (e.g. 512:128; P at least 1, G at least 2), prefill and decode timed together; the "
                         "card records the workload and the prefill, decode and request slowdowns at batch 1 and B. "
                         "Default: none (decode throughput on a short prompt)")
-    p.add_argument("--rounds", type=ROUNDS,
-                   help=f"with --slowdown: at most R rounds, R {ROUNDS.limits}; a round measures one setting (and "
+    p.add_argument("--rounds", type=ROUND_COUNT,
+                   help=f"with --slowdown: at most R rounds, R {ROUND_COUNT.limits}; a round measures one setting (and "
                         "confirms a read near the target); after each miss the line from FLOPs ratio to measured "
                         "slowdown is refitted and the next setting chosen from it (the same one: read again). "
-                        "Default 3 (on a noisy machine or on vLLM, whose slowdown the FLOPs model predicts less "
+                        f"Default {ROUNDS} (on a noisy machine or on vLLM, whose slowdown the FLOPs model predicts less "
                         "well, 5 reaches the target more often)")
     p.add_argument("--engine", choices=["taylormlp", "vllm"], default="taylormlp",
                    help="with --slowdown: where the slowdown is measured and dialed. 'taylormlp' (default): our own "

@@ -25,6 +25,9 @@ SELECTIONS = ("width", "error")  # channel ranking for coverage: narrowest calib
 MAX_PIECES = 64  # series pieces per channel at most
 MAX_ORDER = 96  # the highest series order N (float64 coefficients stay accurate up to here)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # release dtypes (torch.<name>)
+SLOWDOWN_RANGE = (1.25, 16.0)  # --slowdown X, X within it
+ROUNDS = 3  # the rounds --slowdown takes at most, unless --rounds says otherwise
+MAX_ROUNDS = 12  # --rounds R, R at most this
 
 PRESETS = {
     # the paper: Taylor series around the midpoint, narrowest channels first

@@ -1,8 +1,11 @@
-"""The machine: memory available and in use (Linux /proc), handing freed heap back, the device to run on."""
+"""The machine: what it is (describe), memory available and in use (Linux /proc), handing freed heap back, the
+device to run on."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 
 import torch
 
@@ -19,6 +22,24 @@ def proc_kb(path: str, key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def describe(device: str | None = None) -> dict:
+    """What a timing was measured on (a slowdown is a property of the machine): the device, the GPU's name or the
+    CPU's model with torch's threads and the cores, the platform and torch's version."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"device": device, "platform": platform.platform(), "torch": torch.__version__}
+    if device == "cuda":
+        return {**out, "gpu": torch.cuda.get_device_name(0)}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {**out, "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
 def available_memory() -> int | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -377,10 +376,7 @@ def run_bench(source, releases, tokens: int = 32, repeats: int = 3, json_path=No
         "prompt_tokens": int(ids.shape[1]),
         "new_tokens": tokens,
         "repeats": repeats,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": device,
-                    **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" else {})},
+        "machine": machine.describe(device),
         "models": rows,
     }
     if timings:

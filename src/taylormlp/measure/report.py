@@ -34,7 +34,7 @@ def format_table(results: dict) -> str:
         ])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     lines = [f"{results['source']}: prompt {results['prompt_tokens']} tokens, {results['new_tokens']} decode tokens, "
-             f"{results['repeats']} interleaved repeats ({results['machine']['torch_threads']} threads)", ""]
+             f"{results['repeats']} interleaved repeats ({results['machine'].get('threads', '?')} threads)", ""]
     for k, row in enumerate(table):
         lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:

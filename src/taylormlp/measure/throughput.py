@@ -11,8 +11,6 @@ the elementwise series work take over (towards the FLOPs ratio and beyond).  A s
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 
 import numpy as np
@@ -35,21 +33,6 @@ def measure_prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
 def curve_batches(serving_batch: int) -> tuple[int, ...]:
     """The batch sizes of the recorded slowdown curve: CURVE_BATCHES and the serving batch, ascending."""
     return tuple(sorted({*CURVE_BATCHES, int(serving_batch)}))
-
-
-def machine_description() -> dict:
-    """What a slowdown was measured on: it is a property of the machine."""
-    if torch.cuda.is_available():
-        return {"device": "cuda", "gpu": torch.cuda.get_device_name(0)}
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
 # ---------------------------------------------------------------- protect: a candidate against the original

@@ -25,13 +25,12 @@ from ..common.progress import log
 from ..release.directory import load_release
 from ..release.sources import load_base, load_tokenizer, resolve_source
 from ..serve.vllm_engine import TRANSFORMERS_FLAGS, EngineWorker, is_native, require_vllm
-from .bench import prompt_ids
+from .bench import ORIGINAL, prompt_ids
 from .cost import flops_per_token, forward_flops, parameter_bytes_read
 from .decode import interleaved, paired_ratios
 from .report import format_throughput, plot_throughput
 from .workload import Workload, report_workload, workload_prompts, workload_rows
 
-ORIGINAL = "original"
 BACKEND = " (Transformers backend)"  # the row of a native release run on vLLM's Transformers backend
 
 

@@ -34,7 +34,6 @@ from .bench import ORIGINAL, load_models
 from .cost import flops_per_token, forward_flops
 from .decode import batch_timings, phase_ratios, phase_seconds
 from .report import format_workload, plot_workload
-from .throughput import machine_description
 
 @dataclass(frozen=True)
 class Workload:
@@ -117,7 +116,7 @@ def run_workload_bench(source, releases, workload: Workload, batch_sizes=(1,), r
     work = work_model(models, ORIGINAL, prompts[0])
     runs = batch_timings(models, torch.tensor(prompts), workload.new_tokens - 1, repeats, sizes)
     results = {"engine": "taylormlp", "source": str(source), "workload": workload.as_dict(), "batch_sizes": sizes,
-               "repeats": repeats, "machine": machine_description(),
+               "repeats": repeats, "machine": machine.describe(device),
                "models": [{"name": ORIGINAL, "kind": "original"}]
                + [{"name": name, "kind": "release", **work[name]} for name in work],
                "rows": workload_rows(runs, ORIGINAL, workload)}

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .. import runtime
+from ..common.choices import ROUNDS
 from ..common.errors import TaylorMLPError
 from ..common.machine import resolve_device
 from ..common.progress import log
@@ -34,7 +35,7 @@ from .calibration import CalibrationData, Ranges, calibrate, read_calibration_fi
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage
-from .throttle import ROUNDS, choose_slowdown
+from .throttle import choose_slowdown
 from .vllm_dial import EngineDial
 
 
@@ -115,7 +116,7 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
     which the slowdown is met (throttle.choose_slowdown); engine="vllm" (with `slowdown` only) measures it on vLLM
     in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial); `rounds` (with `slowdown` only) caps the
-    settings measured (default throttle.ROUNDS); `workload` "P:G" (with `slowdown` only) dials whole-request
+    settings measured (default common/choices.ROUNDS); `workload` "P:G" (with `slowdown` only) dials whole-request
     throughput on B distinct prompts of P tokens, G generated tokens each, instead of decode throughput.
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a

@@ -46,20 +46,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..common.choices import ROUNDS, SLOWDOWN_RANGE
 from ..common.errors import TaylorMLPError
+from ..common import machine
 from ..common.machine import available_memory
 from ..common.progress import log, status
 from ..maths import series
 from ..measure.cost import WorkModel, flops_per_token, parameter_bytes_read
-from ..measure.throughput import curve_batches, machine_description, measure_prompt_ids, measure_ratios
+from ..measure.throughput import curve_batches, measure_prompt_ids, measure_ratios
 from ..measure.workload import Workload, workload_prompts
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage, largest_accepted, screened_check
 
-SLOWDOWN_RANGE = (1.25, 16.0)
 TOLERANCE = 0.10  # a choice within ±10% of the target is accepted
-ROUNDS = 3  # the rounds --slowdown takes at most, unless --rounds says otherwise
 CONFIRM_READS = 2  # ... on the median of at least this many independent interleaved reads
 MEMORY_SHARE = 0.5  # a candidate whose Θ exceeds this share of the available memory is never held whole
 
@@ -419,7 +419,7 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
                         for b, r in sorted(curve.items())], "phase": phase,
               **({"workload": workload.as_dict()} if workload is not None else {}),
               "within_tolerance": within(ratio), "family": choice.family,
-              "machine": machine_description(), "held_in_memory": whole, "measurements": measurements,
+              "machine": machine.describe(), "held_in_memory": whole, "measurements": measurements,
               "validations": chooser.trace}
     if not agrees:
         log(f"the curve's {curve[batch]:.2f}x at batch {batch} stays more than {TOLERANCE:.0%} from the median of "
