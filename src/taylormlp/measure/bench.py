@@ -47,7 +47,7 @@ from ..release.sources import is_chat_model, load_base
 from ..runtime import decoder_layers
 from .cost import flops_per_token, parameter_bytes_read, series_feature_bytes_per_token, taylor_mlps, weights_bytes
 from .decode import decode_timings, interleaved, measure_decode, paired_ratios, timing_summary
-from .generate import format_prompt
+from .generate import encode_prompt
 from .report import format_serve, format_table, format_throughput, plot_results, plot_throughput
 from .throughput import bench_timings, throughput_rows
 
@@ -207,10 +207,7 @@ def memory_probe(kind: str, path, input_ids, tokens: int, timeout: float = 900.0
 def prompt_ids(tokenizer, prompt: str = PROMPT) -> tuple[torch.Tensor, bool]:
     """Token ids of the fixed prompt, chat-templated when the tokenizer has a template."""
     chat = is_chat_model(tokenizer)
-    text = format_prompt(tokenizer, prompt, chat)
-    add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special).input_ids
-    return ids, chat
+    return encode_prompt(tokenizer, prompt, chat), chat
 
 
 def describe(model) -> dict:

@@ -18,6 +18,13 @@ def format_prompt(tokenizer, prompt: str, chat: bool) -> str:
     return prompt
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """[1, L] ids of `prompt` (chat-templated when `chat`), with the tokenizer's special tokens unless the text
+    already starts with its BOS (a chat template that writes it): every timed prompt is encoded this way."""
+    text = format_prompt(tokenizer, prompt, chat)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, text)).input_ids
+
+
 @torch.no_grad()
 def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str = "generating",
                      batch_size: int = 32, recorder=None,
@@ -109,9 +116,7 @@ def generate_ids(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int)
     if chat and not is_chat_model(tokenizer):
         raise TaylorMLPError("--chat given, but this model's tokenizer has no chat template; drop --chat to use the "
                              "prompt as plain text")
-    text = format_prompt(tokenizer, prompt, chat)
-    add_special = not _has_bos(tokenizer, text)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special).input_ids
+    ids = encode_prompt(tokenizer, prompt, chat)
     if ids.shape[1] == 0:  # an empty prompt (the tokenizer adds no BOS by itself): start from BOS
         bos = tokenizer.bos_token_id
         if bos is None:

@@ -19,7 +19,7 @@ import torch
 from ..common.hooks import swapped
 from .decode import (batch_ids, batch_timings, interleaved, measure_decode, paired_ratios, phase_ratios,
                      timing_summary)
-from .generate import format_prompt
+from .generate import encode_prompt
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 CURVE_BATCHES = (1, 8, 32)  # the batch sizes every --slowdown release records its measured slowdown at
@@ -27,7 +27,7 @@ CURVE_BATCHES = (1, 8, 32)  # the batch sizes every --slowdown release records i
 
 def measure_prompt_ids(tokenizer, chat: bool) -> torch.Tensor:
     """The prompt protect times its candidates on, [1, L] (chat-templated when `chat`)."""
-    return tokenizer(format_prompt(tokenizer, MEASURE_PROMPT, chat), return_tensors="pt").input_ids
+    return encode_prompt(tokenizer, MEASURE_PROMPT, chat)
 
 
 def curve_batches(serving_batch: int) -> tuple[int, ...]:
