@@ -24,22 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
+from prefill_profile import seconds  # benchmarks/: the same timer as our runtime's stage profile
+
+
+def seconds3(fn) -> float:
+    """prefill_profile.seconds with 3 timed calls (a prompt of thousands of tokens per call)."""
+    return seconds(fn, 3)
+
 STAGES = ("gate+up", "select+coords", "basis", "Θ (vLLM)", "Θ (torch)", "whole MLP")
-
-
-def seconds(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def profile(model, tokens: int) -> dict:
@@ -66,18 +61,18 @@ def profile(model, tokens: int) -> dict:
                 z, u, active = runtime.select_pieces(z, u, index)
                 return (*runtime.piece_coordinates(z, m.z0, m.h), u, active)
 
-            totals["gate+up"] += seconds(lambda: m.gate_up(x))
-            totals["select+coords"] += seconds(coords) - seconds(lambda: m.gate_up(x))
+            totals["gate+up"] += seconds3(lambda: m.gate_up(x))
+            totals["select+coords"] += seconds3(coords) - seconds3(lambda: m.gate_up(x))
             tc, excess, u, active = coords()
-            totals["basis"] += seconds(lambda: runtime.stacked_features(tc, excess, u, active, m.order, m.basis,
+            totals["basis"] += seconds3(lambda: runtime.stacked_features(tc, excess, u, active, m.order, m.basis,
                                                                          m.dtype))
             feats = runtime.stacked_features(tc, excess, u, active, m.order, m.basis, m.dtype)
-            totals["Θ (vLLM)"] += seconds(lambda: m.theta(feats))
+            totals["Θ (vLLM)"] += seconds3(lambda: m.theta(feats))
             # vLLM's CPU linear may keep its weight packed for its own GEMM (the parameter then holds no values):
             # torch's GEMM gets a weight of the same shape and dtype (its time does not depend on the values)
             weight = torch.randn(m.hidden, feats.shape[-1], generator=gen).to(feats.dtype)
-            totals["Θ (torch)"] += seconds(lambda: torch.nn.functional.linear(feats, weight))
-            totals["whole MLP"] += seconds(lambda: m(x))
+            totals["Θ (torch)"] += seconds3(lambda: torch.nn.functional.linear(feats, weight))
+            totals["whole MLP"] += seconds3(lambda: m(x))
             flops += 2.0 * tokens * weight.numel()
     return {"stages_s": totals, "theta_gflop": flops / 1e9,
             "theta_vllm_gflops_per_s": flops / totals["Θ (vLLM)"] / 1e9,
