@@ -18,21 +18,8 @@ import threading
 from pathlib import Path
 
 from ..common import __version__
-from ..common.choices import (
-    ATTACKS,
-    BASES,
-    BUILTIN_MODELS,
-    DEFAULT_ATTACKS,
-    DTYPE_NAMES,
-    MAX_ORDER,
-    MAX_PIECES,
-    MAX_ROUNDS,
-    PRESETS,
-    ROUNDS,
-    SLOWDOWN_RANGE,
-    WORKLOAD_NEW_TOKENS,
-    parse_workload,
-)
+from ..common.choices import (ATTACKS, BASES, BUILTIN_MODELS, DEFAULT_ATTACKS, DTYPE_NAMES, MAX_ORDER, MAX_PIECES,
+                              MAX_ROUNDS, PRESETS, REPEATS, ROUNDS, SLOWDOWN_RANGE, WORKLOAD_NEW_TOKENS, parse_workload)
 from ..common.errors import TaylorMLPError
 
 # the two words every command uses, defined once and shown under each command's flags
@@ -273,7 +260,8 @@ def _add_run_commands(sub) -> None:
     b.add_argument("source", metavar="SOURCE", help="the original model (see below)")
     b.add_argument("releases", nargs="+", type=Path, metavar="RELEASE", help="release directories made from it")
     b.add_argument("--tokens", type=POSITIVE, default=32, help=f"decode tokens per run, {POSITIVE.limits} (default 32)")
-    b.add_argument("--repeats", type=POSITIVE, default=3, help=f"interleaved repeats, {POSITIVE.limits} (default 3)")
+    b.add_argument("--repeats", type=POSITIVE, default=REPEATS,
+                   help=f"interleaved repeats, {POSITIVE.limits} (default {REPEATS})")
     b.add_argument("--batch-sizes", type=BATCH, nargs="+", metavar="B",
                    help=f"also measure decode throughput at these batch sizes, each {BATCH.limits} (B copies of the "
                         "prompt decoded together; every batch size and model interleaved in one run; batch 1 is always "

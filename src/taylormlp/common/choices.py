@@ -39,6 +39,7 @@ PRESETS = {
 # ---------------------------------------------------------------- measure
 
 WORKLOAD_NEW_TOKENS = 128  # bench --prompt-tokens P without --new-tokens: G
+REPEATS = 3  # interleaved rounds of one read: bench --repeats's default, and each read of the dial on an engine
 
 
 def parse_workload(text: str) -> tuple[int, int]:

@@ -75,14 +75,18 @@ def memory_budget() -> float | None:
 
 @dataclass
 class Line:
-    """measured − 1 = a + k·(predicted − 1), fitted to the measurements so far (through 0 with one point)."""
+    """measured − 1 = a + k·(predicted − 1), fitted to the measurements so far (through 0 with one point; with none,
+    k = `prior`: an engine that prices the series at its FLOPs has prior 1)."""
 
     points: list = field(default_factory=list)
+    prior: float | None = None
 
     def add(self, predicted: float, measured: float) -> None:
         self.points.append((predicted, measured))
 
     def coefficients(self) -> tuple[float, float]:
+        if not self.points and self.prior is not None:
+            return 0.0, float(self.prior)
         x = np.array([p - 1.0 for p, _ in self.points])
         y = np.array([m - 1.0 for _, m in self.points])
         if len(self.points) >= 2 and np.ptp(x) > 1e-6:
@@ -293,6 +297,7 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
         raise TaylorMLPError("--slowdown needs validation prompts to keep the release token-exact")
     details: dict = {}
     phase = "request" if workload is not None else "decode"
+    prior = getattr(measure, "prior", None)  # an engine's cost per unit of series work before any read (EngineDial)
     curve_at = curve_batches(batch) if workload is None else tuple(sorted({1, batch}))
     if measure is None:
         if workload is None:
@@ -308,16 +313,19 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
 
     base_flops = flops_per_token(model)
     chooser = SlowdownChooser(model, ranges, data, base, base_flops)
-    line = Line()
-    measurements, reads = [], {}  # reads: every read at B per setting (_exact_key)
+    line = Line(prior=prior)
+    measurements, reads, curves = [], {}, {}  # every read at B per setting (_exact_key); its read at every curve batch
     at = f" at batch {batch}" if batch > 1 else ""
 
     def within(ratio: float) -> bool:
         return abs(ratio / target - 1.0) <= TOLERANCE
 
-    def measured(choice: Choice) -> float:
+    def measured(choice: Choice, batches: tuple = (batch,)) -> float:
         details.clear()
-        value = measure(chooser.protector(choice.family, choice.order), choice.coverage, (batch,))[batch]
+        values = measure(chooser.protector(choice.family, choice.order), choice.coverage, batches)
+        if len(batches) > 1:  # a confirming read, taken at every curve batch: the curve if this setting is written
+            curves[_exact_key(choice.family, choice.order, choice.coverage)] = values
+        value = values[batch]
         ratio = aimed(value, phase)
         if "timed_ratio" in details:
             details["timed_ratio"] = aimed(details["timed_ratio"][batch], phase)
@@ -334,13 +342,14 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
 
     def confirmed(choice: Choice) -> float:
         """The choice's figure: one read, and while the median of its reads is within ±10% of the target, more
-        independent interleaved reads until there are CONFIRM_READS; the median of them all."""
+        independent interleaved reads until there are CONFIRM_READS, taken at every curve batch (the curve of the
+        setting written: no read of its own); the median of them all."""
         key = _exact_key(choice.family, choice.order, choice.coverage)
         if not reads.get(key):
             measured(choice)
         mine = reads[key]
         while within(float(np.median(mine))) and len(mine) < CONFIRM_READS:
-            measured(choice)
+            measured(choice, curve_at)
         return float(np.median(mine))
 
     # the probe: the preset at its largest exact coverage (the same search a plain protect runs)
@@ -364,15 +373,20 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
             raise none_left()
         return exact, (ratio if exact.coverage == choice.coverage else confirmed(exact))
 
-    ratio = confirmed(probe)
-    choice, best = probe, (abs(ratio / target - 1.0), probe, ratio)
-    for _ in range(rounds - 1):
-        if within(ratio):
+    if prior is None:  # the probe read fits the line's first point
+        ratio = confirmed(probe)
+        choice, best, left = probe, (abs(ratio / target - 1.0), probe, ratio), rounds - 1
+    else:  # the prior prices the series: the first round's choice is made from it, the probe is not read
+        log(f"first choice from the engine's prior ({prior:g}x the FLOPs ratio's excess), not from a read of the probe")
+        ratio, choice, best, left = None, probe, (float("inf"), probe, None), rounds
+    for _ in range(left):
+        if ratio is not None and within(ratio):
             break
         nxt = chooser.choose(target, line, probe)
         if nxt.coverage <= 0.0:
             raise none_left()
-        if (nxt.family, nxt.order, nxt.coverage) == (choice.family, choice.order, choice.coverage):
+        again = (nxt.family, nxt.order, nxt.coverage) == (choice.family, choice.order, choice.coverage)
+        if again and reads.get(_exact_key(choice.family, choice.order, choice.coverage)):
             measured(choice)  # the line points at the setting just read: this round reads it once more
             ratio = float(np.median(reads[_exact_key(choice.family, choice.order, choice.coverage)]))
         else:
@@ -399,22 +413,28 @@ def choose_slowdown(model, tokenizer, chat: bool, prepared: tuple, opts: Protect
         log(f"the chosen series coefficients take {need / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
             f"{available / 1e9:.1f} GB available: validated layer by layer and written layer by layer; running the "
             f"release needs about that much memory (or accelerate offloading: load_release(..., device_map='auto'))")
-    with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_at))}"):
-        phases = measure(protector, choice.coverage, curve_at)
+    key = _exact_key(choice.family, choice.order, choice.coverage)
+    mine, accepted = reads.setdefault(key, []), ratio
+    if key in curves:  # its confirming read was taken at every curve batch
+        phases = curves[key]
+    else:
+        with status(f"measuring the slowdown curve at batch sizes {', '.join(map(str, curve_at))}"):
+            phases = measure(protector, choice.coverage, curve_at)
+        mine.append(aimed(phases[batch], phase))
     curve = {b: aimed(v, phase) for b, v in phases.items()}
     log("slowdown curve: " + ", ".join(f"{r:.2f}x at batch {b}" for b, r in sorted(curve.items())))
-    mine, accepted = reads.setdefault(_exact_key(choice.family, choice.order, choice.coverage), []), ratio
     if abs(curve[batch] / accepted - 1.0) > TOLERANCE:  # the curve disagrees with the accepted figure: read B again
         log(f"the curve's {curve[batch]:.2f}x at batch {batch} is more than {TOLERANCE:.0%} from the accepted "
             f"{accepted:.2f}x: reading batch {batch} once more")
         measured(choice)
-    ratio = float(np.median(mine + [curve[batch]]))  # every read at B of the written setting
+    ratio = float(np.median(mine))  # every read at B of the written setting, the curve's included
     agrees = abs(curve[batch] / ratio - 1.0) <= TOLERANCE
     work = chooser.work(choice.family, choice.order)
     engine = getattr(measure, "engine", None) or {"name": "taylormlp", "mode": "eager", "dtype": str(model.dtype)[6:]}
     record = {"target": target, "serving_batch": batch, "measured": ratio, "flops_ratio": choice.predicted,
               "bytes_ratio": work.bytes_ratio(choice.coverage), "accepted": accepted,
-              "reads": mine + [curve[batch]], "curve_agrees": agrees, "engine": engine,
+              "reads": mine, "curve_agrees": agrees, "engine": engine, "prior": prior,
+              "curve_read": "confirming" if key in curves else "own",
               "curve": [{"batch": b, "measured": r, **({"phases": phases[b]} if isinstance(phases[b], dict) else {})}
                         for b, r in sorted(curve.items())], "phase": phase,
               **({"workload": workload.as_dict()} if workload is not None else {}),

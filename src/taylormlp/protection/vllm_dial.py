@@ -9,11 +9,17 @@ taylormlp's plugin where it covers the architecture, else the Transformers backe
 two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B copies of protect's timing
 prompt decoded together (with a workload: its first B distinct prompts of P tokens, G tokens each), and each batch's
 value is, per phase (prefill, decode, request), the median of the paired (same-round) ratios, as `taylormlp bench
---engine vllm` reports them.  A read of the setting read last (the dial's
-confirming read, the curve, a re-read) keeps the candidate's files but starts both engines afresh: on this 2-core
-CPU one pair of engine processes read 3.9x, 4.0x and 3.9x for a setting that fresh pairs read 3.1x-3.6x, so reads
-taken on one pair are not independent.  A different setting stops the candidate's engine and deletes its directory
-first, so at most two engines run at once.
+--engine vllm` reports them.  A read of the setting read last (the dial's confirming read, which is also its curve,
+or a re-read) keeps the candidate's files but starts both engines afresh, side by side: reads taken on one pair of
+engine processes are not independent (on a 2-core CPU one pair read 3.9x, 4.0x and 3.9x for a setting that fresh
+pairs read 3.1x-3.6x).  A different setting stops the candidate's engine and deletes its directory first, so at most
+two engines run at once.
+
+What makes the dial fast on an engine is reading few settings, since each read costs an engine start (a compile
+for a new setting) and REPEATS interleaved rounds: `prior` = 1 tells throttle.choose_slowdown that vLLM's own
+layers price the series at its FLOPs (measured natively: the whole request at batch 8 and the decode at batch 32
+within 0.9x-1.1x of the FLOPs ratio, docs/throughput.md), so the first setting read is the one the FLOPs ratio
+picks, not the preset probe, and each read after it refits the line.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.choices import REPEATS
 from ..common.progress import log
 from ..measure.decode import interleaved, phase_ratios
 from ..measure.workload import Workload, workload_prompts
@@ -36,8 +43,10 @@ class EngineDial:
     """measure(protector, coverage, batches) on vLLM for the original at SOURCE_DIR (see the module's docstring);
     `engine` describes it for the release's slowdown record.  close() stops every engine and deletes the candidates."""
 
+    prior = 1.0  # the line's slope before any read: vLLM's layers price the series at its FLOPs
+
     def __init__(self, source_dir, tokenizer, prompt: list[int], dtype: str = "auto", eager: bool = False,
-                 tokens: int = 32, repeats: int = 5, workdir=None, workload: Workload | None = None):
+                 tokens: int = 32, repeats: int = REPEATS, workdir=None, workload: Workload | None = None):
         require_vllm()
         self.source_dir, self.tokenizer, self.prompt = Path(source_dir), tokenizer, list(prompt)
         self.dtype, self.eager, self.tokens, self.repeats = dtype, eager, tokens, repeats

@@ -241,7 +241,8 @@ def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", ea
 
 class EngineWorker:
     """One model on vLLM in a child process of its own (`python -m taylormlp.serve.vllm_engine worker`), kept loaded so
-    that runs of several models can be interleaved: ``run(prompts, tokens)`` is timed_batch there."""
+    that runs of several models can be interleaved: ``run(prompts, tokens)`` is timed_batch there.  The process starts
+    at construction and loads while the caller goes on (two engines load side by side); ``ready`` waits for it."""
 
     def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512,
                  impl: str = "auto"):
@@ -250,7 +251,14 @@ class EngineWorker:
         self.log = open(self.log_path, "w")
         self.child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                       env=env)
-        self.ready = self._reply()  # loaded (and compiled): {"vllm": version, "dtype": the engine's}
+        self._ready: dict | None = None
+
+    @property
+    def ready(self) -> dict:
+        """Waits until the engine is loaded (and compiled): {"vllm": version, "dtype": the engine's, "model_class"}."""
+        if self._ready is None:
+            self._ready = self._reply()
+        return self._ready
 
     def _reply(self) -> dict:
         for line in self.child.stdout:
@@ -261,6 +269,7 @@ class EngineWorker:
                              f"{_tail(self.log_path)}")
 
     def run(self, prompts: list[list[int]], tokens: int) -> dict:
+        self.ready
         try:
             self.child.stdin.write(json.dumps({"prompts": [list(p) for p in prompts], "tokens": tokens}) + "\n")
             self.child.stdin.flush()
