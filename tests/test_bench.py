@@ -131,8 +131,10 @@ def test_bench_models_table_and_plot(models, base_and_ranges, tmp_path):
     for row in rows:
         assert len(row["runs"]) == 2
         assert row["decode_ms_per_token"] == pytest.approx(row["decode_s_median"] / 2 * 1e3)
-        assert row["decode_ratio"] == pytest.approx(row["decode_s_median"] / ref["decode_s_median"])
         paired = [run["decode_s"] / base["decode_s"] for run, base in zip(row["runs"], ref["runs"])]
+        assert row["decode_ratio"] == pytest.approx(sum(paired) / 2)  # the median of the paired ratios
+        prefill = [run["prefill_s"] / base["prefill_s"] for run, base in zip(row["runs"], ref["runs"])]
+        assert row["prefill_ratio"] == pytest.approx(sum(prefill) / 2)
         assert (row["decode_ratio_min"], row["decode_ratio_max"]) == pytest.approx((min(paired), max(paired)))
     results = {"source": "tiny", "prompt_tokens": PROMPT.shape[1], "new_tokens": 2, "repeats": 2,
                "machine": {"threads": 1}, "models": rows}
@@ -176,9 +178,9 @@ def test_plot_without_validation(tmp_path):
 def test_unique_names():
     from pathlib import Path
 
-    assert bench._unique_names([Path("a/x"), Path("b/y")]) == ["x", "y"]
-    assert bench._unique_names([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
-    assert bench._unique_names([Path("a/original")]) == ["a/original"]
+    assert bench.unique_names([Path("a/x"), Path("b/y")]) == ["x", "y"]
+    assert bench.unique_names([Path("a/x"), Path("b/x")]) == ["a/x", "b/x"]
+    assert bench.unique_names([Path("a/original")]) == ["a/original"]
 
 
 def test_memory_probe_in_fresh_process(base_and_ranges, tmp_path):
@@ -240,8 +242,8 @@ def test_run_bench_batch_sizes_end_to_end(tiny_llama_dir, tiny_release, tmp_path
         assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 2 / r["decode_s_median"])
         assert r["ttft_ms"] == pytest.approx(sum(run["prefill_s"] for run in runs) / 2 * 1e3)
         ref = by[(r["batch"], "original")]
-        assert r["slowdown"] == pytest.approx(r["decode_s_median"] / ref["decode_s_median"])
         paired = [a["decode_s"] / b["decode_s"] for a, b in zip(runs, ref["runs"])]
+        assert r["slowdown"] == pytest.approx(sum(paired) / 2)  # the median of the paired ratios
         assert (r["slowdown_min"], r["slowdown_max"]) == pytest.approx((min(paired), max(paired)))
     # the latency table is the batch-1 run itself, not a second timing
     assert results["models"][1]["runs"] == by[(1, "release")]["runs"]
@@ -254,7 +256,8 @@ def test_run_bench_batch_sizes_end_to_end(tiny_llama_dir, tiny_release, tmp_path
 
 
 def test_throughput_rows_from_injected_timings():
-    """The throughput ratio is the original's tokens/s over the release's at the same batch: decode times given."""
+    """Every slowdown is the median of the paired (same-round) ratios, per phase; tokens/s is at the median decode
+    time: decode times given."""
     from taylormlp.measure.throughput import throughput_rows
 
     def run(batch, decode_s, prefill_s=0.5):
@@ -268,8 +271,10 @@ def test_throughput_rows_from_injected_timings():
     assert [(r["batch"], r["name"], r["kind"]) for r in rows] == [(1, "original", "original"), (1, "rel", "release"),
                                                                   (8, "original", "original"), (8, "rel", "release")]
     rel8 = rows[3]
-    assert rel8["slowdown"] == pytest.approx(10.0 / 2.0)  # median decode times: 10 s against 2 s
-    assert (rel8["slowdown_min"], rel8["slowdown_max"]) == pytest.approx((5.0, 7.0))  # paired: 6, 5, 7
+    assert rel8["slowdown"] == pytest.approx(6.0)  # paired: 6, 5, 7 (not the ratio of the medians, 10 / 2)
+    assert (rel8["slowdown_min"], rel8["slowdown_max"]) == pytest.approx((5.0, 7.0))
+    assert rel8["decode_slowdown"] == rel8["slowdown"] and rel8["prefill_slowdown"] == pytest.approx(5.0)  # 3, 5, 7
+    assert rel8["request_slowdown"] == pytest.approx(7.5 / 1.5)  # paired (prefill + decode): 7.5/1.5, 12.5/2.5, 24.5/3.5
     assert rel8["decode_tokens_per_s"] == pytest.approx(8 * 4 / 10.0)  # tokens over the whole batch
     assert rows[2]["decode_tokens_per_s"] / rel8["decode_tokens_per_s"] == pytest.approx(5.0)
     assert rel8["ttft_ms"] == pytest.approx(2500.0) and rel8["inter_token_ms"] == pytest.approx(2500.0)

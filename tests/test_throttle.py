@@ -39,7 +39,8 @@ def protect_for_slowdown(model, tok, texts, opts, chat, target, measure=None, se
     holds it, the slowdown record, the setting)."""
     spec, setting = flow.run(model, tok, texts, opts, chat, slowdown=target, measure=measure,
                              serving_batch=serving_batch)
-    return (flow.install(model, setting, spec) if setting.held else spec.to_dict()), setting.slowdown, setting
+    spec = flow.install(model, setting, spec) if setting.held else spec.to_dict()
+    return spec, setting.slowdown.to_dict(), setting
 
 
 def _run(tiny_llama_dir, target, factor=FACTOR):
@@ -195,11 +196,11 @@ def test_candidate_too_big_for_memory_is_never_held_whole(choices, tiny_llama_di
     """A high target raises N until Θ outgrows the machine (16x on SmolLM2: ~18 GB on a 23 GB machine): such a
     candidate is validated and written layer by layer and timed on a subset of its layers.  The choice and the
     written release are the same as when everything fits."""
-    import taylormlp.protection.throttle as throttle
+    import taylormlp.protection.chooser as chooser
     from taylormlp.release.directory import ModelTensors, load_release, save_release
     from taylormlp.runtime import ReleaseSpec
 
-    monkeypatch.setattr(throttle, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
+    monkeypatch.setattr(chooser, "available_memory", lambda: 1000)  # bytes: less than any raised order's Θ
     model, spec, slow, calls = _run(tiny_llama_dir, 4.0)
     whole_model, whole_spec, whole_slow, _ = choices[4.0]
     assert (spec["coverage"], spec["order"]) == (whole_spec["coverage"], whole_spec["order"]) and spec["order"] > 4
@@ -466,7 +467,7 @@ def test_a_curve_of_its_own_that_disagrees_is_read_again(tiny_llama_dir, curve, 
                         after=(lambda truth: after * target) if after else None)
     _, setting = flow.run(model, tok, None, ProtectOptions(preset="default", order=4, **FAST), True, slowdown=target,
                           measure=measure, rounds=1)
-    slow = setting.slowdown
+    slow = setting.slowdown.to_dict()
     assert calls["curves"] == 1 and slow["accepted"] == 1.3 * target and slow["curve_read"] == "own"
     assert slow["reads"] == [1.3 * target, curve * target] + ([after * target] if after else [])
     assert calls["n"] == (2 if after else 1)
@@ -496,7 +497,7 @@ def test_an_engine_prior_replaces_the_probe_read(tiny_llama_dir):
     calls = {"reads": [], "base_flops": flops_per_token(model)}
     _, setting = flow.run(model, tok, None, ProtectOptions(preset="default", order=4, **FAST), True, slowdown=1.25,
                           measure=_PricedMachine(calls))
-    slow = setting.slowdown
+    slow = setting.slowdown.to_dict()
     assert slow["prior"] == 1.0 and slow["within_tolerance"] and slow["curve_read"] == "confirming"
     assert len(calls["reads"]) == 2 and calls["reads"][0][2] == (1,) and calls["reads"][1][2] == (1, 8, 32)
     # one setting, read twice; not the probe (the preset at its base order 4, about 1.1x FLOPs here): more orders
@@ -520,8 +521,8 @@ def test_rounds_caps_the_settings_measured(tiny_llama_dir, rounds):
         return dict.fromkeys(batches, ratio)
 
     _, setting = flow.run(model, tok, None, opts, True, slowdown=2.0, measure=measure, rounds=rounds)
-    measured = {(m["family"], m["order"], m["coverage"]) for m in setting.slowdown["measurements"]}
-    assert len(measured) == rounds and setting.slowdown["within_tolerance"] is False
+    measured = {(m["family"], m["order"], m["coverage"]) for m in setting.slowdown.measurements}
+    assert len(measured) == rounds and setting.slowdown.within_tolerance is False
 
 
 def test_rounds_reaches_the_dial_from_the_command_line(tiny_llama_dir, tmp_path, monkeypatch):
@@ -537,14 +538,44 @@ def test_rounds_reaches_the_dial_from_the_command_line(tiny_llama_dir, tmp_path,
     assert seen == {"rounds": 5} and not (tmp_path / "r").exists()
 
 
-def test_engine_dial_leaves_no_temporary_directory(monkeypatch, tmp_path):
-    """The dial's own work directory (engine logs, candidates) goes with close(); one the caller gave stays."""
-    from taylormlp.protection import vllm_dial
+class _FakeEngine:
+    """An engine of measure/engines.py whose sessions answer at once (the release 2 s, the original 1 s) and log
+    their starts and stops in `events`: nothing is timed here."""
 
-    monkeypatch.setattr(vllm_dial, "require_vllm", lambda: None)
-    own = vllm_dial.EngineDial(tmp_path, None, [1, 2])
-    given = vllm_dial.EngineDial(tmp_path, None, [1, 2], workdir=tmp_path / "given")
-    assert own.workdir.is_dir() and given.workdir.is_dir()
+    name, in_process, prior = "fake", False, 1.0
+
+    def __init__(self, events):
+        self.events = events
+
+    def require(self):
+        self.events.append(("require",))
+
+    def start(self, model_dir, log_path, dtype="auto", max_model_len=512, impl="auto", eager=False):
+        events, name = self.events, Path(log_path).stem
+
+        class Session:
+            info = {"version": "0", "model_class": name}
+
+            def timed_batch(self, prompts, tokens):
+                seconds = 2.0 if name.startswith("candidate") else 1.0
+                return {"prefill_s": seconds, "decode_s": seconds}
+
+            def close(self):
+                events.append(("stop", name))
+
+        events.append(("start", name))
+        return Session()
+
+
+def test_engine_dial_leaves_no_temporary_directory(tmp_path):
+    """The dial's own work directory (engine logs, candidates) goes with close(); one the caller gave stays."""
+    from taylormlp.protection.engine_dial import EngineDial
+
+    events = []
+    own = EngineDial(_FakeEngine(events), tmp_path, None, [1, 2])
+    given = EngineDial(_FakeEngine(events), tmp_path, None, [1, 2], workdir=tmp_path / "given")
+    assert own.workdir.is_dir() and given.workdir.is_dir() and events == [("require",)] * 2  # checked at once
+    assert own.prior == 1.0  # the engine's
     own.close()
     given.close()
     assert not own.workdir.exists() and given.workdir.is_dir()
@@ -552,22 +583,10 @@ def test_engine_dial_leaves_no_temporary_directory(monkeypatch, tmp_path):
 
 def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_path):
     """A setting read again (confirming read, curve) gets both engines started afresh on the same candidate files;
-    a new setting writes new files and keeps the original's engine.  Fake engines: nothing is timed here."""
-    from taylormlp.protection import vllm_dial
+    a new setting writes new files and keeps the original's engine."""
+    from taylormlp.protection import engine_dial
 
     events = []
-
-    class Engine:
-        def __init__(self, model_dir, log_path, dtype="auto", eager=False, max_model_len=512):
-            self.name, self.ready = Path(log_path).stem, {}
-            events.append(("start", self.name))
-
-        def run(self, prompts, tokens):
-            seconds = 2.0 if self.name.startswith("candidate") else 1.0
-            return {"prefill_s": seconds, "decode_s": seconds}
-
-        def close(self):
-            events.append(("stop", self.name))
 
     class Candidate:  # the Protector's two methods the dial writes a candidate with
         def __init__(self):
@@ -580,13 +599,14 @@ def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_pat
             events.append(("write", spec["coverage"]))
             out.mkdir(parents=True)
 
-    monkeypatch.setattr(vllm_dial, "require_vllm", lambda: None)
-    monkeypatch.setattr(vllm_dial, "EngineWorker", Engine)
-    monkeypatch.setattr(vllm_dial, "interleaved", lambda runs, repeats, desc: {k: [f()] for k, f in runs.items()})
-    dial, a, b = vllm_dial.EngineDial(tmp_path, None, [1], workdir=tmp_path / "w"), Candidate(), Candidate()
+    monkeypatch.setattr(engine_dial, "interleaved", lambda runs, repeats, desc: {k: [f()] for k, f in runs.items()})
+    dial = engine_dial.EngineDial(_FakeEngine(events), tmp_path, None, [1], workdir=tmp_path / "w")
+    a, b = Candidate(), Candidate()
+    events.clear()
     twice = {"prefill": 2.0, "decode": 2.0, "request": 2.0}
     assert dial(a, 0.5, (4,)) == {4: twice}
     assert events == [("start", "original"), ("write", 0.5), ("start", "candidate-1")]
+    assert dial.engine["name"] == "fake" and dial.engine["release_class"] == "candidate-1"
     events.clear()
     assert dial(a, 0.5, (1, 4)) == {1: twice, 4: twice}
     assert events == [("stop", "candidate-1"), ("stop", "original"), ("start", "original"), ("start", "candidate-1")]
@@ -610,6 +630,6 @@ def test_a_round_that_chooses_the_same_setting_reads_it_again(tiny_llama_dir, mo
 
     opts = ProtectOptions(preset="default", order=4, **FAST)
     _, setting = flow.run(model, tok, None, opts, True, slowdown=1.6, measure=measure, rounds=5)
-    slow = setting.slowdown
+    slow = setting.slowdown.to_dict()
     assert [m["measured"] for m in slow["measurements"]] == [3.0, 1.5, 1.6]
     assert slow["accepted"] == 1.6 and slow["within_tolerance"] and slow["reads"] == [3.0, 1.5, 1.6, 1.6]

@@ -262,18 +262,20 @@ def test_taylormlp_serve_engine_vllm(releases, smol_tokenizer, tmp_path):
 def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
     """The bench's shape on vLLM (timings are the machine's: nothing here asserts a speed): one row per batch size and
     model, the original at 1.00x, a release's work model above the original's."""
-    from taylormlp.measure.vllm_bench import run_vllm_bench
+    from taylormlp.measure import engines
+    from taylormlp.measure.engine_bench import run_engine_bench
 
     source = releases["pieces"].parent / "src-pieces"
-    results = run_vllm_bench(source, [releases["pieces"]], batch_sizes=(2,), tokens=4, repeats=1, dtype="float32",
-                             json_path=tmp_path / "b.json", workdir=tmp_path)
+    request = engines.BenchRequest(source, (releases["pieces"],), batch_sizes=(2,), tokens=4, repeats=1,
+                                   dtype="float32", json_path=tmp_path / "b.json")
+    results = run_engine_bench(engines.get("vllm", "bench"), request, workdir=tmp_path)
     rows = {(r["batch"], r["name"]): r for r in results["throughput"]}
     backend = "pieces (Transformers backend)"  # the same release on vLLM's Transformers backend, beside the native
     assert set(rows) == {(b, n) for b in (1, 2) for n in ("original", "pieces", backend)}
     assert rows[1, "original"]["slowdown"] == 1.0 and all(r["decode_tokens_per_s"] > 0 for r in rows.values())
     models = {m["name"]: m for m in results["models"]}
-    assert models["pieces"]["vllm_class"] == NATIVE and models[backend]["vllm_class"] == BACKEND
-    assert models["original"]["vllm_class"] == "LlamaForCausalLM"
+    assert models["pieces"]["engine_class"] == NATIVE and models[backend]["engine_class"] == BACKEND
+    assert models["original"]["engine_class"] == "LlamaForCausalLM"
     release = models["pieces"]
     assert release["flops_ratio"] > 1.05 and release["bytes_ratio"] > 1.05  # tiny: the head's FLOPs dominate
     assert models[backend]["flops_ratio"] == release["flops_ratio"]
@@ -283,12 +285,14 @@ def test_bench_engine_vllm_times_every_model_at_every_batch(releases, tmp_path):
 def test_bench_engine_vllm_workload_times_distinct_prompts(releases, tmp_path):
     """`bench --engine vllm --prompt-tokens P --new-tokens G`: per batch size and model the three slowdowns (the
     original at 1.00x each) and the prefill's FLOPs ratio; no speed asserted."""
-    from taylormlp.measure.vllm_bench import run_vllm_bench
+    from taylormlp.measure import engines
+    from taylormlp.measure.engine_bench import run_engine_bench
     from taylormlp.measure.workload import Workload
 
     source = releases["paper"].parent / "src-paper"
-    results = run_vllm_bench(source, [releases["paper"]], batch_sizes=(3,), repeats=1, dtype="float32",
-                             json_path=tmp_path / "w.json", workdir=tmp_path, workload=Workload(40, 4))
+    request = engines.BenchRequest(source, (releases["paper"],), batch_sizes=(3,), repeats=1, dtype="float32",
+                                   json_path=tmp_path / "w.json", workload=Workload(40, 4))
+    results = run_engine_bench(engines.get("vllm", "bench"), request, workdir=tmp_path)
     rows = {(r["batch"], r["name"]): r for r in results["rows"]}
     backend = "paper (Transformers backend)"
     assert set(rows) == {(b, n) for b in (1, 3) for n in ("original", "paper", backend)}
@@ -301,26 +305,28 @@ def test_bench_engine_vllm_workload_times_distinct_prompts(releases, tmp_path):
 
 def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
     """The engine dial end to end on a tiny model (nothing here asserts a speed): throttle.choose_slowdown measuring with
-    vllm_dial.EngineDial (eager, float32, short runs, the probe only): every read comes from vLLM, the record and
-    the card name the engine, and closing the dial stops every engine and deletes every candidate (its log stays)."""
+    engine_dial.EngineDial on vLLM from the registry (eager, float32, short runs, one round: the setting vLLM's
+    prior picks): every read comes from vLLM, the record and the card name the engine, and closing the dial stops
+    every engine and deletes every candidate (its log stays)."""
     from taylormlp.measure.throughput import measure_prompt_ids
     from taylormlp.protection import flow
     from taylormlp.protection.calibration import calibrate
     from taylormlp.protection.options import ProtectOptions
     from taylormlp.protection.throttle import choose_slowdown
-    from taylormlp.protection.vllm_dial import EngineDial
+    from taylormlp.measure import engines
+    from taylormlp.protection.engine_dial import EngineDial
     from taylormlp.release.card import model_card
     from taylormlp.release.sources import load_base
 
     source = releases["pieces"].parent / "src-pieces"
     model, tok, _ = load_base(source)
-    dial = EngineDial(source, tok, measure_prompt_ids(tok, True)[0].tolist(), dtype="float32", eager=True, tokens=4,
-                      repeats=1, workdir=tmp_path / "dial")
+    dial = EngineDial(engines.get("vllm", "protect"), source, tok, measure_prompt_ids(tok, True)[0].tolist(),
+                      dtype="float32", eager=True, tokens=4, repeats=1, workdir=tmp_path / "dial")
     try:
         opts = ProtectOptions(preset="default", order=8, **FAST).resolved()
         data, ranges = calibrate(model, tok, None, opts, True)
         setting = choose_slowdown(model, tok, True, (data, ranges), opts, 2.0, measure=dial, rounds=1, serving_batch=2)
-        spec, slow = flow.finish(setting, data, ranges).to_dict(), setting.slowdown
+        spec, slow = flow.finish(setting, data, ranges).to_dict(), setting.slowdown.to_dict()
         assert dial.candidate is not None and dial.original.child.poll() is None  # kept loaded across reads
     finally:
         dial.close()

@@ -184,14 +184,15 @@ def test_the_plugin_is_declared_for_vllm():
 def test_vllm_bench_rows_pair_each_round_with_the_originals(monkeypatch):
     """bench --engine vllm's table from injected timings: the slowdown is the median of per-round ratios against the
     original in the same round (not a ratio of medians), tok/s counts the decode steps of the whole batch."""
-    from taylormlp.measure.vllm_bench import ORIGINAL, summarize
+    from taylormlp.measure.bench import ORIGINAL
+    from taylormlp.measure.throughput import throughput_rows
 
     def run(decode, prefill=0.1):
         return {"decode_s": decode, "prefill_s": prefill, "inter_token_s": decode / 7}
 
-    runs = {(1, ORIGINAL): [run(1.0), run(2.0), run(1.0)], (1, "rel"): [run(3.0), run(4.0), run(5.0)],
-            (8, ORIGINAL): [run(2.0)] * 3, (8, "rel"): [run(4.0), run(8.0), run(6.0)]}
-    rows = {(r["batch"], r["name"]): r for r in summarize(runs, [1, 8], [ORIGINAL, "rel"], tokens=8)}
+    runs = {1: {ORIGINAL: [run(1.0), run(2.0), run(1.0)], "rel": [run(3.0), run(4.0), run(5.0)]},
+            8: {ORIGINAL: [run(2.0)] * 3, "rel": [run(4.0), run(8.0), run(6.0)]}}
+    rows = {(r["batch"], r["name"]): r for r in throughput_rows(runs, ORIGINAL, 7)}  # 8 tokens: 7 decode steps
     assert rows[1, "rel"]["slowdown"] == 3.0 and (rows[1, "rel"]["slowdown_min"], rows[1, "rel"]["slowdown_max"]) \
         == (2.0, 5.0)  # ratios 3, 2, 5: paired by round
     assert rows[1, ORIGINAL]["slowdown"] == 1.0

@@ -12,7 +12,10 @@ from taylormlp.cli.parser import main as cli_main
 from taylormlp.common.errors import TaylorMLPError
 from taylormlp.measure import decode
 from taylormlp.measure.cost import flops_per_token, forward_flops
-from taylormlp.measure.workload import Workload, run_workload_bench, workload_prompts, workload_rows
+from taylormlp.measure import engines
+from taylormlp.measure.engine_taylormlp import RuntimeSession
+from taylormlp.measure.throughput import throughput_rows
+from taylormlp.measure.workload import Workload, workload_prompts
 
 
 def test_workload_parse_and_limits():
@@ -65,7 +68,7 @@ def test_workload_rows_are_medians_of_paired_ratios_per_phase():
     base = [_run(1.0, 2.0), _run(2.0, 2.0), _run(1.0, 4.0)]
     mine = [_run(4.0, 3.0), _run(4.0, 5.0), _run(3.0, 8.0)]
     runs = {2: {"original": base, "rel": mine}}
-    rows = {r["name"]: r for r in workload_rows(runs, "original", Workload(16, 5))}
+    rows = {r["name"]: r for r in throughput_rows(runs, "original", 4, Workload(16, 5))}
     rel = rows["rel"]
     assert rel["prefill_slowdown"] == 3.0 and (rel["prefill_slowdown_min"], rel["prefill_slowdown_max"]) == (2.0, 4.0)
     assert rel["decode_slowdown"] == 2.0
@@ -94,21 +97,22 @@ def test_forward_flops_of_a_prefill_grow_with_its_length():
 
 
 def test_workload_bench_on_a_tiny_release(tiny_release, tiny_llama_dir, tmp_path, monkeypatch):
-    """Timings injected per model (the release 3x the original's prefill, 2x its decode): the command's table rows,
-    the FLOPs ratios and the files."""
+    """Timings injected per session of our runtime (the release 3x the original's prefill, 2x its decode), taken
+    from the engine registry as the command does: the table rows, the FLOPs ratios and the files."""
     original = {"prefill_s": 1.0, "decode_s": 1.0}
     slow = {"prefill_s": 3.0, "decode_s": 2.0}
-    seen = {}
+    seen = []
 
-    def fake_timings(models, input_ids, new_tokens, repeats, batch_sizes, desc=None):
-        seen.update(ids=torch.as_tensor(input_ids), new_tokens=new_tokens, sizes=list(batch_sizes))
-        return {b: {name: [dict(original if name == "original" else slow) for _ in range(repeats)]
-                    for name in models} for b in batch_sizes}
+    def fake_timed_batch(self, prompts, tokens):
+        seen.append((len(prompts), max(map(len, prompts)), min(map(len, prompts)), tokens))
+        return dict(slow if hasattr(self.model.config, "taylormlp") else original)
 
-    monkeypatch.setattr("taylormlp.measure.workload.batch_timings", fake_timings)
-    results = run_workload_bench(tiny_llama_dir, [tiny_release], Workload(24, 6), batch_sizes=(4,), repeats=2,
-                                 json_path=tmp_path / "w.json", plot_path=tmp_path / "w.png")
-    assert seen["ids"].shape == (4, 24) and seen["new_tokens"] == 5 and seen["sizes"] == [1, 4]
+    monkeypatch.setattr(RuntimeSession, "timed_batch", fake_timed_batch)
+    request = engines.BenchRequest(tiny_llama_dir, (tiny_release,), batch_sizes=(4,), repeats=2,
+                                   workload=Workload(24, 6), json_path=tmp_path / "w.json", plot_path=tmp_path / "w.png")
+    results = engines.get("taylormlp", "bench").bench(request)
+    # a warm-up and 2 rounds of each model at batch 1 and 4, prompts of 24 tokens, 6 tokens each
+    assert sorted(set(seen)) == [(1, 24, 24, 6), (4, 24, 24, 6)] and len(seen) == 2 * 2 * 3
     rows = {(r["batch"], r["name"]): r for r in results["rows"]}
     assert set(rows) == {(b, n) for b in (1, 4) for n in ("original", "release")}
     assert rows[4, "release"]["prefill_slowdown"] == 3.0 and rows[4, "release"]["decode_slowdown"] == 2.0

@@ -38,7 +38,7 @@ def dialed(tiny_llama_dir):
         opts = ProtectOptions(preset="default", order=4, **FAST)
         _, setting = flow.run(model, tok, None, opts, True, slowdown=3.0, serving_batch=4, workload=workload,
                               measure=_phase_machine(flops_per_token(model), seen))
-        out[workload] = (setting.slowdown, seen)
+        out[workload] = (setting.slowdown.to_dict(), seen)
     return out
 
 

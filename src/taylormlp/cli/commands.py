@@ -1,4 +1,4 @@
-"""The CLI's commands, one function each (`cmd_<name>(args)`); cli.py parses the arguments and imports this module
+"""The CLI's commands, one function each (`cmd_<name>(args)`); cli/parser.py parses the arguments and imports this module
 only then, so that `taylormlp --help` does not load the models' libraries."""
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from ..common.choices import WORKLOAD_NEW_TOKENS
 from ..common.errors import TaylorMLPError
 from ..common.paths import check_output_file, dump_json
 from ..common.progress import quiet
-from ..measure.bench import run_bench
+from ..measure import engines
+from ..measure.engines import BenchRequest, ServeRequest
 from ..measure.compare import compare, print_comparison, read_prompts
 from ..measure.generate import generate_text
-from ..measure.vllm_bench import run_vllm_bench
-from ..measure.workload import Workload, run_workload_bench
+from ..measure.workload import Workload
 from ..protection import preflight
 from ..protection.flow import protect_to_release
-from ..release.directory import verify_release
 from ..release.inspect import inspect_release
 from ..release.kinds import refuse_non_release, refuse_release
 from ..release.sources import load_any
-from ..serve import vllm_engine
 from .demo import run_demo
 
 SECURITY_POINTER = ("Note: TaylorMLP slows use and hides W_down from casual inspection, but it does not keep the "
@@ -132,13 +130,7 @@ def cmd_protect(args) -> int:
     print(f"wrote {summary['out']}: coverage {summary['coverage']:.4f}, order {summary['order']}, "
           f"basis {summary['basis']}, {summary['size_bytes'] / 1e6:.1f} MB")
     if summary.get("slowdown"):
-        slow = summary["slowdown"]
-        at = f" at batch {slow['serving_batch']}" if slow.get("serving_batch", 1) > 1 else ""
-        curve = ", ".join(f"{p['measured']:.2f}x at batch {p['batch']}" for p in slow.get("curve", []))
-        what = f"whole-request slowdown on workload {slow['workload']['prompt_tokens']}:" \
-               f"{slow['workload']['new_tokens']}" if slow.get("workload") else "decode slowdown"
-        print(f"measured {what} {slow['measured']:.2f}x{at} (target {slow['target']}x)"
-              + (f"; curve: {curve}" if curve else ""))
+        print(summary["slowdown"].summary())
     print(SECURITY_POINTER)
     return 0
 
@@ -195,35 +187,13 @@ def cmd_bench(args) -> int:
     _check_outputs(args.force, json=args.json, plot=args.plot)
     _check_plot_format(args.plot)
     _check_inputs(sources=[("SOURCE", args.source)], releases=args.releases)
-    workload = _workload(args)
-    if args.engine == "vllm":
-        if args.serve_concurrency or args.device != "cpu":
-            raise TaylorMLPError("--engine vllm times vLLM's own engine on the device vLLM was built for; drop "
-                                 "--serve-concurrency and --device")
-        run_vllm_bench(args.source, args.releases, batch_sizes=args.batch_sizes or (1,), tokens=args.tokens,
-                       repeats=args.repeats, dtype=args.dtype, json_path=args.json, plot_path=args.plot,
-                       workload=workload)
-        return 0
-    if args.dtype != "auto":
-        raise TaylorMLPError(f"--dtype {args.dtype} is for --engine vllm; taylormlp's own bench times each model in "
-                             f"its release's dtype")
-    serve = None
-    for flag, value in (("--serve-requests", args.serve_requests), ("--serve-tokens", args.serve_tokens)):
-        if value is not None and not args.serve_concurrency:
-            raise TaylorMLPError(f"{flag} {value} needs --serve-concurrency C: it sets the requests of the server "
-                                 f"mode; add --serve-concurrency (e.g. 1 8) or drop {flag}")
-    if workload is not None:
-        if args.serve_concurrency:
-            raise TaylorMLPError("--prompt-tokens times requests in this process; drop --serve-concurrency (or run "
-                                 "the server mode without --prompt-tokens)")
-        run_workload_bench(args.source, args.releases, workload, batch_sizes=args.batch_sizes or (1,),
-                           repeats=args.repeats, json_path=args.json, plot_path=args.plot, device=args.device)
-        return 0
-    if args.serve_concurrency:
-        given = {"requests": args.serve_requests, "tokens": args.serve_tokens}  # unset: ServeOptions' defaults
-        serve = {"concurrency": tuple(args.serve_concurrency), **{k: v for k, v in given.items() if v is not None}}
-    run_bench(args.source, args.releases, tokens=args.tokens, repeats=args.repeats, json_path=args.json,
-              plot_path=args.plot, batch_sizes=args.batch_sizes, device=args.device, serve=serve)
+    given = {"concurrency": tuple(args.serve_concurrency or ()), "requests": args.serve_requests,
+             "tokens": args.serve_tokens}  # unset: ServeOptions' defaults
+    request = BenchRequest(args.source, tuple(args.releases), batch_sizes=args.batch_sizes, tokens=args.tokens,
+                           repeats=args.repeats, dtype=args.dtype, device=args.device, workload=_workload(args),
+                           serve={k: v for k, v in given.items() if v} or None, json_path=args.json,
+                           plot_path=args.plot)
+    engines.get(args.engine, "bench").bench(request)
     return 0
 
 
@@ -247,17 +217,6 @@ def cmd_audit(args) -> int:
 
 def cmd_serve(args) -> int:
     refuse_non_release(args.release)
-    if args.engine == "vllm":
-        vllm_engine.require_vllm()
-        verify_release(args.release)
-        return vllm_engine.run_server(args.release, args.host, args.port, args.dtype)
-    from ..serve import (
-        transformers_server as serve,  # imports transformers' serving engine, of the optional serve extra
-    )
-
-    serve.require_serve_extra()
-    serve.check_address(args.host, args.port)
-    verify_release(args.release)
-    serve.ReleaseServer(args.release, host=args.host, port=args.port, batching=args.batching,
-                        kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens).run()
-    return 0
+    return engines.get(args.engine, "serve").serve(ServeRequest(
+        args.release, host=args.host, port=args.port, dtype=args.dtype, batching=args.batching,
+        kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens))

@@ -18,8 +18,9 @@ import threading
 from pathlib import Path
 
 from ..common import __version__
-from ..common.choices import (ATTACKS, BASES, BUILTIN_MODELS, DEFAULT_ATTACKS, DTYPE_NAMES, MAX_ORDER, MAX_PIECES,
-                              MAX_ROUNDS, PRESETS, REPEATS, ROUNDS, SLOWDOWN_RANGE, WORKLOAD_NEW_TOKENS, parse_workload)
+from ..common.choices import (ATTACKS, BASES, BUILTIN_MODELS, DEFAULT_ATTACKS, DTYPE_NAMES, ENGINES, MAX_ORDER,
+                              MAX_PIECES, MAX_ROUNDS, PRESETS, REPEATS, ROUNDS, SLOWDOWN_RANGE, WORKLOAD_NEW_TOKENS,
+                              engine_names, parse_workload)
 from ..common.errors import TaylorMLPError
 
 # the two words every command uses, defined once and shown under each command's flags
@@ -158,16 +159,11 @@ def _add_protect(sub) -> None:
                         "slowdown is refitted and the next setting chosen from it (the same one: read again). "
                         f"Default {ROUNDS} (on a noisy machine or on vLLM, whose slowdown the FLOPs model predicts less "
                         "well, 5 reaches the target more often)")
-    p.add_argument("--engine", choices=["taylormlp", "vllm"], default="taylormlp",
-                   help="with --slowdown: where the slowdown is measured and dialed. 'taylormlp' (default): our own "
-                        "eager runtime in this process; 'vllm': vLLM at its defaults (compiled), the engine "
-                        "large-scale users serve with; the original on vLLM's own model code, each candidate written "
-                        "as a temporary release and run on its vLLM path (Llama, Mistral, Qwen2: natively, through "
-                        "taylormlp's plugin; others: the Transformers backend), interleaved rounds (needs vLLM in this "
-                        "Python environment: make vllm-setup, .venv-vllm/bin/taylormlp). The card names the engine")
-    p.add_argument("--engine-dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="with --engine vllm: the dtype vLLM runs the original and the candidates in (default auto: "
-                        "vLLM's choice, bfloat16 on a CPU); the release itself is written in --dtype")
+    _engine(p, "protect", "with --slowdown: where the slowdown is measured and dialed", "On an engine that runs "
+            "releases elsewhere, each candidate is written as a temporary release and run there, interleaved rounds "
+            "against the original. The card names the engine", "--engine-dtype",
+            "with --engine vllm: the dtype vLLM runs the original and the candidates in (default auto: vLLM's "
+            "choice, bfloat16 on a CPU); the release itself is written in --dtype")
     p.add_argument("--basis", choices=list(BASES),
                    help=f"override the preset's series basis (default: {_preset_values('basis')})")
     p.add_argument("--coverage", type=SHARE,
@@ -288,13 +284,10 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--serve-tokens", type=POSITIVE, metavar="T",
                    help=f"with --serve-concurrency: max_tokens of every request, greedy, EOS ignored so that each "
                         f"decodes exactly T tokens, {POSITIVE.limits} (default 16)")
-    _engine_flags(b, "taylormlp", "'taylormlp' (default): our own eager runtime in this process; 'vllm': vLLM at its "
-                  "defaults (compiled), the original on vLLM's own model code, each release on its vLLM path (Llama, "
-                  "Mistral, Qwen2: natively, through taylormlp's plugin, and again on vLLM's Transformers backend as "
-                  "a row of its own, to tell the series' cost from the backend's; others: the Transformers backend), "
-                  "one process per model, interleaved rounds; with the work model's FLOPs and bytes ratios beside",
-                  "with --engine vllm: the dtype vLLM runs every model in (default auto: vLLM's choice, bfloat16 on a "
-                  "CPU)")
+    _engine(b, "bench", "where every model is timed", "On vLLM a native release is timed once more on vLLM's "
+            "Transformers backend, as a row of its own, to tell the series' cost from the backend's; the work "
+            "model's FLOPs and bytes ratios beside", "--dtype", "with an engine other than taylormlp: the dtype it "
+            "runs every model in (default auto: the engine's choice, vLLM's bfloat16 on a CPU)")
     b.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where the models are timed (default cpu; auto: cuda when a GPU is visible); on cuda the "
                         "time-per-term microbenchmark and the peak-RSS probes, which measure the CPU, are left out")
@@ -332,12 +325,13 @@ def _max_new_tokens(parser, what: str, default: int) -> None:
                         help=f"{what}, {POSITIVE.limits} (default {default})")
 
 
-def _engine_flags(parser, ours: str, engine_help: str, dtype_help: str) -> None:
-    """--engine (ours or vllm) and --dtype (vLLM's), shared by bench and serve."""
-    parser.add_argument("--engine", choices=[ours, "vllm"], default=ours,
-                        help=engine_help + "; vllm needs vLLM in this Python environment (make vllm-setup: "
-                                           ".venv-vllm/bin/taylormlp)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help=dtype_help)
+def _engine(parser, command: str, what: str, more: str, dtype_flag: str, dtype_help: str) -> None:
+    """--engine for `command` (the engines common/choices.ENGINES lists for it, each with its summary) and the flag
+    of the dtype an engine runs the models in."""
+    names = engine_names(command)
+    listed = "; ".join(f"'{name}'{' (default)' if name == names[0] else ''}: {ENGINES[name].summary}" for name in names)
+    parser.add_argument("--engine", choices=names, default=names[0], help=f"{what}. {listed}. {more}")
+    parser.add_argument(dtype_flag, choices=["auto", *DTYPE_NAMES], default="auto", help=dtype_help)
 
 
 def _add_serve(sub) -> None:
@@ -348,12 +342,10 @@ def _add_serve(sub) -> None:
                  "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
                  "'taylormlp[serve]'. See docs/serving.md.")
     s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
-    _engine_flags(s, "transformers", "'transformers' (default): transformers' own server, below; 'vllm': vLLM's "
-                  "OpenAI-compatible server (compiled graphs, continuous batching, paged attention): a Llama, Mistral "
-                  "or Qwen2 release as a native vLLM model (taylormlp's plugin, no flag), others on vLLM's "
-                  "Transformers backend (--model-impl transformers --trust-remote-code)",
-                  "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's default: bfloat16 on a CPU, the "
-                  "checkpoint's on a GPU); float32 is token-exact with load_release. Default: auto")
+    _engine(s, "serve", "the server", "--batching, --kv-cache-tokens and --max-batch-tokens set transformers'; "
+            "--dtype sets vLLM's", "--dtype", "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's "
+            "default: bfloat16 on a CPU, the checkpoint's on a GPU); float32 is token-exact with load_release. "
+            "Default: auto")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=PORT, default=8000, help=f"TCP port to listen on, {PORT.limits} (default 8000)")

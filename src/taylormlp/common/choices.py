@@ -1,10 +1,11 @@
 """The tables the command line offers, defined here once and importable without torch.
 
-`taylormlp --help` and usage errors must answer in well under a second, so cli.py imports only this module (and
-errors.py) before parsing.  Each table has its one definition here and the heavy module that uses it imports it
-from here: options.py (PRESETS, SELECTIONS, MAX_PIECES), series.py (MAX_ORDER), release.py (DTYPE_NAMES ->
-DTYPES), sources.py (BUILTIN_MODELS) and attacks/registry.py (ATTACKS: each built-in attack's rank, description,
-cost and autograd need).
+`taylormlp --help` and usage errors must answer in well under a second, so cli/parser.py imports only this module
+(and errors.py) before parsing.  Each table has its one definition here and the heavy module that uses it imports
+it from here: protection/options.py (PRESETS, SELECTIONS, MAX_PIECES), maths/series.py (MAX_ORDER),
+release/directory.py (DTYPE_NAMES -> DTYPES), release/sources.py (BUILTIN_MODELS), attacks/registry.py (ATTACKS:
+each built-in attack's rank, description, cost and autograd need), measure/engines.py (ENGINES: the module of each
+engine and the commands that offer it) and protection/throttle.py (SLOWDOWN_RANGE, ROUNDS).
 
 One exception: runtime.py is copied verbatim into every release and may import only torch, transformers and the
 standard library, so runtime.BASES keeps its own tuple; BASES below must equal it (a test checks).
@@ -39,6 +40,8 @@ PRESETS = {
 # ---------------------------------------------------------------- measure
 
 WORKLOAD_NEW_TOKENS = 128  # bench --prompt-tokens P without --new-tokens: G
+PHASES = ("prefill", "decode", "request")  # a request's prefill (to the first token), its decode steps, and both
+DIAL_STEPS = 24  # decode steps of each timed run of protect's dial without a workload
 REPEATS = 3  # interleaved rounds of one read: bench --repeats's default, and each read of the dial on an engine
 
 
@@ -53,6 +56,38 @@ def parse_workload(text: str) -> tuple[int, int]:
         raise TaylorMLPError(f"workload {text!r}: give at least 1 prompt token and 2 generated tokens (the first comes "
                              f"from the prefill, the others are the decode the slowdown is read on)")
     return prompt, new
+
+# ---------------------------------------------------------------- engines (measure/engines.py resolves a row)
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """One engine: the module that implements it (measure/engines.Engine, as its ENGINE), the commands that offer it
+    (--engine NAME) and what it is, for --help."""
+
+    module: str
+    commands: tuple[str, ...]
+    summary: str
+
+
+ENGINES = {
+    "taylormlp": EngineRow("taylormlp.measure.engine_taylormlp", ("bench", "protect"),
+                           "our own eager runtime, every model in this process"),
+    "transformers": EngineRow("taylormlp.measure.engine_transformers", ("serve",),
+                              "transformers' own OpenAI-compatible server with continuous batching (the serve extra)"),
+    "vllm": EngineRow("taylormlp.measure.engine_vllm", ("bench", "protect", "serve"),
+                      "vLLM at its defaults (compiled), one process per model: a Llama, Mistral or Qwen2 release as a "
+                      "native vLLM model (taylormlp's plugin), others on vLLM's Transformers backend (needs vLLM in "
+                      "this Python environment: make vllm-setup, .venv-vllm/bin/taylormlp)"),
+}
+DEFAULT_ENGINE = {"bench": "taylormlp", "protect": "taylormlp", "serve": "transformers"}
+
+
+def engine_names(command: str) -> list[str]:
+    """The engines `command` offers (--engine's choices), its default first."""
+    names = [name for name, row in ENGINES.items() if command in row.commands]
+    return sorted(names, key=lambda name: name != DEFAULT_ENGINE[command])
+
 
 # ---------------------------------------------------------------- built-in models (SOURCE names)
 

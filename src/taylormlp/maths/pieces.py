@@ -1,7 +1,7 @@
 """Series pieces of one layer (numpy only): where each channel's interval is split, and each piece's coefficients.
 
 A channel may be served by several pieces (split_pieces): each piece q is the series construction of
-convert.py's docstring over its own sub-interval, live on its part of the line; a channel's pieces partition the
+maths/series.py's docstring over its own sub-interval, live on its part of the line; a channel's pieces partition the
 real line (outer edges ±inf), so exactly one serves each input.
 """
 

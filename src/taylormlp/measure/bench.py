@@ -7,7 +7,7 @@ What is measured, and how:
   argmax.  It never stops early at EOS, so every model does the same amount of work.  Models are timed
   interleaved (``interleaved_latency``, over ``decode.interleaved``: one warm-up run each, then round robin per
   repeat, the starting model rotated each repeat) so that noise from other work on the machine hits all of them
-  alike; the slowdown is the ratio of median decode times, and its range is taken over the per-repeat (paired) ratios.
+  alike; the slowdown is the median of the per-repeat (paired) ratios of decode times, with their range.
 * **Work** (``flops_per_token``): matmul FLOPs of one single-token forward counted by
   ``torch.utils.flop_counter.FlopCounterMode`` — deterministic, independent of machine noise.
 * **Time per series term** (``term_benchmark``): for the layer with the most protected channels, the
@@ -46,7 +46,7 @@ from ..release.directory import load_release, release_dtype, release_size
 from ..release.sources import is_chat_model, load_base
 from ..runtime import decoder_layers
 from .cost import flops_per_token, parameter_bytes_read, series_feature_bytes_per_token, taylor_mlps, weights_bytes
-from .decode import decode_timings, interleaved, measure_decode, paired_ratios, timing_summary
+from .decode import decode_timings, interleaved, measure_decode, phase_ratios, timing_summary
 from .generate import encode_prompt
 from .report import format_serve, format_table, format_throughput, plot_results, plot_throughput
 from .throughput import bench_timings, throughput_rows
@@ -240,7 +240,7 @@ def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: s
     rows = []
     for name, model in models.items():
         lat = latency[name]
-        paired = paired_ratios(lat["runs"], ref["runs"], "decode_s")
+        paired = phase_ratios(lat["runs"], ref["runs"])
         flops = flops_per_token(model, first_token)
         if name == original:
             ref_flops = flops
@@ -255,10 +255,10 @@ def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: s
             "decode_s_spread": lat["decode_s_spread"],
             "decode_ms_per_token": lat["decode_s_median"] / tokens * 1e3,
             "decode_tokens_per_s_median": lat["decode_tokens_per_s_median"],
-            "decode_ratio": lat["decode_s_median"] / ref["decode_s_median"],
-            "decode_ratio_min": min(paired),
-            "decode_ratio_max": max(paired),
-            "prefill_ratio": lat["prefill_s_median"] / ref["prefill_s_median"],
+            "decode_ratio": statistics.median(paired["decode"]),
+            "decode_ratio_min": min(paired["decode"]),
+            "decode_ratio_max": max(paired["decode"]),
+            "prefill_ratio": statistics.median(paired["prefill"]),
             "flops_per_token": flops,
             "parameter_bytes_read": parameter_bytes_read(model),
             "weights_bytes": weights_bytes(model),
@@ -272,7 +272,7 @@ def bench_models(models: dict, input_ids, tokens: int, repeats: int, original: s
     return rows
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
+def unique_names(paths: list[Path]) -> list[str]:
     names = [p.name or str(p) for p in paths]
     return [str(p) if names.count(n) > 1 or n == ORIGINAL else n for n, p in zip(names, paths)]
 
@@ -303,7 +303,7 @@ def load_models(source, releases, device: str = "cpu") -> tuple[dict, dict, obje
         raise TaylorMLPError("give at least one release directory to compare with the original")
     check_bench_memory(releases)
     loaded = {}
-    for name, path in zip(_unique_names(releases), releases):
+    for name, path in zip(unique_names(releases), releases):
         with status(f"loading release {path}"):
             loaded[name] = load_release(path).to(device)
     dtype = release_dtype(releases[0])

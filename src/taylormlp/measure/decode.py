@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..common.choices import PHASES
 from ..common.progress import bar
 
 
@@ -339,7 +340,6 @@ def paired_ratios(runs: list, reference: list, key: str | None = None) -> list[f
     return [pick(a) / pick(b) for a, b in zip(runs, reference)]
 
 
-PHASES = ("prefill", "decode", "request")  # a request's prefill (to the first token), its decode steps, and both
 
 
 def phase_seconds(run: dict, phase: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..common.choices import PHASES
 from ..common.paths import write_atomically
 
 
@@ -51,8 +52,8 @@ def format_table(results: dict) -> str:
     errors = [f"  {r['name']}: {r['memory']['error']}" for r in rows if (r.get("memory") or {}).get("error")]
     if errors:
         lines += ["", "memory probe problems:", *errors]
-    lines += ["", "spread = (max - min) decode ms/tok over repeats. slowdown = median decode time / original's; "
-                  "range over paired (same-repeat) ratios. FLOPs x = matmul FLOPs per token / original's. bytes x = "
+    lines += ["", "spread = (max - min) decode ms/tok over repeats. slowdown = the median over repeats of decode time / "
+                  "the original's in the same repeat (paired ratios), with their range. FLOPs x = matmul FLOPs per token / original's. bytes x = "
                   "parameter bytes read per decoded token / original's. "
                   "peak RSS = fresh process, above its size after imports, load + one run. "
                   "Timings on shared machines vary: compare within one run."]
@@ -151,8 +152,9 @@ def format_throughput(results: dict) -> str:
     lines = [f"throughput at batch sizes {', '.join(map(str, results['batch_sizes']))} (B copies of the prompt decoded "
              f"together; every batch size and model interleaved in the run above):", ""]
     lines += _columns(table)
-    lines += ["", "tok/s = decode tokens per second over the whole batch (at the median decode time). slowdown = median decode time / the "
-                  "original's at the same batch = the original's throughput / this one's; range over paired ratios. "
+    lines += ["", "tok/s = decode tokens per second over the whole batch (at the median decode time). slowdown = the "
+                  "median over rounds of decode time / the original's at the same batch in the same round (the "
+                  "original's throughput / this one's), with the range of those paired ratios. "
                   "TTFT = the batch's prefill to its first tokens; inter-token = one decode step (a token for every "
                   "sequence)."]
     return "\n".join(lines)
@@ -261,7 +263,7 @@ def plot_workload(results: dict, path) -> Path:
     for ax, model in zip(axes[0], releases):
         rows = [r for r in results["rows"] if r["name"] == model["name"]]
         x = [r["batch"] for r in rows]
-        for i, phase in enumerate(("prefill", "decode", "request")):
+        for i, phase in enumerate(PHASES):
             y = [r[f"{phase}_slowdown"] for r in rows]
             err = [[max(r[f"{phase}_slowdown"] - r[f"{phase}_slowdown_min"], 0.0) for r in rows],
                    [max(r[f"{phase}_slowdown_max"] - r[f"{phase}_slowdown"], 0.0) for r in rows]]

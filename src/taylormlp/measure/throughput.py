@@ -16,9 +16,10 @@ import statistics
 import numpy as np
 import torch
 
+from ..common.choices import DIAL_STEPS, REPEATS
 from ..common.hooks import swapped
 from .decode import (batch_ids, batch_timings, interleaved, measure_decode, paired_ratios, phase_ratios,
-                     timing_summary)
+                     phase_seconds)
 from .generate import encode_prompt
 
 MEASURE_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
@@ -52,13 +53,13 @@ def timed_layers(theta_bytes: np.ndarray, budget: float | None) -> list[int]:
         k -= 1
 
 
-def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_tokens: int = 24, repeats: int = 3,
+def measure_ratios(protector, coverage: float, input_ids, batches=(1,), new_tokens: int = DIAL_STEPS, repeats: int = REPEATS,
                    budget: float | None = None, timer=None) -> tuple[dict, dict]:
     """Per batch size B: release time / original time in the same round, the median over interleaved runs
     (decode.interleaved; every batch size and both models in one run), on this machine.  `timer(model, B)` is one run:
     {"prefill_s", "decode_s"} (default: decode.measure_decode on decode.batch_ids(input_ids, B): B copies of one
     prompt, or a workload's first B prompts, then `new_tokens` decode steps), and B's value is then {phase: ratio}
-    for decode.PHASES (prefill, decode, request); a timer that returns seconds gives one ratio per B.
+    for common/choices.PHASES (prefill, decode, request); a timer that returns seconds gives one ratio per B.
 
     A candidate whose Θ does not fit into `budget` bytes is timed on evenly spaced layers only (the others keep
     their original MLP) and the extra time is scaled up by the extra work of all layers over that of the timed
@@ -109,32 +110,30 @@ def _scaled(ratio, scale: float):
 # ---------------------------------------------------------------- bench: loaded models
 
 
-def throughput_rows(timings: dict[int, dict[str, list[dict]]], original: str, tokens: int) -> list[dict]:
-    """Rows of `taylormlp bench --batch-sizes`, one per batch size and model, from decode.batch_timings' runs:
-    decode tokens/s over the batch (B · tokens / the median decode time, so that the tokens/s ratio is the
-    slowdown), the slowdown (median decode time / the original's at that batch, i.e.
-    the original's throughput over this one's) with its range over paired (same-round) ratios, TTFT (the prefill
-    to the first token) and inter-token latency (one decode step: every sequence of the batch gets a token)."""
+def throughput_rows(timings: dict[int, dict[str, list[dict]]], original: str, steps: int,
+                    workload=None) -> list[dict]:
+    """The one row builder of every timed table (bench --batch-sizes, bench --engine, a workload): per batch size and
+    model, from runs in round order ({batch: {name: [{"prefill_s", "decode_s", ...}]}}, `steps` decode steps each),
+    per phase of common/choices.PHASES its median seconds and its slowdown, the median of the paired (same-round) ratios to
+    the original's, with their range; "slowdown" is the decode one.  Then tokens/s over the batch (B · steps / the
+    median decode time), TTFT (the prefill to the first token) and the inter-token latency (one decode step: every
+    sequence gets a token); with a `workload` (workload.Workload) its fields and the request's tokens/s."""
     rows = []
     for batch, runs in sorted(timings.items()):
-        ref = timing_summary(runs[original])
-        for name, model_runs in runs.items():
-            own = timing_summary(model_runs)
-            paired = paired_ratios(model_runs, runs[original], "decode_s")
-            rows.append({
-                "batch": batch,
-                "name": name,
-                "kind": "original" if name == original else "release",
-                "decode_tokens_per_s": batch * tokens / own["decode_s_median"],
-                "slowdown": own["decode_s_median"] / ref["decode_s_median"],
-                "slowdown_min": min(paired),
-                "slowdown_max": max(paired),
-                "ttft_ms": own["prefill_s_median"] * 1e3,
-                "inter_token_ms": own["inter_token_s_median"] * 1e3,
-                "decode_s_median": own["decode_s_median"],
-                "new_tokens": tokens,
-                "runs": model_runs,
-            })
+        for name, mine in runs.items():
+            row = {"batch": batch, "name": name, "kind": "original" if name == original else "release",
+                   "new_tokens": steps}
+            for phase, ratios in phase_ratios(mine, runs[original]).items():
+                row.update({f"{phase}_s": statistics.median(phase_seconds(r, phase) for r in mine),
+                            f"{phase}_slowdown": statistics.median(ratios), f"{phase}_slowdown_min": min(ratios),
+                            f"{phase}_slowdown_max": max(ratios)})
+            row.update({"slowdown": row["decode_slowdown"], "slowdown_min": row["decode_slowdown_min"],
+                        "slowdown_max": row["decode_slowdown_max"], "decode_s_median": row["decode_s"],
+                        "decode_tokens_per_s": batch * steps / row["decode_s"], "ttft_ms": row["prefill_s"] * 1e3,
+                        "inter_token_ms": row["decode_s"] / steps * 1e3, "runs": mine})
+            if workload is not None:
+                row.update(workload.as_dict(), request_tokens_per_s=batch * workload.new_tokens / row["request_s"])
+            rows.append(row)
     return rows
 
 

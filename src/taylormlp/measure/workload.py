@@ -10,7 +10,8 @@ whole request's.  Per batch size B (B distinct prompts of P tokens each, decoded
     decode slowdown    decode time / the original's
     request slowdown   (prefill + decode) time / the original's
 
-each the median over interleaved rounds of the per-round (paired) ratio, as every slowdown here (decode.paired_ratios).
+each the median over interleaved rounds of the per-round (paired) ratio, as every slowdown here (decode.phase_ratios;
+the rows are throughput.throughput_rows', timed by engine_bench on any engine).
 The prompts are cut from real text (common/corpus.py's prose), one distinct window of P tokens per sequence, so that
 no engine can share work between the sequences of a batch.
 """
@@ -18,22 +19,16 @@ no engine can share work between the sequences of a batch.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..common import machine
 from ..common.choices import parse_workload
 from ..common.corpus import stdlib_prose
 from ..common.errors import TaylorMLPError
 from ..common.paths import write_text_atomically
 from ..common.progress import log
-from .bench import ORIGINAL, load_models
-from .cost import flops_per_token, forward_flops
-from .decode import batch_timings, phase_ratios, phase_seconds
 from .report import format_workload, plot_workload
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -71,56 +66,6 @@ def workload_prompts(tokenizer, prompt_tokens: int, count: int) -> list[list[int
         raise TaylorMLPError(f"the built-in prose holds {len(stream)} tokens, fewer than {count} prompts of "
                              f"{prompt_tokens} tokens: use a smaller --prompt-tokens or fewer sequences")
     return [bos + stream[k * width:(k + 1) * width] for k in range(count)]
-
-
-def workload_rows(runs: dict, original: str, workload: Workload) -> list[dict]:
-    """Per batch size and model, from timed runs ({batch: {name: [run dicts with prefill_s and decode_s], in round
-    order}}): the medians of prefill, decode and request time, and the three slowdowns (median of paired ratios, with
-    their range)."""
-    rows = []
-    for batch in sorted(runs):
-        base = runs[batch][original]
-        for name, mine in runs[batch].items():
-            row = {"batch": batch, "name": name, "kind": "original" if name == original else "release",
-                   **workload.as_dict()}
-            for phase, ratios in phase_ratios(mine, base).items():
-                row.update({f"{phase}_s": statistics.median(phase_seconds(r, phase) for r in mine),
-                            f"{phase}_slowdown": statistics.median(ratios),
-                            f"{phase}_slowdown_min": min(ratios), f"{phase}_slowdown_max": max(ratios)})
-            row["request_tokens_per_s"] = batch * workload.new_tokens / row["request_s"]
-            rows.append(row)
-    return rows
-
-
-def work_model(models: dict, original: str, prompt: list[int]) -> dict[str, dict]:
-    """Per release: the FLOPs of one decode step and of the prefill of `prompt` over the original's (cost.py's
-    counts: the ratios a compute-bound engine would pay)."""
-    decode = {name: flops_per_token(m, prompt[0]) for name, m in models.items()}
-    prefill = {name: forward_flops(m, prompt) for name, m in models.items()}
-    return {name: {"flops_ratio": decode[name] / decode[original],
-                   "prefill_flops_ratio": prefill[name] / prefill[original]} for name in models if name != original}
-
-
-def run_workload_bench(source, releases, workload: Workload, batch_sizes=(1,), repeats: int = 3, json_path=None,
-                       plot_path=None, device: str = "cpu") -> dict:
-    """`taylormlp bench --prompt-tokens P --new-tokens G` on our runtime: every model and batch size timed in one
-    interleaved run (decode.batch_timings on B distinct prompts of P tokens, G − 1 decode steps after the prefill),
-    then workload_rows; printed as a table, written as JSON and a plot."""
-    device = machine.resolve_device(device)
-    sizes = sorted({1, *(int(b) for b in batch_sizes)})
-    models, _paths, tokenizer, _dtype = load_models(source, releases, device)
-    prompts = workload_prompts(tokenizer, workload.prompt_tokens, max(sizes))
-    log(f"workload {workload.label}: {max(sizes)} distinct prompts of {workload.prompt_tokens} tokens, "
-        f"{workload.new_tokens} generated tokens each; batch sizes {', '.join(map(str, sizes))}, {repeats} "
-        f"interleaved repeats, {torch.get_num_threads()} torch threads")
-    work = work_model(models, ORIGINAL, prompts[0])
-    runs = batch_timings(models, torch.tensor(prompts), workload.new_tokens - 1, repeats, sizes)
-    results = {"engine": "taylormlp", "source": str(source), "workload": workload.as_dict(), "batch_sizes": sizes,
-               "repeats": repeats, "machine": machine.describe(device),
-               "models": [{"name": ORIGINAL, "kind": "original"}]
-               + [{"name": name, "kind": "release", **work[name]} for name in work],
-               "rows": workload_rows(runs, ORIGINAL, workload)}
-    return report_workload(results, json_path, plot_path)
 
 
 def report_workload(results: dict, json_path=None, plot_path=None) -> dict:

@@ -18,10 +18,11 @@ import tempfile
 from pathlib import Path
 
 from .. import runtime
-from ..common.choices import ROUNDS
+from ..common.choices import DEFAULT_ENGINE, ROUNDS
 from ..common.errors import TaylorMLPError
 from ..common.machine import resolve_device
 from ..common.progress import log
+from ..measure import engines
 from ..measure.decode import validate
 from ..measure.throughput import measure_prompt_ids
 from ..measure.workload import Workload
@@ -29,14 +30,13 @@ from ..release.card import base_model, model_card
 from ..release.directory import DTYPES, ModelTensors, check_output_dir, release_size
 from ..release.sources import is_chat_model, load_base, load_tokenizer, resolve_source
 from ..release.stream import SourceMLPs, open_streamed
-from ..serve.vllm_engine import require_vllm
 from . import preflight
 from .calibration import CalibrationData, Ranges, calibrate, read_calibration_file
 from .options import ProtectOptions
 from .protector import Protector
 from .search import Setting, choose_coverage
+from .engine_dial import EngineDial
 from .throttle import choose_slowdown
-from .vllm_dial import EngineDial
 
 
 def run(model, tokenizer, texts, opts: ProtectOptions, chat: bool, *, prepared=None, mlps=None,
@@ -71,7 +71,7 @@ def finish(setting: Setting, data: CalibrationData | None, ranges: Ranges) -> ru
                 record["validation"] = validate(protector.model, data.validation, opts.batch_tokens)
     record["coverage_search"] = setting.trace
     if setting.slowdown is not None:
-        record["slowdown"] = setting.slowdown
+        record["slowdown"] = setting.slowdown.to_dict()
     return protector.release_spec(coverage, record)
 
 
@@ -104,8 +104,8 @@ def protect(model, tokenizer=None, calibration: list[str] | Ranges | None = None
 
 def protect_to_release(source, out, *, preset="default", order=None, basis=None, coverage=None, slowdown=None,
                        calibration_file=None, dtype="float32", seed=0, chat=None, force=False, device="auto",
-                       serving_batch=None, dry_run=False, engine="taylormlp", engine_dtype="auto", rounds=None,
-                       workload: str | None = None, **tuning) -> dict:
+                       serving_batch=None, dry_run=False, engine=DEFAULT_ENGINE["protect"], engine_dtype="auto",
+                       rounds=None, workload: str | None = None, **tuning) -> dict:
     """Protect SOURCE into the release directory OUT.  `tuning` passes extra ProtectOptions fields
     (calibration_samples, continuation_tokens, prose_chars, search_steps, margin, ...).
 
@@ -114,25 +114,27 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
     when that layer runs, and the release is written one layer per shard.  Peak memory is one layer plus the
     calibration activations, whatever the depth.  `--slowdown` measures decode latency, which needs the model
     in memory: that path loads it whole; `serving_batch` (with `slowdown` only; default 1) is the batch size at
-    which the slowdown is met (throttle.choose_slowdown); engine="vllm" (with `slowdown` only) measures it on vLLM
-    in `engine_dtype` instead of our own runtime (vllm_dial.EngineDial); `rounds` (with `slowdown` only) caps the
+    which the slowdown is met (throttle.choose_slowdown); `engine` (with `slowdown` only) names the engine it is
+    measured on (measure/engines.get: our own runtime in this process, or e.g. "vllm" in `engine_dtype`, through
+    engine_dial.EngineDial); `rounds` (with `slowdown` only) caps the
     settings measured (default common/choices.ROUNDS); `workload` "P:G" (with `slowdown` only) dials whole-request
     throughput on B distinct prompts of P tokens, G generated tokens each, instead of decode throughput.
 
     Before any of it, the pre-flight (preflight.estimate, from the config and safetensors headers) is logged and a
     run whose release or peak memory cannot fit is refused; dry_run=True returns {"estimate": it} there instead."""
     for flag, value, what in (("--serving-batch", serving_batch, "sets the batch size at which the slowdown is met"),
-                              ("--engine", None if engine == "taylormlp" else engine,
+                              ("--engine", None if engine == DEFAULT_ENGINE["protect"] else engine,
                                "sets the engine the slowdown is measured on"),
                               ("--rounds", rounds, "caps the settings the slowdown dial measures"),
                               ("--workload", workload, "sets the requests the slowdown is met on")):
         if value is not None and slowdown is None:
             raise TaylorMLPError(f"{flag} {value} needs --slowdown X: it {what}; add --slowdown or drop {flag}")
     workload = Workload.parse(workload) if workload is not None else None
-    if engine_dtype != "auto" and engine != "vllm":
-        raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for --engine vllm; the release's dtype is --dtype")
-    if engine == "vllm":
-        require_vllm()  # before minutes of calibration: `make vllm-setup`
+    runner = engines.get(engine, "protect")
+    if engine_dtype != "auto" and runner.in_process:
+        raise TaylorMLPError(f"--engine-dtype {engine_dtype} is for an engine that runs the release elsewhere (e.g. "
+                             f"--engine vllm); the release's dtype is --dtype")
+    runner.require()  # before minutes of calibration (vLLM: `make vllm-setup`)
     out = Path(out)
     check_output_dir(out, force)  # fail before minutes of work, not after
     if dtype not in DTYPES:
@@ -158,9 +160,9 @@ def protect_to_release(source, out, *, preset="default", order=None, basis=None,
             tensors, mlps = ModelTensors(model), None
         chat = is_chat_model(tokenizer) if chat is None else chat
         measure = None
-        if engine == "vllm":
-            measure = EngineDial(model_dir, tokenizer, measure_prompt_ids(tokenizer, chat)[0].tolist(), engine_dtype,
-                                 workload=workload)
+        if not runner.in_process:
+            measure = EngineDial(runner, model_dir, tokenizer, measure_prompt_ids(tokenizer, chat)[0].tolist(),
+                                 engine_dtype, workload=workload)
         try:
             spec, setting = run(model, tokenizer, texts, opts, chat, mlps=mlps, streamed=mlps is not None,
                                 slowdown=slowdown, serving_batch=1 if serving_batch is None else serving_batch,

@@ -2,7 +2,7 @@
 
 ``largest_accepted`` is a screened bisection over a coverage grid; ``screened_check`` turns a candidate installer and
 ``decode.validate`` into its check; ``search_coverage`` runs it for a Protector, and ``choose_coverage`` gives step 3
-of the protect flow (flow.py) its ``Setting``.  The slowdown search (throttle.SlowdownChooser) uses the same two pieces
+of the protect flow (flow.py) its ``Setting``.  The slowdown search (chooser.SlowdownChooser) uses the same two pieces
 with its own installer, and answers with a ``Setting`` too.
 """
 
@@ -16,6 +16,7 @@ from ..common.errors import TaylorMLPError
 from ..common.machine import release_memory
 from ..common.progress import bar, log
 from ..measure.decode import validate
+from ..release.slowdown import SlowdownRecord
 
 SCREEN = 0.25  # share of the validation tokens a candidate must pass before the whole set is run (the screen)
 
@@ -100,13 +101,13 @@ def screened_check(model, validation: list[dict], max_tokens: int, budget: float
 class Setting:
     """Step 3's answer (flow.run): a protector and the coverage it protects, the validations that led there
     (`trace`), whether its Θ may be held in memory whole (`held`; otherwise each layer's TaylorMLP is built when it
-    runs or is written), and for --slowdown what was measured (`slowdown`, the model card's record)."""
+    runs or is written), and for --slowdown what was measured (`slowdown`, release/slowdown.SlowdownRecord)."""
 
     protector: object
     coverage: float
     trace: list = field(default_factory=list)
     held: bool = True
-    slowdown: dict | None = None
+    slowdown: SlowdownRecord | None = None
 
 
 def choose_coverage(protector, data) -> Setting:

@@ -10,7 +10,7 @@ weights, so the base model's terms (Gemma's differ from SmolLM2's Apache-2.0) ap
 
 The throttle rows say what `--slowdown` asked for, what was measured at the serving batch, the slowdown curve
 over batch sizes, the FLOPs and bytes ratios and the machine; every value comes from the release spec's
-``slowdown`` record (throttle.choose_slowdown).
+slowdown record (release/slowdown.SlowdownRecord, made by protection/throttle.Dial).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common import __version__
-from ..common.choices import BUILTIN_MODELS
+from ..common.choices import BUILTIN_MODELS, PHASES
 from ..common.errors import TaylorMLPError
+from .slowdown import SlowdownRecord
 
 FRONT_MATTER_KEYS = ("license", "license_name", "license_link")  # Hugging Face model-card metadata we repeat
 
@@ -116,41 +117,40 @@ def engine_words(engine: dict | None) -> str:
                                                                        else "")
 
 
-def slowdown_rows(slowdown: dict) -> list[str]:
-    """Markdown table rows ("| field | value |") for a ``slowdown`` record; records written before the serving batch
-    existed (no "serving_batch", no "curve") were measured at batch 1, before the engine (no "engine") on our
-    runtime, before repeated reads (no "reads") on one read, before workloads (no "workload") on decode."""
-    batch = slowdown.get("serving_batch", 1)
-    where = f"{machine_words(slowdown.get('machine'))}, {engine_words(slowdown.get('engine'))}"
-    work = slowdown.get("workload")
+def slowdown_rows(slowdown: "SlowdownRecord | dict") -> list[str]:
+    """Markdown table rows ("| field | value |") for a slowdown record (slowdown.SlowdownRecord, or the dict a
+    config.json holds; older records read with its defaults)."""
+    rec = SlowdownRecord.from_dict(slowdown)
+    batch = rec.serving_batch
+    where = f"{machine_words(rec.machine)}, {engine_words(rec.engine)}"
+    work = rec.workload
     if work:
-        what = "whole-request slowdown"
         on = (f" on workload {work['prompt_tokens']}:{work['new_tokens']} ({batch} distinct prompts of "
               f"{work['prompt_tokens']} tokens, {work['new_tokens']} generated tokens each: prefill and decode)")
     else:
-        what, on = "decode slowdown", f" (throughput of {batch} concurrent sequences, release / original)"
-    rows = [f"| requested {what} | {slowdown['target']}x at batch {batch}{on} |",
-            f"| measured {what} | {slowdown['measured']:.2f}x at batch {batch} (interleaved with the "
+        on = f" (throughput of {batch} concurrent sequences, release / original)"
+    rows = [f"| requested {rec.what} | {rec.target}x at batch {batch}{on} |",
+            f"| measured {rec.what} | {rec.measured:.2f}x at batch {batch} (interleaved with the "
             f"original, on {where}; a slowdown is a property of the machine and of the batch size) |"]
-    curve = slowdown.get("curve") or []
-    if curve:
+    if rec.curve:
         rows.append("| measured slowdown curve (batch: slowdown) | "
-                    + ", ".join(f"{point['batch']}: {point['measured']:.2f}x" for point in curve)
-                    + " (one interleaved run after the choice) |")
-    for point in curve:
+                    + ", ".join(f"{point['batch']}: {point['measured']:.2f}x" for point in rec.curve)
+                    + (" (the choice's confirming read: one interleaved run) |" if rec.curve_read == "confirming"
+                       else " (one interleaved run after the choice) |"))
+    for point in rec.curve:
         if point.get("phases"):
             rows.append(f"| prefill / decode / request slowdown at batch {point['batch']} | "
-                        + " / ".join(f"{point['phases'][phase]:.2f}x" for phase in ("prefill", "decode", "request"))
+                        + " / ".join(f"{point['phases'][phase]:.2f}x" for phase in PHASES)
                         + " (time to first token; the other tokens; the whole request) |")
-    if slowdown.get("reads"):
-        agrees = {True: "yes", False: "no"}.get(slowdown.get("curve_agrees"), "not recorded")
+    if rec.reads:
+        agrees = {True: "yes", False: "no"}.get(rec.curve_agrees, "not recorded")
         rows.append(f"| reads at batch {batch} (the measured figure is their median) | "
-                    + ", ".join(f"{r:.2f}x" for r in slowdown["reads"])
+                    + ", ".join(f"{r:.2f}x" for r in rec.reads)
                     + f"; the curve at batch {batch} within ±10% of it: {agrees} |")
-    if slowdown.get("flops_ratio"):
-        rows.append(f"| FLOPs per token, release / original | {slowdown['flops_ratio']:.2f}x |")
-    if slowdown.get("bytes_ratio"):
-        rows.append(f"| parameter bytes read per decoded token, release / original | {slowdown['bytes_ratio']:.2f}x "
+    if rec.flops_ratio:
+        rows.append(f"| FLOPs per token, release / original | {rec.flops_ratio:.2f}x |")
+    if rec.bytes_ratio:
+        rows.append(f"| parameter bytes read per decoded token, release / original | {rec.bytes_ratio:.2f}x "
                     f"(what a memory-bound decoder pays) |")
     return rows
 
@@ -166,7 +166,8 @@ def header_section() -> list[str]:
     ]
 
 
-def settings_section(spec: dict, fidelity: dict | None = None, slowdown: dict | None = None) -> list[str]:
+def settings_section(spec: dict, fidelity: dict | None = None,
+                     slowdown: "SlowdownRecord | dict | None" = None) -> list[str]:
     val = spec.get("validation") or {}
     lines = [
         "| field | value |",
@@ -217,7 +218,7 @@ def provenance_section() -> list[str]:
     return [f"Written by taylormlp {__version__}."]
 
 
-def model_card(spec: dict, fidelity: dict | None = None, slowdown: dict | None = None,
+def model_card(spec: dict, fidelity: dict | None = None, slowdown: "SlowdownRecord | dict | None" = None,
                base: dict | None = None) -> str:
     """The release's README.md: the sections above in order, separated by blank lines."""
     sections = [

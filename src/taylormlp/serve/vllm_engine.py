@@ -161,16 +161,19 @@ def timed_batch(llm, prompts: list[list[int]], tokens: int) -> dict:
 
 
 def serve_worker(llm) -> None:
-    """Answer timing requests, one JSON line each on stdin ({prompts, tokens}), until stdin closes; the first
-    line says what runs: vLLM's version and the dtype the engine resolved ("auto": bfloat16 on a CPU)."""
+    """Answer requests, one JSON line each on stdin ({prompts, tokens, greedy}), until stdin closes: timed_batch's
+    seconds, or with greedy {"tokens": greedy_tokens}.  The first line says what runs: vLLM's version, the dtype the
+    engine resolved ("auto": bfloat16 on a CPU) and the class it built."""
     import vllm
 
     dtype = str(getattr(getattr(llm, "model_config", None), "dtype", "unknown")).replace("torch.", "")
-    print(REPLY + json.dumps({"ready": True, "vllm": vllm.__version__, "dtype": dtype,
+    print(REPLY + json.dumps({"ready": True, "engine": "vllm", "version": vllm.__version__, "dtype": dtype,
                               "model_class": llm.apply_model(model_class)[0]}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
-        print(REPLY + json.dumps(timed_batch(llm, job["prompts"], job["tokens"])), flush=True)
+        answer = ({"tokens": greedy_tokens(llm, job["prompts"], job["tokens"])} if job.get("greedy")
+                  else timed_batch(llm, job["prompts"], job["tokens"]))
+        print(REPLY + json.dumps(answer), flush=True)
 
 
 def main(argv=None) -> int:
@@ -241,8 +244,9 @@ def run_engine(mode: str, model_dir, job: dict, workdir, dtype: str = "auto", ea
 
 class EngineWorker:
     """One model on vLLM in a child process of its own (`python -m taylormlp.serve.vllm_engine worker`), kept loaded so
-    that runs of several models can be interleaved: ``run(prompts, tokens)`` is timed_batch there.  The process starts
-    at construction and loads while the caller goes on (two engines load side by side); ``ready`` waits for it."""
+    that runs of several models can be interleaved: a session of measure/engines.py (``timed_batch`` and ``generate``
+    run there).  The process starts at construction and loads while the caller goes on (two engines load side by
+    side); ``info`` waits for it."""
 
     def __init__(self, model_dir, log_path, dtype: str = "auto", eager: bool = False, max_model_len: int = 512,
                  impl: str = "auto"):
@@ -254,8 +258,9 @@ class EngineWorker:
         self._ready: dict | None = None
 
     @property
-    def ready(self) -> dict:
-        """Waits until the engine is loaded (and compiled): {"vllm": version, "dtype": the engine's, "model_class"}."""
+    def info(self) -> dict:
+        """Waits until the engine is loaded (and compiled): {"engine", "version", "dtype": the engine's,
+        "model_class"}."""
         if self._ready is None:
             self._ready = self._reply()
         return self._ready
@@ -268,14 +273,20 @@ class EngineWorker:
         raise TaylorMLPError(f"vLLM worker {self.log_path.stem} stopped (exit status {self.child.wait()}): "
                              f"{_tail(self.log_path)}")
 
-    def run(self, prompts: list[list[int]], tokens: int) -> dict:
-        self.ready
+    def _ask(self, job: dict) -> dict:
+        self.info
         try:
-            self.child.stdin.write(json.dumps({"prompts": [list(p) for p in prompts], "tokens": tokens}) + "\n")
+            self.child.stdin.write(json.dumps(job) + "\n")
             self.child.stdin.flush()
         except BrokenPipeError:  # the worker is gone (killed for memory, crashed): say why, from its log
             pass
         return self._reply()
+
+    def timed_batch(self, prompts: list[list[int]], tokens: int) -> dict:
+        return self._ask({"prompts": [list(p) for p in prompts], "tokens": tokens})
+
+    def generate(self, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+        return self._ask({"prompts": [list(p) for p in prompts], "tokens": tokens, "greedy": True})["tokens"]
 
     def close(self) -> None:
         if self.child.poll() is None:

@@ -1,25 +1,24 @@
-"""`taylormlp protect --slowdown X --engine vllm`: the dial's measurements taken on vLLM, the engine large-scale users
-serve with, instead of our own eager runtime.
+"""`taylormlp protect --slowdown X --engine NAME`: the dial's measurements taken on an engine that runs releases from
+their directories (measure/engines.py; vLLM, the engine large-scale users serve with), instead of our own runtime.
 
 EngineDial is the `measure(protector, coverage, batches) -> {batch: ratio}` that throttle.choose_slowdown calls.
-The original runs in one vllm_engine.EngineWorker, started at the first measurement and kept to the end.  A candidate
-(a Protector's setting at a coverage, the model itself still the original) is written as a temporary release
-(Protector.write_release, float32) and started in a worker of its own, on the path vLLM takes for it (natively through
-taylormlp's plugin where it covers the architecture, else the Transformers backend: vllm_engine.engine_kwargs); the
-two are timed in interleaved rounds (decode.interleaved) at the asked batch sizes, B copies of protect's timing
-prompt decoded together (with a workload: its first B distinct prompts of P tokens, G tokens each), and each batch's
-value is, per phase (prefill, decode, request), the median of the paired (same-round) ratios, as `taylormlp bench
---engine vllm` reports them.  A read of the setting read last (the dial's confirming read, which is also its curve,
-or a re-read) keeps the candidate's files but starts both engines afresh, side by side: reads taken on one pair of
-engine processes are not independent (on a 2-core CPU one pair read 3.9x, 4.0x and 3.9x for a setting that fresh
-pairs read 3.1x-3.6x).  A different setting stops the candidate's engine and deletes its directory first, so at most
-two engines run at once.
+The original runs in one session, started at the first measurement and kept to the end.  A candidate (a
+Protector's setting at a coverage, the model itself still the original) is written as a temporary release
+(Protector.write_release, float32) and started in a session of its own (on vLLM: natively through taylormlp's plugin
+where it covers the architecture, else the Transformers backend); the two are timed in interleaved rounds
+(decode.interleaved) at the asked batch sizes, B copies of protect's timing prompt decoded together (with a
+workload: its first B distinct prompts of P tokens, G tokens each), and each batch's value is, per phase (prefill,
+decode, request), the median of the paired (same-round) ratios, as `taylormlp bench --engine NAME` reports them.
+A read of the setting read last (the dial's confirming read, which is also its curve, or a re-read) keeps the
+candidate's files but starts both sessions afresh, side by side: reads taken on one pair of engine processes are
+not independent (one pair's reads agree with each other more than with fresh pairs' reads of the same setting;
+docs/throughput.md, "The dial on vLLM").  A different setting stops the candidate's session and deletes its directory first, so at most two
+run at once.
 
 What makes the dial fast on an engine is reading few settings, since each read costs an engine start (a compile
-for a new setting) and REPEATS interleaved rounds: `prior` = 1 tells throttle.choose_slowdown that vLLM's own
-layers price the series at its FLOPs (measured natively: the whole request at batch 8 and the decode at batch 32
-within 0.9x-1.1x of the FLOPs ratio, docs/throughput.md), so the first setting read is the one the FLOPs ratio
-picks, not the preset probe, and each read after it refits the line.
+for a new setting) and REPEATS interleaved rounds: the engine's `prior` (vLLM: 1, its layers price the series at
+its FLOPs) lets throttle.choose_slowdown read first the setting the FLOPs ratio picks, not the preset probe; each
+read after it refits the line.
 """
 
 from __future__ import annotations
@@ -36,18 +35,17 @@ from ..common.progress import log
 from ..measure.decode import interleaved, phase_ratios
 from ..measure.workload import Workload, workload_prompts
 from ..release.directory import ModelTensors
-from ..serve.vllm_engine import EngineWorker, require_vllm
 
 
 class EngineDial:
-    """measure(protector, coverage, batches) on vLLM for the original at SOURCE_DIR (see the module's docstring);
-    `engine` describes it for the release's slowdown record.  close() stops every engine and deletes the candidates."""
+    """measure(protector, coverage, batches) on `engine` (measure/engines.Engine) for the original at SOURCE_DIR (see
+    the module's docstring); `engine_record` describes it for the release's slowdown record.  close() stops every
+    session and deletes the candidates.  `eager`: the engine's uncompiled mode where it has one (tests)."""
 
-    prior = 1.0  # the line's slope before any read: vLLM's layers price the series at its FLOPs
-
-    def __init__(self, source_dir, tokenizer, prompt: list[int], dtype: str = "auto", eager: bool = False,
+    def __init__(self, engine, source_dir, tokenizer, prompt: list[int], dtype: str = "auto", eager: bool = False,
                  tokens: int = 32, repeats: int = REPEATS, workdir=None, workload: Workload | None = None):
-        require_vllm()
+        engine.require()
+        self.runner, self.prior = engine, engine.prior
         self.source_dir, self.tokenizer, self.prompt = Path(source_dir), tokenizer, list(prompt)
         self.dtype, self.eager, self.tokens, self.repeats = dtype, eager, tokens, repeats
         self.workload = workload  # B distinct prompts of P tokens and G tokens each, instead of B copies of `prompt`
@@ -55,12 +53,12 @@ class EngineDial:
         if workload is not None:
             self.tokens = workload.new_tokens
         self.own_workdir = workdir is None  # a temporary one is deleted by close(), engine logs included
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="taylormlp-vllm-dial-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"taylormlp-{engine.name}-dial-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.original: EngineWorker | None = None
+        self.original = None  # its session
         self.candidate: tuple | None = None  # (key, worker, directory)
         self.count = 0
-        self.release_class: str | None = None  # the class vLLM built for the last candidate
+        self.release_class: str | None = None  # the class the engine built for the last candidate
 
     @property
     def mode(self) -> str:
@@ -68,18 +66,18 @@ class EngineDial:
 
     @property
     def engine(self) -> dict:
-        ready = self.original.ready if self.original is not None else {}
-        return {"name": "vllm", "version": ready.get("vllm"), "mode": self.mode,
-                "dtype": ready.get("dtype", self.dtype), "tokens": self.tokens, "repeats": self.repeats,
+        info = self.original.info if self.original is not None else {}
+        return {"name": self.runner.name, "version": info.get("version"), "mode": self.mode,
+                "dtype": info.get("dtype", self.dtype), "tokens": self.tokens, "repeats": self.repeats,
                 "release_class": self.release_class}
 
-    def _worker(self, model_dir, name: str) -> EngineWorker:
-        log(f"starting vLLM for {name} ({self.dtype}; {self.mode}) ...")
+    def _worker(self, model_dir, name: str):
+        log(f"starting {self.runner.name} for {name} ({self.dtype}; {self.mode}) ...")
         length = max(512, (self.workload.prompt_tokens if self.workload else len(self.prompt)) + self.tokens + 16)
-        return EngineWorker(model_dir, self.workdir / f"{name}.log", dtype=self.dtype, eager=self.eager,
-                            max_model_len=length)
+        return self.runner.start(model_dir, self.workdir / f"{name}.log", dtype=self.dtype, max_model_len=length,
+                                 **({"eager": True} if self.eager else {}))
 
-    def _candidate_worker(self, protector, coverage: float) -> EngineWorker:
+    def _candidate_worker(self, protector, coverage: float):
         key = (id(protector), round(float(coverage), 6))
         if self.candidate is not None and self.candidate[0] == key:  # read again: fresh engines, the same files
             _, worker, directory = self.candidate
@@ -100,7 +98,7 @@ class EngineDial:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self.candidate = (key, worker, directory)
-        self.release_class = worker.ready.get("model_class")
+        self.release_class = worker.info.get("model_class")
         return worker
 
     def _drop_candidate(self) -> None:
@@ -116,8 +114,8 @@ class EngineDial:
         release = self._candidate_worker(protector, coverage)
         sizes = list(dict.fromkeys(int(b) for b in batches))
         workers = {"original": self.original, "release": release}
-        runs = interleaved({(b, name): (lambda w=w, b=b: w.run(self.batch(b), self.tokens)) for b in sizes
-                            for name, w in workers.items()}, self.repeats, "timing on vLLM (interleaved)")
+        runs = interleaved({(b, name): (lambda w=w, b=b: w.timed_batch(self.batch(b), self.tokens)) for b in sizes
+                            for name, w in workers.items()}, self.repeats, f"timing on {self.runner.name} (interleaved)")
         return {b: {phase: statistics.median(r) for phase, r in
                     phase_ratios(runs[(b, "release")], runs[(b, "original")]).items()} for b in sizes}
 
