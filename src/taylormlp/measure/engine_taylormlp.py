@@ -72,12 +72,12 @@ class RuntimeEngine:
         if request.dtype != "auto":
             raise TaylorMLPError(f"--dtype {request.dtype} is for --engine vllm; taylormlp's own bench times each "
                                  f"model in its release's dtype")
-        for flag, value in (("--serve-requests", (request.serve or {}).get("requests")),
-                            ("--serve-tokens", (request.serve or {}).get("tokens"))):
-            if value is not None and not (request.serve or {}).get("concurrency"):
-                raise TaylorMLPError(f"{flag} {value} needs --serve-concurrency C: it sets the requests of the "
+        serve = request.serve or {}
+        for flag, key in (("--serve-requests", "requests"), ("--serve-tokens", "tokens")):
+            if serve.get(key) is not None and not serve.get("concurrency"):
+                raise TaylorMLPError(f"{flag} {serve[key]} needs --serve-concurrency C: it sets the requests of the "
                                      f"server mode; add --serve-concurrency (e.g. 1 8) or drop {flag}")
-        serve = request.serve if request.serve and request.serve.get("concurrency") else None
+        serve = serve or None
         if request.workload is None:
             return run_bench(request.source, request.releases, tokens=request.tokens, repeats=request.repeats,
                              json_path=request.json_path, plot_path=request.plot_path,

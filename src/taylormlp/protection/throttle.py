@@ -208,9 +208,10 @@ class Dial:
             choice, ratio = self.kept(choice, ratio)
         return choice, ratio
 
-    def curve_of(self, choice: Choice, accepted: float) -> dict:
-        """The written setting's read at every curve batch: its confirming read, or a read of its own; one more read
-        at B where the curve's value there is more than 10% from the accepted figure."""
+    def curve_of(self, choice: Choice, accepted: float) -> tuple[dict, dict]:
+        """The written setting's read at every curve batch (its confirming read, or a read of its own), as measured
+        and in the aimed phase; one more read at B where the curve's value there is more than 10% from the accepted
+        figure."""
         key, batch = exact_key(choice.family, choice.order, choice.coverage), self.batch
         if key in self.curves:
             phases = self.curves[key]
@@ -225,7 +226,7 @@ class Dial:
             log(f"the curve's {curve[batch]:.2f}x at batch {batch} is more than {TOLERANCE:.0%} from the accepted "
                 f"{accepted:.2f}x: reading batch {batch} once more")
             self.read(choice)
-        return phases
+        return phases, curve
 
     def run(self) -> Setting:
         chooser, batch = self.chooser, self.batch
@@ -250,8 +251,7 @@ class Dial:
                 f"the release needs about that much memory (or accelerate offloading: load_release(..., "
                 f"device_map='auto'))")
         confirming = exact_key(choice.family, choice.order, choice.coverage) in self.curves
-        phases = self.curve_of(choice, accepted)
-        curve = {b: aimed(v, self.phase) for b, v in phases.items()}
+        phases, curve = self.curve_of(choice, accepted)
         mine = self.mine(choice)
         ratio = float(np.median(mine))  # every read at B of the written setting, the curve's included
         agrees = abs(curve[batch] / ratio - 1.0) <= TOLERANCE
