@@ -29,6 +29,8 @@ from pathlib import Path
 
 from openai import OpenAI
 
+from taylormlp.common.choices import engine_names  # torch-free
+
 try:  # the HTTP client openai uses (httpx2 in newer releases)
     import httpx2 as httpx
 except ImportError:  # older openai releases
@@ -65,8 +67,10 @@ def main() -> int:
     ap.add_argument("--prompts", type=Path, default=ROOT / "benchmarks/prompts_smollm2.json")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent chat requests (default 4)")
     ap.add_argument("--max-tokens", type=int, default=24, help="max_tokens of each request (default 24)")
-    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                    help="taylormlp serve's engine (vllm: in float32, the dtype load_release runs in)")
+    engines = engine_names("serve")  # the engines `taylormlp serve` offers (common/choices.ENGINES), default first
+    ap.add_argument("--engine", choices=engines, default=engines[0],
+                    help=f"taylormlp serve's engine (default {engines[0]}), run in float32, the dtype load_release "
+                         f"runs in")
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for the server (default 900)")
     args = ap.parse_args()
 
@@ -80,7 +84,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="serve-check-")) / "server.log"
     cmd = [sys.executable, "-m", "taylormlp.cli", "serve", str(args.release), "--port", str(port)]
-    cmd += ["--engine", "vllm", "--dtype", "float32"] if args.engine == "vllm" else []
+    cmd += ["--engine", args.engine, "--dtype", "float32"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, "TAYLORMLP_QUIET": "1"})
     try:
@@ -107,7 +111,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    stopped = proc.returncode == 0 and (args.engine == "vllm" or log.read_text().rstrip().endswith("server stopped"))
+    stopped = proc.returncode == 0  # every engine's server exits 0 on SIGINT once it has stopped
 
     model, tokenizer = load_any(args.release)
     reference = []

@@ -81,15 +81,25 @@ def main() -> int:
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw results/slowdown.png from results/slowdown-table.json; measure nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rebuild results/slowdown-table.{json,md} and slowdown.png from the stored rows and the "
+                             "bench-slowdown*.json runs (e.g. after benchmarks/restat.py); measure nothing")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads((args.results / "slowdown-table.json").read_text()), args.results / "slowdown.png")
+        return 0
+    if args.table_only:
+        stored = json.loads((args.results / "slowdown-table.json").read_text())
+        rows = [r for r in stored if "protect_measured" in r]
+        by_path = {path: row for path, (row, _) in bench_rows(args.results).items()}
+        for row in rows:
+            bench_columns(row, by_path.get(str((ROOT / row["release"]).resolve()), {}))
+        write_table(rows, [r for r in stored if "protect_measured" not in r], args.results)
         return 0
     taylormlp = str(BIN / "taylormlp")
     rows = []
     releases = []
     unreachable = []
-    table_json = args.results / "slowdown-table.json"
     times_json = args.results / "slowdown-protect-seconds.json"  # written after every protect: survives a stop
     times = json.loads(times_json.read_text()) if times_json.is_file() else {}
     for x in args.targets:
@@ -123,10 +133,7 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     by_path = bench_releases(taylormlp, args, releases)
     for row, out in zip(rows, releases):
-        b = by_path.get(str(out.resolve()), {})
-        row["bench_measured"] = b.get("decode_ratio")
-        row["bench_range"] = [b.get("decode_ratio_min"), b.get("decode_ratio_max")]
-        row["bench_flops_ratio"] = b.get("flops_ratio")
+        bench_columns(row, by_path.get(str(out.resolve()), {}))
         cmp_json = args.results / f"compare-slowdown-{row['requested']:g}.json"
         fresh = cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime
         if not args.skip_compare and not fresh:  # a comparison newer than its release is reused
@@ -135,7 +142,20 @@ def main() -> int:
         if cmp_json.is_file() and cmp_json.stat().st_mtime > (out / "config.json").stat().st_mtime:
             c = json.loads(cmp_json.read_text())
             row["held_out"] = f"{c['identical']}/{len(c['rows'])}"
-    table_json.write_text(json.dumps(rows + unreachable, indent=1))
+    write_table(rows, unreachable, args.results)
+    return 0
+
+
+def bench_columns(row: dict, b: dict) -> None:
+    """The table's bench columns from the release's bench row (its latency table: decode slowdown and range)."""
+    row["bench_measured"] = b.get("decode_ratio")
+    row["bench_range"] = [b.get("decode_ratio_min"), b.get("decode_ratio_max")]
+    row["bench_flops_ratio"] = b.get("flops_ratio")
+
+
+def write_table(rows: list[dict], unreachable: list[dict], results: Path) -> None:
+    """results/slowdown-table.json and .md, and the plot."""
+    (results / "slowdown-table.json").write_text(json.dumps(rows + unreachable, indent=1))
     lines = ["| requested | family | coverage | N | pieces/channel | measured by protect | measured by bench (range) | "
              "FLOPs ratio | release size | held-out identical | protect time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -152,10 +172,9 @@ def main() -> int:
     for r in unreachable:
         lines.append(f"| {r['requested']:g}x | not written: {r['error']} |" + " |" * 9)
     table = "\n".join(lines)
-    (args.results / "slowdown-table.md").write_text(table + "\n")
+    (results / "slowdown-table.md").write_text(table + "\n")
     print(table)
-    plot(rows, args.results / "slowdown.png")
-    return 0
+    plot(rows, results / "slowdown.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:

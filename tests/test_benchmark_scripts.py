@@ -71,3 +71,29 @@ def test_offloaded_release_generates_the_originals_tokens(tmp_path, tiny_llama_d
     for run in (report["original"], report["release_run"]):
         assert run["placement"].get("disk", 0) > 0, run["placement"]
         assert run["s_per_token"] > 0 and run["peak_rss_bytes"] > 0
+
+
+def test_every_bench_result_s_slowdowns_are_the_median_of_paired_ratios(capsys):
+    """results/ bench files keep their rounds: recomputing their slowdowns with the one statistic changes nothing
+    (benchmarks/restat.py --check), so no figure there is a ratio of medians."""
+    assert script("restat").main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_restat_recomputes_a_ratio_of_medians_as_the_median_of_paired_ratios(tmp_path):
+    """Three rounds where the ratio of medians (3/1 = 3.0) and the median of the paired ratios (2.0) differ."""
+    restat = script("restat")
+    runs = {"original": [1.0, 2.0, 1.0], "release": [2.0, 3.0, 4.0]}  # paired 2.0, 1.5, 4.0: median 2.0
+    models = [{"name": n, "kind": "original" if n == "original" else "release",
+               "runs": [{"prefill_s": t, "decode_s": t} for t in times], "decode_ratio": 3.0 if n != "original" else 1.0,
+               "decode_ratio_min": 1.5, "decode_ratio_max": 4.0, "prefill_ratio": 3.0} for n, times in runs.items()]
+    results = {"models": models}
+    changes = restat.restat(results)
+    release = results["models"][1]
+    assert release["decode_ratio"] == 2.0 and release["prefill_ratio"] == 2.0  # was 3.0: median 3 / median 1
+    assert (release["decode_ratio_min"], release["decode_ratio_max"]) == (1.5, 4.0)
+    assert any("decode_ratio: 3.0 -> 2.0" in line for line in changes) and results["statistic"]
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({"models": [{**m, "decode_ratio": 3.0} if m["kind"] == "release" else m
+                                            for m in results["models"]]}))
+    assert restat.main([str(stale), "--check"]) == 1  # a ratio of medians is found
+    assert restat.main([str(stale)]) == 0 and json.loads(stale.read_text())["models"][1]["decode_ratio"] == 2.0

@@ -193,6 +193,9 @@ def test_interleaved_warms_up_each_then_rotates_the_first():
     res = decode.interleaved({"a": run("a"), "b": run("b"), "c": run("c")}, repeats=3)
     assert "".join(order) == "abc" + "abc" + "bca" + "cab"
     assert res == {"a": [4, 9, 11], "b": [5, 7, 12], "c": [6, 8, 10]}  # round order; warm-ups (1-3) dropped
+    order.clear()
+    res = decode.interleaved({"a": run("a"), "b": run("b")}, repeats=2, warm=[run("w"), run("v")])
+    assert "".join(order) == "wv" + "ab" + "ba" and res == {"a": [3, 6], "b": [4, 5]}  # the warm calls, not a and b
     with pytest.raises(ValueError):
         decode.interleaved({"a": run("a")}, repeats=0)
     with pytest.raises(ValueError):

@@ -2,6 +2,7 @@
 README's order of stages, no import circle, no file over 450 lines, at most 3 function-local imports of our own."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,12 @@ def package_imports(path: Path, name: str | None = None):
                     yield alias.name, node.lineno, id(node) in local
 
 
+RUNTIME = ("runtime", "series_module")  # the files every release carries verbatim: the runtime stage, at the top
+
+
 def stage(module: str) -> int:
     parts = module.split(".")
-    return len(STAGES) if len(parts) == 1 else STAGES.index(parts[1])
+    return len(STAGES) if len(parts) == 1 else 0 if parts[1] in RUNTIME else STAGES.index(parts[1])
 
 
 def graph() -> dict[str, set[str]]:
@@ -61,7 +65,7 @@ def graph() -> dict[str, set[str]]:
 def test_every_module_sits_in_a_stage_folder():
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE).parts
-        assert parts in (("__init__.py",), ("runtime.py",)) or parts[0] in STAGES, path
+        assert parts == ("__init__.py",) or parts[0].removesuffix(".py") in RUNTIME or parts[0] in STAGES, path
 
 
 def test_imports_point_down_the_stages():
@@ -106,3 +110,18 @@ def test_the_checks_see_a_wrong_import(tmp_path):
     found = list(package_imports(bad, "taylormlp.common.bad"))
     assert found == [("taylormlp.protection.throttle", 1, False), ("taylormlp.common.errors", 5, True)]
     assert stage(found[0][0]) > stage("taylormlp.common.bad")
+
+
+def test_the_runtime_files_import_only_torch_transformers_the_standard_library_and_each_other():
+    """runtime.py and series_module.py are copied verbatim into every release: there, nothing else of ours exists."""
+    allowed = {"torch", "transformers", "__future__", *sys.stdlib_module_names}
+    for name in RUNTIME:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in allowed for a in node.names), (name, node.lineno)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the other runtime file, beside it in the release
+                    assert node.level == 1 and node.module in RUNTIME, (name, node.lineno)
+                else:
+                    assert node.module.split(".")[0] in allowed, (name, node.lineno, node.module)

@@ -9,6 +9,7 @@ getattr(transformers, config.architectures[0])), which used to return a Llama wi
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,40 @@ def test_format_1_release_still_loads(tiny_release, tmp_path, ids, reference):
     stock = AutoModelForCausalLM.from_pretrained(old, trust_remote_code=True)
     with torch.no_grad():
         assert torch.equal(stock(ids).logits, reference[0])
+
+
+def _as_one_file(src, dst):
+    """A copy of release `src` as taylormlp wrote releases before runtime.py's split: one modeling_taylormlp.py, the
+    module inlined where the runtime imports it, no series_module.py."""
+    from taylormlp import series_module
+
+    shutil.copytree(src, dst)
+    module = Path(series_module.__file__).read_text()
+    body = module[module.index("from __future__ import annotations") + len("from __future__ import annotations"):]
+    modeling = (dst / "modeling_taylormlp.py").read_text()
+    start = modeling.index("from .series_module import (")
+    end = modeling.index("\n\n", start)  # the import statement ends at the blank line after it
+    (dst / "modeling_taylormlp.py").write_text(modeling[:start] + body + modeling[end:])
+    (dst / "series_module.py").unlink()
+    (dst / MANIFEST).unlink()
+    write_manifest(dst)
+    return dst
+
+
+def test_a_release_written_before_the_runtime_split_still_loads(tiny_release, tmp_path, ids, reference):
+    old = _as_one_file(tiny_release, tmp_path / "one-file")
+    assert "class TaylorMLP(" in (old / "modeling_taylormlp.py").read_text() and not (old / "series_module.py").exists()
+    with torch.no_grad():
+        assert torch.equal(load_release(old)(ids).logits, reference[0])
+        stock = AutoModelForCausalLM.from_pretrained(old, trust_remote_code=True)
+        assert type(stock.model.layers[0].mlp).__module__.endswith("modeling_taylormlp")  # its own inlined module
+        assert torch.equal(stock(ids).logits, reference[0])
+
+
+def test_the_remote_code_loader_runs_the_release_s_own_series_module(tiny_release):
+    stock = AutoModelForCausalLM.from_pretrained(tiny_release, trust_remote_code=True)
+    module = type(stock.model.layers[0].mlp).__module__
+    assert module.endswith(".series_module") and not module.startswith("taylormlp.")  # the copy, not the package
 
 
 # ---------------------------------------------------------------- every architecture

@@ -47,7 +47,11 @@ def test_stock_transformers_loads_with_remote_code(tiny_release, smol_tokenizer)
 
 
 def test_modeling_file_is_the_runtime(tiny_release):
+    """The release carries the runtime verbatim: runtime.py as modeling_taylormlp.py and the module it imports."""
+    from taylormlp import series_module
+
     assert (tiny_release / "modeling_taylormlp.py").read_text() == open(runtime.__file__).read()
+    assert (tiny_release / "series_module.py").read_text() == open(series_module.__file__).read()
 
 
 def _shard_of(rel, key="model.layers.1.mlp.theta"):

@@ -13,7 +13,7 @@ import transformers
 from numpy.polynomial import chebyshev as C
 from numpy.polynomial import polynomial as P
 
-from taylormlp import runtime
+from taylormlp import runtime, series_module
 from taylormlp.maths import series
 
 F = torch.nn.functional
@@ -620,8 +620,8 @@ def test_on_the_cpu_the_continuation_is_worked_only_when_an_input_is_outside(mon
         mlp.z0.zero_()
         mlp.h.fill_(1.0)
     calls = []
-    slopes = runtime.edge_slopes
-    monkeypatch.setattr(runtime, "edge_slopes", lambda *a: calls.append(a) or slopes(*a))
+    slopes = series_module.edge_slopes
+    monkeypatch.setattr(series_module, "edge_slopes", lambda *a: calls.append(a) or slopes(*a))
     with torch.no_grad():
         inside = mlp.features(torch.tensor([[0.5, -0.5]], dtype=torch.float64))
         assert calls == []

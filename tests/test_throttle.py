@@ -581,27 +581,37 @@ def test_engine_dial_leaves_no_temporary_directory(tmp_path):
     assert not own.workdir.exists() and given.workdir.is_dir()
 
 
+class _Spec(dict):
+    def to_dict(self):
+        return dict(self)
+
+
+class _Candidate:  # the Protector's two methods the dial writes a candidate with
+    def __init__(self, events, tag):
+        self.model, self.events, self.tag = torch.nn.Linear(1, 1), events, tag
+
+    def release_spec(self, coverage, record):
+        return _Spec(coverage=coverage, tag=self.tag)
+
+    def write_release(self, out, spec, tensors, dtype, tokenizer, force=False):
+        self.events.append(("write", spec["coverage"]))
+        out.mkdir(parents=True, exist_ok=force)
+
+
+def _one_round(sessions, batches, tokens, repeats, desc):
+    return {(b, name): [s.timed_batch(batches[b], tokens)] for b in batches for name, s in sessions.items()}
+
+
 def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_path):
     """A setting read again (confirming read, curve) gets both engines started afresh on the same candidate files;
     a new setting writes new files and keeps the original's engine."""
     from taylormlp.protection import engine_dial
 
     events = []
-
-    class Candidate:  # the Protector's two methods the dial writes a candidate with
-        def __init__(self):
-            self.model = torch.nn.Linear(1, 1)
-
-        def release_spec(self, coverage, record):
-            return {"coverage": coverage}
-
-        def write_release(self, out, spec, tensors, dtype, tokenizer):
-            events.append(("write", spec["coverage"]))
-            out.mkdir(parents=True)
-
-    monkeypatch.setattr(engine_dial, "interleaved", lambda runs, repeats, desc: {k: [f()] for k, f in runs.items()})
+    monkeypatch.setenv("TAYLORMLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine_dial, "timed_sessions", _one_round)
     dial = engine_dial.EngineDial(_FakeEngine(events), tmp_path, None, [1], workdir=tmp_path / "w")
-    a, b = Candidate(), Candidate()
+    a, b = _Candidate(events, "a"), _Candidate(events, "b")
     events.clear()
     twice = {"prefill": 2.0, "decode": 2.0, "request": 2.0}
     assert dial(a, 0.5, (4,)) == {4: twice}
@@ -613,9 +623,38 @@ def test_engine_dial_reads_a_setting_again_on_fresh_engines(monkeypatch, tmp_pat
     events.clear()
     dial(b, 0.5, (4,))
     assert events == [("stop", "candidate-1"), ("write", 0.5), ("start", "candidate-2")]
-    assert not (tmp_path / "w" / "candidate-1").exists() and (tmp_path / "w" / "candidate-2").is_dir()
+    path_a = engine_dial.candidate_path(tmp_path, {"coverage": 0.5, "tag": "a"})
+    path_b = engine_dial.candidate_path(tmp_path, {"coverage": 0.5, "tag": "b"})
+    assert path_a != path_b and not path_a.exists() and (path_b / "release").is_dir()
     dial.close()
-    assert not (tmp_path / "w" / "candidate-2").exists()
+    assert not path_b.exists()
+
+
+def test_a_candidate_is_written_where_its_setting_was_written_before(monkeypatch, tmp_path):
+    """The same setting of the same original gets the same path, run after run (an engine's compile cache keyed by
+    path and configuration finds it); while another dial holds that path, a private one in the work directory."""
+    from taylormlp.protection import engine_dial
+
+    events = []
+    monkeypatch.setenv("TAYLORMLP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine_dial, "timed_sessions", _one_round)
+    stable = engine_dial.candidate_path(tmp_path / "src", {"coverage": 0.5, "tag": "a"})
+    assert stable.parent == tmp_path / "cache" / "dial-candidates"
+    assert stable == engine_dial.candidate_path(tmp_path / "src", {"tag": "a", "coverage": 0.5})  # order-free
+    assert stable != engine_dial.candidate_path(tmp_path / "other", {"coverage": 0.5, "tag": "a"})
+    first = engine_dial.EngineDial(_FakeEngine(events), tmp_path / "src", None, [1], workdir=tmp_path / "w1")
+    first(_Candidate(events, "a"), 0.5, (1,))
+    assert (stable / "release").is_dir()
+    second = engine_dial.EngineDial(_FakeEngine(events), tmp_path / "src", None, [1], workdir=tmp_path / "w2")
+    second(_Candidate(events, "a"), 0.5, (1,))  # the first holds the path: a private candidate
+    assert (tmp_path / "w2" / "candidate-1" / "release").is_dir()
+    first.close()
+    second.close()
+    assert not stable.exists() and not (tmp_path / "w2" / "candidate-1").exists()
+    third = engine_dial.EngineDial(_FakeEngine(events), tmp_path / "src", None, [1], workdir=tmp_path / "w3")
+    third(_Candidate(events, "a"), 0.5, (1,))  # free again: the stable path
+    assert (stable / "release").is_dir()
+    third.close()
 
 
 def test_a_round_that_chooses_the_same_setting_reads_it_again(tiny_llama_dir, monkeypatch):

@@ -338,3 +338,26 @@ def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
     assert [p["batch"] for p in slow["curve"]] == [1, 2, 8, 32] and all(p["measured"] > 0 for p in slow["curve"])
     assert len(slow["reads"]) >= 2 and isinstance(slow["curve_agrees"], bool)
     assert f"vLLM {engine['version']} (eager, float32)" in model_card(spec, slowdown=slow)
+
+
+def test_compare_engine_vllm_generates_what_our_runtime_does_in_float32(releases, smol_tokenizer, tmp_path):
+    """`compare --engine vllm --dtype float32`: both models on vLLM, every prompt in one batch, each continuation cut
+    after EOS; in float32 each side's tokens are our runtime's greedy tokens, so the count of identical rows is theirs."""
+    from taylormlp.measure import engines
+    from taylormlp.measure.compare import until_eos
+    from taylormlp.measure.generate import encode_prompt, eos_ids
+    from taylormlp.release.sources import load_base
+
+    source = releases["paper"].parent / "src-paper"
+    prompts = ({"kind": "raw", "text": "The cat sat on"}, {"kind": "chat", "text": "Name a colour."},
+               {"kind": "raw", "text": "1, 2, 3,"})
+    result = engines.get("vllm", "compare").compare(
+        engines.CompareRequest(source, releases["paper"], prompts, NEW, "float32"))
+    eos, models, same = eos_ids(smol_tokenizer), (load_base(source)[0], load_release(releases["paper"])), 0
+    for item, row in zip(prompts, result["rows"]):
+        ids = encode_prompt(smol_tokenizer, item["text"], item["kind"] == "chat")
+        ours = [until_eos(greedy(model, ids, NEW).new[0].tolist(), eos) for model in models]
+        assert row["original"] == smol_tokenizer.decode(ours[0], skip_special_tokens=True)
+        assert row["release"] == smol_tokenizer.decode(ours[1], skip_special_tokens=True)
+        same += ours[0] == ours[1]
+    assert result["identical"] == same and result["engine"]["dtype"] == "float32"

@@ -111,8 +111,9 @@ def test_workload_bench_on_a_tiny_release(tiny_release, tiny_llama_dir, tmp_path
     request = engines.BenchRequest(tiny_llama_dir, (tiny_release,), batch_sizes=(4,), repeats=2,
                                    workload=Workload(24, 6), json_path=tmp_path / "w.json", plot_path=tmp_path / "w.png")
     results = engines.get("taylormlp", "bench").bench(request)
-    # a warm-up and 2 rounds of each model at batch 1 and 4, prompts of 24 tokens, 6 tokens each
-    assert sorted(set(seen)) == [(1, 24, 24, 6), (4, 24, 24, 6)] and len(seen) == 2 * 2 * 3
+    # one short warm-up request per model, then 2 rounds of each model at batch 1 and 4, prompts of 24 tokens, 6 each
+    assert seen[:2] == [(1, 24, 24, engines.WARM_TOKENS)] * 2
+    assert sorted(set(seen[2:])) == [(1, 24, 24, 6), (4, 24, 24, 6)] and len(seen[2:]) == 2 * 2 * 2
     rows = {(r["batch"], r["name"]): r for r in results["rows"]}
     assert set(rows) == {(b, n) for b in (1, 4) for n in ("original", "release")}
     assert rows[4, "release"]["prefill_slowdown"] == 3.0 and rows[4, "release"]["decode_slowdown"] == 2.0

@@ -14,8 +14,8 @@ from ..common.errors import TaylorMLPError
 from ..common.paths import check_output_file, dump_json
 from ..common.progress import quiet
 from ..measure import engines
-from ..measure.engines import BenchRequest, ServeRequest
-from ..measure.compare import compare, print_comparison, read_prompts
+from ..measure.compare import print_comparison, read_prompts
+from ..measure.engines import BenchRequest, CompareRequest, ServeRequest
 from ..measure.generate import generate_text
 from ..measure.workload import Workload
 from ..protection import preflight
@@ -170,8 +170,11 @@ def cmd_inspect(args) -> int:
 def cmd_compare(args) -> int:
     _check_outputs(args.force, json=args.json)
     _check_inputs(sources=[("SOURCE", args.source)], releases=[args.release])
-    prompts = read_prompts(args.prompts)
-    result = compare(args.source, args.release, prompts, args.max_new_tokens)
+    engine = engines.get(args.engine, "compare")
+    engine.require()  # before reading anything (vLLM: `make vllm-setup`)
+    request = CompareRequest(args.source, args.release, tuple(read_prompts(args.prompts)), args.max_new_tokens,
+                             args.dtype)
+    result = engine.compare(request)
     print_comparison(result)
     if args.json:
         dump_json(result, args.json)

@@ -235,6 +235,10 @@ def _add_run_commands(sub) -> None:
     c.add_argument("--prompts", type=Path, required=True,
                    help='JSON file: {"prompts": [{"kind": "chat"|"raw", "text": ...}, ...]}')
     _max_new_tokens(c, "tokens per prompt", 64)
+    _engine(c, "compare", "where both models generate", "On an engine that runs the models elsewhere both are "
+            "started side by side and every prompt is generated in one batch, exactly --max-new-tokens tokens, "
+            "each cut after its first EOS", "--dtype", "--engine vllm: the dtype vLLM runs both models in ('auto', "
+            "vLLM's default: bfloat16 on a CPU); float32 is token-exact with load_release. Default: auto")
     c.add_argument("--json", type=Path, help="write the full comparison as JSON to this new file (default: none)")
     c.add_argument("--force", action="store_true", help="replace the --json file if it exists")
 

@@ -7,8 +7,9 @@ release/directory.py (DTYPE_NAMES -> DTYPES), release/sources.py (BUILTIN_MODELS
 each built-in attack's rank, description, cost and autograd need), measure/engines.py (ENGINES: the module of each
 engine and the commands that offer it) and protection/throttle.py (SLOWDOWN_RANGE, ROUNDS).
 
-One exception: runtime.py is copied verbatim into every release and may import only torch, transformers and the
-standard library, so runtime.BASES keeps its own tuple; BASES below must equal it (a test checks).
+One exception: runtime.py and series_module.py are copied verbatim into every release and may import only torch,
+transformers, the standard library and each other, so series_module.BASES keeps its own tuple; BASES below must
+equal it (a test checks).
 """
 
 from __future__ import annotations
@@ -71,16 +72,16 @@ class EngineRow:
 
 
 ENGINES = {
-    "taylormlp": EngineRow("taylormlp.measure.engine_taylormlp", ("bench", "protect"),
+    "taylormlp": EngineRow("taylormlp.measure.engine_taylormlp", ("bench", "compare", "protect"),
                            "our own eager runtime, every model in this process"),
     "transformers": EngineRow("taylormlp.measure.engine_transformers", ("serve",),
                               "transformers' own OpenAI-compatible server with continuous batching (the serve extra)"),
-    "vllm": EngineRow("taylormlp.measure.engine_vllm", ("bench", "protect", "serve"),
+    "vllm": EngineRow("taylormlp.measure.engine_vllm", ("bench", "compare", "protect", "serve"),
                       "vLLM at its defaults (compiled), one process per model: a Llama, Mistral or Qwen2 release as a "
                       "native vLLM model (taylormlp's plugin), others on vLLM's Transformers backend (needs vLLM in "
                       "this Python environment: make vllm-setup, .venv-vllm/bin/taylormlp)"),
 }
-DEFAULT_ENGINE = {"bench": "taylormlp", "protect": "taylormlp", "serve": "transformers"}
+DEFAULT_ENGINE = {"bench": "taylormlp", "compare": "taylormlp", "protect": "taylormlp", "serve": "transformers"}
 
 
 def engine_names(command: str) -> list[str]:

@@ -1,7 +1,16 @@
-"""`taylormlp compare`: greedy generations of the original and a release on a prompt file, token by token."""
+"""`taylormlp compare`: greedy generations of the original and a release on a prompt file, token by token.
+
+Our runtime (`compare`) generates prompt by prompt in this process, stopping at EOS.  An engine that runs models
+elsewhere (`compare_on_sessions`, e.g. `--engine vllm`) starts the original and the release as two sessions of the
+engine (measure/engines.py), side by side, generates every prompt in one batch on each, greedily for exactly
+--max-new-tokens tokens, and cuts each continuation after its first EOS: the same tokens a run stopping at EOS
+gives, since greedy decoding does not look ahead.  Both give the same result shape.
+"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -9,10 +18,11 @@ import torch
 
 from ..common.errors import TaylorMLPError
 from ..common.files import read_json
-from ..common.progress import bar
-from ..release.sources import is_chat_model, load_any, load_base
+from ..common.progress import bar, log
+from ..release.directory import verify_release
+from ..release.sources import is_chat_model, load_any, load_base, load_tokenizer, resolve_source
 from .decode import first_divergence
-from .generate import check_prompt, generate_ids
+from .generate import check_prompt, encode_prompt, eos_ids, generate_ids
 
 PROMPT_FILE_SHAPE = ('{"prompts": [{"kind": "chat" or "raw", "text": "..."}, ...]} (or a list of such objects or of '
                      'strings)')
@@ -52,6 +62,28 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
+def _check_chat(k: int, item: dict, tokenizer) -> bool:
+    chat = item["kind"] == "chat"
+    if chat and not is_chat_model(tokenizer):
+        raise TaylorMLPError(f"prompt {k} is a 'chat' prompt but the model has no chat template; make it 'raw'")
+    return chat
+
+
+def _row(item: dict, a: list[int], b: list[int], tokenizer) -> dict:
+    """One prompt's comparison: the two continuations (token ids), whether they are identical and where they part."""
+    return {"kind": item["kind"], "prompt": item["text"], "identical": list(a) == list(b), "tokens_original": len(a),
+            "tokens_release": len(b), "first_divergence": first_divergence(a, b),
+            "original": tokenizer.decode(a, skip_special_tokens=True),
+            "release": tokenizer.decode(b, skip_special_tokens=True)}
+
+
+def _result(source, release, spec: dict, max_new_tokens: int, rows: list[dict], ratio: float, **more) -> dict:
+    return {"source": str(source), "release": str(release), "max_new_tokens": max_new_tokens,
+            "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"], "preset": spec.get("preset"),
+            **more, "identical": sum(r["identical"] for r in rows), "prompts": len(rows), "latency_ratio": ratio,
+            "rows": rows}
+
+
 @torch.no_grad()
 def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> dict:
     original, tokenizer, _ = load_base(source)
@@ -59,9 +91,7 @@ def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> d
     rows = []
     t_orig = t_prot = 0.0
     for k, item in enumerate(bar(prompts, desc="comparing", unit="prompt")):
-        chat = item["kind"] == "chat"
-        if chat and not is_chat_model(tokenizer):
-            raise TaylorMLPError(f"prompt {k} is a 'chat' prompt but the model has no chat template; make it 'raw'")
+        chat = _check_chat(k, item, tokenizer)
         start = time.perf_counter()
         try:
             a, _ = generate_ids(original, tokenizer, item["text"], chat, max_new_tokens)
@@ -71,15 +101,53 @@ def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> d
         start = time.perf_counter()
         b, _ = generate_ids(protected, tokenizer, item["text"], chat, max_new_tokens)
         t_prot += time.perf_counter() - start
-        rows.append({"kind": item["kind"], "prompt": item["text"], "identical": bool(torch.equal(a, b)),
-                     "tokens_original": len(a), "tokens_release": len(b), "first_divergence": first_divergence(a, b),
-                     "original": tokenizer.decode(a, skip_special_tokens=True),
-                     "release": tokenizer.decode(b, skip_special_tokens=True)})
-    spec = protected.config.taylormlp
-    return {"source": str(source), "release": str(release), "max_new_tokens": max_new_tokens,
-            "coverage": spec["coverage"], "order": spec["order"], "basis": spec["basis"], "preset": spec.get("preset"),
-            "identical": sum(r["identical"] for r in rows), "prompts": len(rows),
-            "latency_ratio": t_prot / max(t_orig, 1e-9), "rows": rows}
+        rows.append(_row(item, a.tolist(), b.tolist(), tokenizer))
+    return _result(source, release, protected.config.taylormlp, max_new_tokens, rows, t_prot / max(t_orig, 1e-9))
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """A continuation cut after its first EOS token (kept), as a generation that stops at EOS ends."""
+    for k, token in enumerate(tokens):
+        if token in eos:
+            return list(tokens[:k + 1])
+    return list(tokens)
+
+
+def compare_on_sessions(engine, request, workdir=None) -> dict:
+    """`compare` on `engine`'s sessions (measure/engines.Engine; `request` a CompareRequest): see the module's
+    docstring.  The result records the engine and the dtype it ran; latency_ratio is the release's batch over the
+    original's."""
+    engine.require()
+    spec = verify_release(request.release)["taylormlp"]
+    source_dir = resolve_source(request.source)
+    tokenizer = load_tokenizer(source_dir)
+    ids = [encode_prompt(tokenizer, item["text"], _check_chat(k, item, tokenizer))[0].tolist()
+           for k, item in enumerate(request.prompts)]
+    length = max(512, max(map(len, ids)) + request.max_new_tokens + 16)  # the longest prompt and every new token
+    own_workdir = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{engine.name}-compare-"))
+    sessions, tokens, seconds = {}, {}, {}
+    try:
+        for name, path in (("original", source_dir), ("release", request.release)):
+            log(f"starting {engine.name} for the {name} ({request.dtype}) ...")
+            sessions[name] = engine.start(path, workdir / f"{name}.log", dtype=request.dtype, max_model_len=length)
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            tokens[name] = session.generate(ids, request.max_new_tokens)
+            seconds[name] = time.perf_counter() - start
+        info = sessions["release"].info
+    finally:
+        for session in sessions.values():
+            session.close()
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    eos = eos_ids(tokenizer)
+    rows = [_row(item, until_eos(a, eos), until_eos(b, eos), tokenizer)
+            for item, a, b in zip(request.prompts, tokens["original"], tokens["release"])]
+    return _result(request.source, request.release, spec, request.max_new_tokens, rows,
+                   seconds["release"] / max(seconds["original"], 1e-9),
+                   engine={"name": engine.name, "version": info.get("version"), "dtype": info.get("dtype"),
+                           "model_class": info.get("model_class")})
 
 
 def print_comparison(result: dict) -> None:

@@ -314,8 +314,10 @@ def batch_ids(input_ids, batch: int) -> torch.Tensor:
 # ---------------------------------------------------------------- interleaved timing
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, desc: str | None = None) -> dict[str, list]:
-    """Call every run once as a warm-up (first-call allocations, lazy init, caches), then `repeats` rounds that call
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, desc: str | None = None,
+                warm: list[Callable[[], object]] | None = None) -> dict[str, list]:
+    """Call every run once as a warm-up (first-call allocations, lazy init, caches), or instead each of `warm` once
+    (a cheaper warm-up of the same code, e.g. one short request per engine session), then `repeats` rounds that call
     every run once each, the first one rotating from round to round, so that slow phases of a shared machine fall on
     all of them alike.  Returns per name the results of its timed calls, in round order (index r pairs round r)."""
     if repeats < 1:
@@ -323,8 +325,8 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, desc: str |
     names = list(runs)
     if not names:
         raise ValueError("nothing to time")
-    for name in names:
-        runs[name]()
+    for fn in warm if warm is not None else runs.values():
+        fn()
     results: dict[str, list] = {name: [] for name in names}
     rounds = bar(range(repeats), desc=desc, unit="repeat") if desc else range(repeats)
     for r in rounds:

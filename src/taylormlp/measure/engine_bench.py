@@ -26,8 +26,7 @@ from ..release.directory import load_release
 from ..release.sources import load_base, load_tokenizer, resolve_source
 from .bench import ORIGINAL, prompt_ids, unique_names
 from .cost import flops_per_token, forward_flops, parameter_bytes_read
-from .decode import interleaved
-from .engines import BenchRequest
+from .engines import BenchRequest, timed_sessions
 from .report import format_throughput, plot_throughput
 from .throughput import throughput_rows
 from .workload import report_workload, workload_prompts
@@ -81,8 +80,7 @@ def run_engine_bench(engine, request: BenchRequest, workdir=None) -> dict:
             log(f"starting {engine.name} for {name} ({request.dtype}) ...")
             sessions[name] = engine.start(path, workdir / f"{name}.log".replace(" ", "_"), dtype=request.dtype,
                                           max_model_len=length, impl=impl)
-        runs = interleaved({(b, name): (lambda s=s, b=b: s.timed_batch(batches[b], tokens)) for b in sizes
-                            for name, s in sessions.items()}, request.repeats, f"timing on {engine.name} (interleaved)")
+        runs = timed_sessions(sessions, batches, tokens, request.repeats, f"timing on {engine.name} (interleaved)")
         info = {name: s.info for name, s in sessions.items()}
     finally:
         for s in sessions.values():

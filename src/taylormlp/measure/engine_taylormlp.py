@@ -19,9 +19,10 @@ from ..release.directory import DTYPES, load_release, release_dtype
 from ..release.kinds import is_release
 from ..release.sources import load_base
 from .bench import check_bench_memory, run_bench
+from .compare import compare
 from .decode import greedy, measure_decode
 from .engine_bench import run_engine_bench
-from .engines import BenchRequest
+from .engines import BenchRequest, CompareRequest
 
 
 class RuntimeSession:
@@ -89,6 +90,13 @@ class RuntimeEngine:
         # the original in the releases' dtype: a bf16 release against a bf16 original
         dtype = str(release_dtype(request.releases[0])).removeprefix("torch.")
         return run_engine_bench(RuntimeEngine(request.device), replace(request, dtype=dtype))
+
+    def compare(self, request: CompareRequest) -> dict:
+        """compare.compare: prompt by prompt in this process, each model in its own dtype (the release's)."""
+        if request.dtype != "auto":
+            raise TaylorMLPError(f"--dtype {request.dtype} is for an engine that runs the models elsewhere (e.g. "
+                                 f"--engine vllm); taylormlp compares each model in its own dtype")
+        return compare(request.source, request.release, list(request.prompts), request.max_new_tokens)
 
 
 ENGINE = RuntimeEngine()

@@ -4,8 +4,8 @@ Each model runs in a child process of its own (serve/vllm_engine.EngineWorker: t
 path vLLM takes for it (vllm_engine.engine_kwargs: the original on vLLM's own model code, a Llama, Mistral or Qwen2
 release natively through taylormlp's plugin, others on the Transformers backend with its two settings).  bench times
 a native release a second time on the Transformers backend, as a row of its own (``<name> (Transformers backend)``),
-so that an owner sees how much of a slowdown is the series and how much the backend.  `serve` runs vLLM's
-OpenAI-compatible server.  The dial's prior is 1: vLLM's own layers price the series at its FLOPs (measured
+so that an owner sees how much of a slowdown is the series and how much the backend.  `compare` generates on the
+two models' sessions (compare.compare_on_sessions).  `serve` runs vLLM's OpenAI-compatible server.  The dial's prior is 1: vLLM's own layers price the series at its FLOPs (measured
 natively on whole requests and on decode at large batches: docs/throughput.md, "The whole request").
 """
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 from ..common.errors import TaylorMLPError
 from ..release.directory import verify_release
 from ..serve.vllm_engine import TRANSFORMERS_FLAGS, EngineWorker, is_native, require_vllm, run_server
+from .compare import compare_on_sessions
 from .engine_bench import run_engine_bench
-from .engines import BenchRequest, ServeRequest
+from .engines import BenchRequest, CompareRequest, ServeRequest
 
 BACKEND = " (Transformers backend)"  # the row of a native release run on vLLM's Transformers backend
 
@@ -49,6 +50,9 @@ class VllmEngine:
             raise TaylorMLPError("--engine vllm times vLLM's own engine on the device vLLM was built for; drop "
                                  "--serve-concurrency and --device")
         return run_engine_bench(self, request)
+
+    def compare(self, request: CompareRequest) -> dict:
+        return compare_on_sessions(self, request)
 
     def serve(self, request: ServeRequest) -> int:
         require_vllm()

@@ -9,6 +9,11 @@ where it covers the architecture, else the Transformers backend); the two are ti
 (decode.interleaved) at the asked batch sizes, B copies of protect's timing prompt decoded together (with a
 workload: its first B distinct prompts of P tokens, G tokens each), and each batch's value is, per phase (prefill,
 decode, request), the median of the paired (same-round) ratios, as `taylormlp bench --engine NAME` reports them.
+A candidate is written at a path that names its setting (engine_dial.candidate_path: a hash of the original's path and
+the candidate's spec, under taylormlp's cache), and deleted when the dial is done with it: an engine that caches its
+compiled model by path and configuration (vLLM does) then compiles a setting once, not once a protect run, and a
+later dial of the same model reads it after a cached start.  Another process using that path at the same time
+(its lock held) sends the candidate to a private directory instead.
 A read of the setting read last (the dial's confirming read, which is also its curve, or a re-read) keeps the
 candidate's files but starts both sessions afresh, side by side: reads taken on one pair of engine processes are
 not independent (one pair's reads agree with each other more than with fresh pairs' reads of the same setting;
@@ -23,6 +28,9 @@ read after it refits the line.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import shutil
 import statistics
 import tempfile
@@ -32,9 +40,30 @@ import torch
 
 from ..common.choices import REPEATS
 from ..common.progress import log
-from ..measure.decode import interleaved, phase_ratios
+from ..measure.decode import phase_ratios
+from ..measure.engines import timed_sessions
 from ..measure.workload import Workload, workload_prompts
 from ..release.directory import ModelTensors
+from ..release.sources import taylormlp_cache
+
+
+def candidate_path(source_dir, spec: dict) -> Path:
+    """Where the dial writes the candidate of release spec `spec` (ReleaseSpec.to_dict) of the original at SOURCE_DIR:
+    the same path for the same setting, run after run."""
+    key = json.dumps({"source": str(Path(source_dir).resolve()), "spec": spec}, sort_keys=True, default=str)
+    return taylormlp_cache() / "dial-candidates" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def claim(directory: Path):
+    """The lock of `directory` (an open file holding an exclusive flock), or None where another process holds it."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(directory.with_suffix(".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
 
 
 class EngineDial:
@@ -56,7 +85,7 @@ class EngineDial:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"taylormlp-{engine.name}-dial-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.original = None  # its session
-        self.candidate: tuple | None = None  # (key, worker, directory)
+        self.candidate: tuple | None = None  # (key, worker, directory, lock)
         self.count = 0
         self.release_class: str | None = None  # the class the engine built for the last candidate
 
@@ -80,7 +109,7 @@ class EngineDial:
     def _candidate_worker(self, protector, coverage: float):
         key = (id(protector), round(float(coverage), 6))
         if self.candidate is not None and self.candidate[0] == key:  # read again: fresh engines, the same files
-            _, worker, directory = self.candidate
+            _, worker, directory, lock = self.candidate
             self.candidate, original, self.original = None, self.original, None
             worker.close()
             original.close()
@@ -88,25 +117,38 @@ class EngineDial:
         else:
             self._drop_candidate()
             self.count += 1
-            directory = self.workdir / f"candidate-{self.count}"
             spec = protector.release_spec(coverage, {"candidate": True})
-            protector.write_release(directory / "release", spec, ModelTensors(protector.model), torch.float32,
-                                    self.tokenizer)
+            directory = candidate_path(self.source_dir, spec.to_dict())
+            lock = claim(directory)
+            if lock is None:  # another dial of this very setting is running: a private path (an uncached compile)
+                directory = self.workdir / f"candidate-{self.count}"
+            try:
+                protector.write_release(directory / "release", spec, ModelTensors(protector.model), torch.float32,
+                                        self.tokenizer, force=True)
+            except BaseException:
+                self._remove(directory, lock)
+                raise
         try:
-            worker = self._worker(directory / "release", directory.name)
+            worker = self._worker(directory / "release", f"candidate-{self.count}")
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            self._remove(directory, lock)
             raise
-        self.candidate = (key, worker, directory)
+        self.candidate = (key, worker, directory, lock)
         self.release_class = worker.info.get("model_class")
         return worker
 
+    @staticmethod
+    def _remove(directory: Path, lock) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        if lock is not None:
+            lock.close()  # releases the flock; the lock file stays (removing it would race a waiting claim)
+
     def _drop_candidate(self) -> None:
         if self.candidate is not None:
-            _, worker, directory = self.candidate
+            _, worker, directory, lock = self.candidate
             self.candidate = None
             worker.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            self._remove(directory, lock)
 
     def __call__(self, protector, coverage: float, batches) -> dict[int, float]:
         if self.original is None:
@@ -114,8 +156,8 @@ class EngineDial:
         release = self._candidate_worker(protector, coverage)
         sizes = list(dict.fromkeys(int(b) for b in batches))
         workers = {"original": self.original, "release": release}
-        runs = interleaved({(b, name): (lambda w=w, b=b: w.timed_batch(self.batch(b), self.tokens)) for b in sizes
-                            for name, w in workers.items()}, self.repeats, f"timing on {self.runner.name} (interleaved)")
+        runs = timed_sessions(workers, {b: self.batch(b) for b in sizes}, self.tokens, self.repeats,
+                              f"timing on {self.runner.name} (interleaved)")
         return {b: {phase: statistics.median(r) for phase, r in
                     phase_ratios(runs[(b, "release")], runs[(b, "original")]).items()} for b in sizes}
 

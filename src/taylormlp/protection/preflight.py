@@ -35,6 +35,7 @@ from ..common.errors import TaylorMLPError
 from ..common.paths import free_space, nearest_existing  # free_space: looked up at each call (tests patch it here)
 from ..measure.cost import channel_work
 from ..release import stream
+from ..release.directory import RUNTIME_FILES
 from ..release.shards import SAFETENSORS_DTYPES
 from ..release.stream import SafetensorsSource, mlp_tensor_names
 from .options import ProtectOptions
@@ -176,7 +177,7 @@ def estimate(model_dir, opts: ProtectOptions, dtype: str, out, device: str = "cp
     bound = mlp_bytes(arch, hidden, channels, P, Q, opts.order, has_b, has_c, width)
     P0 = int(round((opts.coverage or 0.0) * channels))
     floor = mlp_bytes(arch, hidden, channels, P0, P0, opts.order, has_b, has_c, width)
-    small = SMALL_FILES + Path(runtime.__file__).stat().st_size + sum(
+    small = SMALL_FILES + sum(path.stat().st_size for path in RUNTIME_FILES.values()) + sum(
         (Path(model_dir) / f).stat().st_size for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file())
     base = resident + layers * layer_other + small
 

@@ -4,6 +4,7 @@
                                   auto_map (AutoModel, AutoModelForCausalLM) for trust_remote_code
     DIR/model*.safetensors        weights (sharded above 2 GB, with model.safetensors.index.json)
     DIR/modeling_taylormlp.py     verbatim copy of taylormlp/runtime.py (stock transformers can load DIR)
+    DIR/series_module.py          verbatim copy of taylormlp/series_module.py (the TaylorMLP module it imports)
     DIR/tokenizer*, generation_config.json
     DIR/README.md                 model card (card.py): coverage, order, fidelity, slowdown, base model
     DIR/taylormlp_manifest.json   sha256 and size of every other file; written last
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .. import runtime
+from .. import runtime, series_module
 from ..common.choices import DTYPE_NAMES
 from ..common.errors import TaylorMLPError, first_line
 from ..common.files import read_json
@@ -35,6 +36,8 @@ from .card import base_model, model_card
 from .kinds import MANIFEST, is_release, refuse_non_release, temporary_prefix
 
 MODELING_FILE = "modeling_taylormlp.py"
+RUNTIME_FILES = {MODELING_FILE: Path(runtime.__file__),  # what a release carries of the package, verbatim
+                 "series_module.py": Path(series_module.__file__)}
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are choices.py's (the CLI's --dtype)
 
 
@@ -167,7 +170,8 @@ def save_streamed_release(out_dir, config, source, build_mlp, dtype: torch.dtype
 
 
 def _finish_release(tmp: Path, tokenizer, card: str) -> None:
-    shutil.copyfile(Path(runtime.__file__), tmp / MODELING_FILE)
+    for name, path in RUNTIME_FILES.items():
+        shutil.copyfile(path, tmp / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)

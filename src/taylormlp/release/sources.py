@@ -25,8 +25,13 @@ from .kinds import refuse_release
 from .stream import SafetensorsSource
 
 
+def taylormlp_cache() -> Path:
+    """taylormlp's cache directory: ~/.cache/taylormlp, or TAYLORMLP_CACHE."""
+    return Path(os.environ.get("TAYLORMLP_CACHE", Path.home() / ".cache" / "taylormlp"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("TAYLORMLP_CACHE", Path.home() / ".cache" / "taylormlp")) / "models"
+    return taylormlp_cache() / "models"
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:

@@ -144,20 +144,28 @@ REPLY = "TAYLORMLP-REPLY "  # a worker's answer lines on stdout (vLLM logs to bo
 
 def timed_batch(llm, prompts: list[list[int]], tokens: int) -> dict:
     """The token-id `prompts` (one batch: B copies of one prompt, or a workload's B distinct ones) decoded together,
-    greedily, `tokens` tokens each (EOS ignored): the wall time of the prefill and first token (a run of 1 token) and
-    of the whole run; decode = the difference, tokens - 1 steps."""
+    greedily, `tokens` tokens each (EOS ignored), in one run: its wall time, and the prefill's (time to first token)
+    read from vLLM's per-request timestamps (the engine core's monotonic clock, the one `time.monotonic` reads in
+    every process): until the last request of the batch has its first token.  decode = the rest, tokens - 1 steps.
+    Without the timestamps (the engine not logging stats) the prefill is a separate run of 1 token first."""
     import time
 
     from vllm import SamplingParams
 
     requests = [{"prompt_token_ids": list(p)} for p in prompts]
-    seconds = []
-    for n in (1, tokens):
-        start = time.perf_counter()
-        llm.generate(requests, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
-    decode = max(seconds[1] - seconds[0], 1e-9)
-    return {"prefill_s": seconds[0], "total_s": seconds[1], "decode_s": decode, "inter_token_s": decode / (tokens - 1)}
+    start = time.monotonic()
+    outputs = llm.generate(requests, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+    total = time.monotonic() - start
+    firsts = [getattr(o.metrics, "first_token_ts", 0.0) for o in outputs if o.metrics is not None]
+    if len(firsts) == len(outputs) and min(firsts) >= start:
+        prefill = max(firsts) - start
+    else:  # no per-request timestamps: time a run of one token
+        start = time.monotonic()
+        llm.generate(requests, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        prefill = time.monotonic() - start
+    decode = max(total - prefill, 1e-9)
+    return {"prefill_s": prefill, "total_s": total, "decode_s": decode, "inter_token_s": decode / (tokens - 1)}
 
 
 def serve_worker(llm) -> None:
@@ -193,8 +201,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     require_vllm()
     os.environ.update(engine_environment())  # CPU_DEFAULTS where unset (a child started by hand)
-    # a timing worker re-sends one prompt: vLLM's prefix cache would skip its prefill from the second run on
-    extra = {"enable_prefix_caching": False} if args.mode == "worker" else {}
+    # a timing worker re-sends one prompt: vLLM's prefix cache would skip its prefill from the second run on; it
+    # reads the prefill from per-request timestamps, which vLLM keeps only while it logs stats
+    extra = {"enable_prefix_caching": False, "disable_log_stats": False} if args.mode == "worker" else {}
     llm = _engine(args.model, args.dtype, args.eager, args.max_model_len, args.tensor_parallel, args.impl, **extra)
     if args.mode == "worker":
         serve_worker(llm)
