@@ -628,3 +628,20 @@ def test_on_the_cpu_the_continuation_is_worked_only_when_an_input_is_outside(mon
         outside = mlp.features(torch.tensor([[2.0, -0.5]], dtype=torch.float64))
     assert calls == [("taylor", 3)]
     assert inside.shape == outside.shape and outside[0, 3 * 2].item() == 1.0 + 3.0 * 1.0  # t³ at 1, + 3·excess 1
+
+
+@pytest.mark.parametrize("P,rows_per_block", [(1, 8), (3, 2), (8, 1), (20, 1)])
+def test_on_the_cpu_the_basis_is_built_in_blocks_of_block_values(monkeypatch, P, rows_per_block):
+    """series_basis walks the rows (tokens) in blocks of BLOCK // P rows (at least one), so that a block's
+    intermediates stay in cache; every row is in exactly one block, and the values are those of one whole pass."""
+    rows = 5
+    tc = torch.linspace(-1, 1, rows * P, dtype=torch.float64).reshape(rows, P)
+    excess, scale = torch.zeros_like(tc), torch.ones_like(tc)
+    whole = series_module.series_basis(tc, excess, scale, 3, "chebyshev", torch.float64)
+    blocks = []
+    inner = series_module._basis_block
+    monkeypatch.setattr(series_module, "BLOCK", 8)
+    monkeypatch.setattr(series_module, "_basis_block", lambda tc, *a: blocks.append(tc.shape[0]) or inner(tc, *a))
+    out = series_module.series_basis(tc, excess, scale, 3, "chebyshev", torch.float64)
+    expected = [rows_per_block] * (rows // rows_per_block) + [rows % rows_per_block] * bool(rows % rows_per_block)
+    assert blocks == expected and torch.equal(out, whole)
