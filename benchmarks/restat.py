@@ -40,8 +40,8 @@ def latency_figures(models: list[dict]) -> dict[str, dict]:
     out = {}
     for m in models:
         paired = phase_ratios(m["runs"], original["runs"])
-        out[m["name"]] = {"decode_ratio": statistics.median(paired["decode"]), "decode_ratio_min": min(paired["decode"]),
-                          "decode_ratio_max": max(paired["decode"]),
+        out[m["name"]] = {"decode_ratio": statistics.median(paired["decode"]),
+                          "decode_ratio_min": min(paired["decode"]), "decode_ratio_max": max(paired["decode"]),
                           "prefill_ratio": statistics.median(paired["prefill"])}
     return out
 
@@ -59,8 +59,9 @@ def restat(results: dict) -> list[str]:
     """Rewrite `results`' slowdown figures in place; the changes, as lines 'where: old -> new'."""
     changes = []
     if any("runs" in m for m in results.get("models", [])):
+        figures = latency_figures(results["models"])
         for m in results["models"]:
-            for key, new in latency_figures(results["models"])[m["name"]].items():
+            for key, new in figures[m["name"]].items():
                 if not math.isclose(m.get(key, math.nan), new, rel_tol=1e-12):
                     changes.append(f"{m['name']} {key}: {m.get(key)} -> {new}")
                 m[key] = new

@@ -84,7 +84,8 @@ def test_restat_recomputes_a_ratio_of_medians_as_the_median_of_paired_ratios(tmp
     restat = script("restat")
     runs = {"original": [1.0, 2.0, 1.0], "release": [2.0, 3.0, 4.0]}  # paired 2.0, 1.5, 4.0: median 2.0
     models = [{"name": n, "kind": "original" if n == "original" else "release",
-               "runs": [{"prefill_s": t, "decode_s": t} for t in times], "decode_ratio": 3.0 if n != "original" else 1.0,
+               "runs": [{"prefill_s": t, "decode_s": t} for t in times],
+               "decode_ratio": 3.0 if n != "original" else 1.0,
                "decode_ratio_min": 1.5, "decode_ratio_max": 4.0, "prefill_ratio": 3.0} for n, times in runs.items()]
     results = {"models": models}
     changes = restat.restat(results)

@@ -342,10 +342,10 @@ def test_protect_slowdown_engine_vllm_dials_on_the_engine(releases, tmp_path):
 
 def test_compare_engine_vllm_generates_what_our_runtime_does_in_float32(releases, smol_tokenizer, tmp_path):
     """`compare --engine vllm --dtype float32`: both models on vLLM, every prompt in one batch, each continuation cut
-    after EOS; in float32 each side's tokens are our runtime's greedy tokens, so the count of identical rows is theirs."""
+    after EOS; in float32 each side's tokens are our runtime's greedy tokens, so the count of identical rows is
+    theirs."""
     from taylormlp.measure import engines
-    from taylormlp.measure.compare import until_eos
-    from taylormlp.measure.generate import encode_prompt, eos_ids
+    from taylormlp.measure.generate import encode_prompt, eos_ids, until_eos
     from taylormlp.release.sources import load_base
 
     source = releases["paper"].parent / "src-paper"
@@ -353,7 +353,8 @@ def test_compare_engine_vllm_generates_what_our_runtime_does_in_float32(releases
                {"kind": "raw", "text": "1, 2, 3,"})
     result = engines.get("vllm", "compare").compare(
         engines.CompareRequest(source, releases["paper"], prompts, NEW, "float32"))
-    eos, models, same = eos_ids(smol_tokenizer), (load_base(source)[0], load_release(releases["paper"])), 0
+    models, same = (load_base(source)[0], load_release(releases["paper"])), 0
+    eos = eos_ids(smol_tokenizer, models[0])  # the tokenizer's and the original's generation config's
     for item, row in zip(prompts, result["rows"]):
         ids = encode_prompt(smol_tokenizer, item["text"], item["kind"] == "chat")
         ours = [until_eos(greedy(model, ids, NEW).new[0].tolist(), eos) for model in models]

@@ -346,8 +346,8 @@ def _add_serve(sub) -> None:
                  "(its last path component). Ctrl-C or SIGTERM stops it. Needs the serve extra: pip install "
                  "'taylormlp[serve]'. See docs/serving.md.")
     s.add_argument("release", metavar="RELEASE", type=Path, help="the release directory (see below)")
-    _engine(s, "serve", "which server runs the release", "--batching, --kv-cache-tokens and --max-batch-tokens set transformers'; "
-            "--dtype sets vLLM's", "--dtype", "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's "
+    _engine(s, "serve", "which server runs the release", "--batching, --kv-cache-tokens and --max-batch-tokens set "
+            "transformers'; --dtype sets vLLM's", "--dtype", "--engine vllm: the dtype vLLM runs the release in ('auto', vLLM's "
             "default: bfloat16 on a CPU, the checkpoint's on a GPU); float32 is token-exact with load_release. "
             "Default: auto")
     s.add_argument("--host", default="127.0.0.1",

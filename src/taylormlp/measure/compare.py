@@ -13,8 +13,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from transformers import GenerationConfig
 
 from ..common.errors import TaylorMLPError
 from ..common.files import read_json
@@ -22,7 +24,7 @@ from ..common.progress import bar, log
 from ..release.directory import verify_release
 from ..release.sources import is_chat_model, load_any, load_base, load_tokenizer, resolve_source
 from .decode import first_divergence
-from .generate import check_prompt, encode_prompt, eos_ids, generate_ids
+from .generate import check_prompt, encode_prompt, eos_ids, generate_ids, until_eos
 
 PROMPT_FILE_SHAPE = ('{"prompts": [{"kind": "chat" or "raw", "text": "..."}, ...]} (or a list of such objects or of '
                      'strings)')
@@ -105,14 +107,6 @@ def compare(source, release, prompts: list[dict], max_new_tokens: int = 64) -> d
     return _result(source, release, protected.config.taylormlp, max_new_tokens, rows, t_prot / max(t_orig, 1e-9))
 
 
-def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """A continuation cut after its first EOS token (kept), as a generation that stops at EOS ends."""
-    for k, token in enumerate(tokens):
-        if token in eos:
-            return list(tokens[:k + 1])
-    return list(tokens)
-
-
 def compare_on_sessions(engine, request, workdir=None) -> dict:
     """`compare` on `engine`'s sessions (measure/engines.Engine; `request` a CompareRequest): see the module's
     docstring.  The result records the engine and the dtype it ran; latency_ratio is the release's batch over the
@@ -141,7 +135,11 @@ def compare_on_sessions(engine, request, workdir=None) -> dict:
             session.close()
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    eos = eos_ids(tokenizer)
+    try:  # the original's own stopping tokens too: where our runtime's generate stops
+        generation = GenerationConfig.from_pretrained(source_dir)
+    except OSError:  # it ships none
+        generation = None
+    eos = eos_ids(tokenizer, SimpleNamespace(generation_config=generation))
     rows = [_row(item, until_eos(a, eos), until_eos(b, eos), tokenizer)
             for item, a, b in zip(request.prompts, tokens["original"], tokens["release"])]
     return _result(request.source, request.release, spec, request.max_new_tokens, rows,

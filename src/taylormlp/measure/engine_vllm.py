@@ -5,8 +5,9 @@ path vLLM takes for it (vllm_engine.engine_kwargs: the original on vLLM's own mo
 release natively through taylormlp's plugin, others on the Transformers backend with its two settings).  bench times
 a native release a second time on the Transformers backend, as a row of its own (``<name> (Transformers backend)``),
 so that an owner sees how much of a slowdown is the series and how much the backend.  `compare` generates on the
-two models' sessions (compare.compare_on_sessions).  `serve` runs vLLM's OpenAI-compatible server.  The dial's prior is 1: vLLM's own layers price the series at its FLOPs (measured
-natively on whole requests and on decode at large batches: docs/throughput.md, "The whole request").
+two models' sessions (compare.compare_on_sessions).  `serve` runs vLLM's OpenAI-compatible server.  The dial's
+prior is 1: vLLM's own layers price the series at its FLOPs (measured natively on whole requests and on decode at
+large batches: docs/throughput.md, "The whole request").
 """
 
 from __future__ import annotations

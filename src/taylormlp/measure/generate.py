@@ -56,10 +56,7 @@ def greedy_sequences(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                              do_sample=False, pad_token_id=pad).cpu()
         for row, k in enumerate(batch):
             new = gen[row, width:]
-            stop = eos_ids(tokenizer, model)
-            hits = torch.isin(new, torch.tensor(sorted(stop), dtype=new.dtype)) if stop else torch.zeros_like(new, dtype=torch.bool)
-            if hits.any():
-                new = new[: int(hits.nonzero()[0, 0]) + 1]
+            new = new[:len(until_eos(new.tolist(), eos_ids(tokenizer, model)))]
             out[k] = {"ids": torch.cat([encoded[k], new]), "prompt_len": len(encoded[k])}
     return out
 
@@ -73,6 +70,14 @@ def eos_ids(tokenizer, model=None) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """A continuation cut after its first EOS token (kept), as a generation that stops at EOS ends."""
+    for k, token in enumerate(tokens):
+        if token in eos:
+            return list(tokens[:k + 1])
+    return list(tokens)
 
 
 def _has_bos(tokenizer, text: str) -> bool:
